@@ -1,0 +1,1 @@
+"""ForgeLLM application: the composition root, the CLI and the NiceGUI app."""

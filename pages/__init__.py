@@ -1,0 +1,1 @@
+"""NiceGUI page builders; they show services and hold no training or model logic."""

@@ -1,0 +1,310 @@
+"""One training-config schema for CPT and IFT: a superset of ``mlx_lm.lora``'s YAML.
+
+A plain ``mlx_lm.lora`` config (no ``mode`` key) runs with mlx-lm's own behaviour, report for report.
+ForgeLLM's own behaviour (packing, all-turn masking, replay mixture, epochs, early stopping, rotation)
+is switched on by keys of its own; the presets in ``configs/`` turn them on.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# mlx_lm.lora.CONFIG_DEFAULTS for mlx-lm 0.32.2 (a test checks they stay equal). Kept as a copy so that
+# validating a config in the UI process does not import mlx-lm and transformers.
+MLX_LM_DEFAULTS: dict[str, Any] = {
+    "model": "Qwen/Qwen3-0.6b",
+    "train": False,
+    "fine_tune_type": "lora",
+    "optimizer": "adam",
+    "optimizer_config": {"adam": {}, "adamw": {}, "muon": {}, "sgd": {}, "adafactor": {}},
+    "data": "mlx-community/WikiSQL",
+    "seed": 0,
+    "num_layers": 16,
+    "batch_size": 4,
+    "iters": 1000,
+    "val_batches": 25,
+    "learning_rate": 1e-5,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "resume_adapter_file": None,
+    "adapter_path": "adapters",
+    "save_every": 100,
+    "test": False,
+    "test_batches": 500,
+    "max_seq_length": 2048,
+    "config": None,
+    "grad_checkpoint": False,
+    "grad_accumulation_steps": 1,
+    "clear_cache_threshold": 0,
+    "lr_schedule": None,
+    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    "mask_prompt": False,
+    "report_to": None,
+    "project_name": None,
+    "trust_remote_code": False,
+}
+
+# Data-key remapping that mlx-lm reads with getattr() (not in its defaults).
+MLX_LM_FEATURE_KEYS = ("text_feature", "prompt_feature", "completion_feature", "chat_feature")
+
+FORGE_DEFAULTS: dict[str, Any] = {
+    "mode": None,  # "cpt" | "ift"; None keeps mlx-lm's behaviour exactly
+    "name": None,  # run name shown in the UI
+    "epochs": None,  # train for N epochs instead of `iters`
+    "valid_fraction": 0.1,  # share of documents/samples held out when no valid file exists
+    "packing": True,  # cpt: join documents with EOS and pack into max_seq_length windows
+    "mixture": None,  # cpt: {"data": path, "ratio": 0.2} replay corpus, ratio of training tokens
+    "mask_all_turns": True,  # ift: loss on every assistant turn (mlx-lm's mask_prompt: last only)
+    "train_embeddings": False,  # full: also train embeddings, final norm and head
+    "early_stopping": None,  # {"patience": 3, "min_delta": 0.0, "overfit_threshold": 0.2}
+    "keep_checkpoints": None,  # rotation: keep the last K checkpoints plus the best; None keeps all
+}
+
+EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold"}
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+MODES = ("cpt", "ift")
+# mlx.optimizers.schedulers that take (init, ...) arguments and so work with mlx-lm's build_schedule.
+SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay")
+KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run. ``field`` is a dotted path such as ``lora_parameters.rank``."""
+
+    def __init__(self, field: str, value: Any, reason: str, source: str | None = None):
+        self.field, self.value, self.reason, self.source = field, value, reason, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field} = {value!r}: {reason}")
+
+
+@dataclass
+class ConfigProblems(ValueError):
+    """All problems found in one config, so a person can fix them in one pass."""
+
+    errors: list[ConfigError]
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a syntax error names the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "file not found") from None
+    try:
+        # mlx-lm's loader, so that `1e-5` is a float exactly as under `mlx_lm.lora -c`.
+        from mlx_lm.lora import yaml_loader  # noqa: PLC0415 (heavy import only when reading files)
+    except ImportError:  # pragma: no cover
+        yaml_loader = yaml.SafeLoader
+    try:
+        data = yaml.load(text, yaml_loader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError("config", f"{path}{line}", f"invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(path), "top level must be a mapping of keys to values")
+    return data
+
+
+def resolve(user: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults exactly as ``mlx_lm.lora`` does, then ForgeLLM's own; validate; return the full config."""
+    cfg = copy.deepcopy(MLX_LM_DEFAULTS)
+    cfg.update(copy.deepcopy(FORGE_DEFAULTS))
+    for k, v in user.items():
+        if v is not None or k not in cfg:
+            cfg[k] = copy.deepcopy(v)
+    cfg["train"] = True
+    validate(cfg, user_keys=set(user))
+    return cfg
+
+
+def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
+    """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason."""
+    errors: list[ConfigError] = []
+
+    def bad(field: str, reason: str) -> None:
+        value: Any = cfg
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        errors.append(ConfigError(field, value, reason))
+
+    for key in sorted(user_keys or cfg):
+        if key not in KNOWN_KEYS:
+            hint = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            errors.append(ConfigError(key, cfg[key], "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")))
+
+    def integer(field: str, minimum: int, allow: tuple = ()) -> None:
+        v = cfg.get(field)
+        if v in allow:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else ""))
+
+    if not isinstance(cfg.get("model"), str) or not cfg["model"].strip():
+        bad("model", "must be the path of a local model folder")
+    if not isinstance(cfg.get("data"), str) or not cfg["data"].strip():
+        bad("data", "must be the path of a dataset file or folder")
+    if cfg.get("mode") not in (None, *MODES):
+        bad("mode", f"must be one of {', '.join(MODES)} (or absent for plain mlx-lm behaviour)")
+    if cfg.get("fine_tune_type") not in FINE_TUNE_TYPES:
+        bad("fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
+    if str(cfg.get("optimizer", "")).lower() not in OPTIMIZERS:
+        bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    for field in ("batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
+        integer(field, 1)
+    integer("iters", 1)
+    integer("seed", 0)
+    integer("max_seq_length", 2)
+    integer("num_layers", 1, allow=(-1,))
+    integer("val_batches", 1, allow=(-1,))
+    integer("test_batches", 1, allow=(-1,))
+    if cfg.get("epochs") is not None:
+        e = cfg["epochs"]
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
+            bad("epochs", "must be a positive number of passes over the training set")
+    lr = cfg.get("learning_rate")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr < 1:
+        bad("learning_rate", "must be a number between 0 and 1 (typical: 1e-5 to 1e-3)")
+
+    lp = cfg.get("lora_parameters")
+    if cfg.get("fine_tune_type") in ("lora", "dora"):
+        if not isinstance(lp, dict):
+            bad("lora_parameters", "must be a mapping with rank, scale and dropout")
+        else:
+            if "alpha" in lp:
+                bad("lora_parameters.alpha", "mlx-lm calls this 'scale' (scale = alpha / rank)")
+            r = lp.get("rank")
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                bad("lora_parameters.rank", "must be an integer ≥ 1")
+            s = lp.get("scale")
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+                bad("lora_parameters.scale", "must be a positive number")
+            d = lp.get("dropout", 0.0)
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+                bad("lora_parameters.dropout", "must be in [0, 1)")
+            keys = lp.get("keys")
+            if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+                bad("lora_parameters.keys", "must be a list of module names such as self_attn.q_proj")
+
+    sched = cfg.get("lr_schedule")
+    if sched is not None:
+        if not isinstance(sched, dict):
+            bad("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
+        else:
+            if sched.get("name") not in SCHEDULES:
+                bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
+            args = sched.get("arguments")
+            if not isinstance(args, list) or not args or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+            ):
+                bad("lr_schedule.arguments", "must be a list of numbers, the first being the peak learning rate")
+            elif not (math.isfinite(args[0]) and 0 < args[0] < 1):
+                bad("lr_schedule.arguments", "the first argument (peak learning rate) must be between 0 and 1")
+            w = sched.get("warmup", 0)
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                bad("lr_schedule.warmup", "must be an integer ≥ 0 (warm-up iterations)")
+            unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
+            if unknown:
+                bad("lr_schedule", f"unknown keys {sorted(unknown)}")
+
+    vf = cfg.get("valid_fraction")
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
+        bad("valid_fraction", "must be in [0, 1)")
+    if cfg.get("mode") == "cpt" and cfg.get("mask_prompt"):
+        bad("mask_prompt", "continued pre-training trains on every token; prompt masking needs mode: ift")
+    mix = cfg.get("mixture")
+    if mix is not None:
+        if cfg.get("mode") != "cpt":
+            bad("mixture", "a replay mixture needs mode: cpt")
+        elif not isinstance(mix, dict) or not isinstance(mix.get("data"), str):
+            bad("mixture", "must be a mapping {data: PATH, ratio: 0..1}")
+        else:
+            r = mix.get("ratio")
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+                bad("mixture.ratio", "must be a share of training tokens between 0 and 1")
+    es = cfg.get("early_stopping")
+    if es is not None:
+        if not isinstance(es, dict):
+            bad("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
+        else:
+            for k in sorted(set(es) - EARLY_STOPPING_KEYS):
+                bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")
+            p = es.get("patience", 3)
+            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+                bad("early_stopping.patience", "must be an integer ≥ 1 (evaluations without improvement)")
+            for k in ("min_delta", "overfit_threshold"):
+                v = es.get(k, 0.0)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                    bad(f"early_stopping.{k}", "must be a number ≥ 0")
+    kc = cfg.get("keep_checkpoints")
+    if kc is not None and (isinstance(kc, bool) or not isinstance(kc, int) or kc < 1):
+        bad("keep_checkpoints", "must be an integer ≥ 1 (or absent to keep all)")
+    if cfg.get("train_embeddings") and cfg.get("fine_tune_type") != "full":
+        bad("train_embeddings", "only applies to fine_tune_type: full")
+    if errors:
+        raise ConfigProblems(errors)
+
+
+def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """Checks that need the model's ``config.json``: context length and layer count."""
+    errors = []
+    ctx = model_config.get("max_position_embeddings")
+    if isinstance(ctx, int) and cfg["max_seq_length"] > ctx:
+        errors.append(ConfigError("max_seq_length", cfg["max_seq_length"], f"exceeds the model's context of {ctx}"))
+    layers = model_config.get("num_hidden_layers")
+    if isinstance(layers, int) and cfg["num_layers"] > layers:
+        errors.append(ConfigError("num_layers", cfg["num_layers"], f"the model has only {layers} layers"))
+    if errors:
+        raise ConfigProblems(errors)
+
+
+def schedule(kind: str, lr: float, iters: int, warmup: int = 0, final_lr: float = 0.0) -> dict | None:
+    """mlx-lm ``lr_schedule`` for a ``constant``/``linear``/``cosine`` schedule with linear warm-up."""
+    decay = max(iters - warmup, 1)
+    if kind == "constant":
+        body = {"name": "linear_schedule", "arguments": [lr, lr, 1]} if warmup else None
+    elif kind == "linear":
+        body = {"name": "linear_schedule", "arguments": [lr, final_lr, decay]}
+    elif kind == "cosine":
+        body = {"name": "cosine_decay", "arguments": [lr, decay, final_lr]}
+    else:
+        raise ConfigError("lr_schedule", kind, "must be constant, linear or cosine")
+    if body and warmup:
+        body.update(warmup=warmup, warmup_init=0.0)
+    return body
+
+
+def user_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without keys that equal their defaults (what a person would write)."""
+    defaults = {**MLX_LM_DEFAULTS, **FORGE_DEFAULTS, "train": True}
+    return {k: v for k, v in cfg.items() if k not in defaults or defaults[k] != v or k in ("model", "data")}
+
+
+def to_mlx_lm(cfg: dict[str, Any], adapter_path: str) -> dict[str, Any]:
+    """An ``mlx_lm.lora -c`` config for a ForgeLLM config that uses only mlx-lm features.
+
+    Raises :class:`ConfigError` naming the first ForgeLLM-only feature that mlx-lm cannot express.
+    """
+    for key, default in FORGE_DEFAULTS.items():
+        if key != "name" and cfg.get(key, default) != default:
+            raise ConfigError(key, cfg.get(key), "is a ForgeLLM feature that mlx_lm.lora cannot run")
+    out = {k: v for k, v in cfg.items() if k in MLX_LM_DEFAULTS or k in MLX_LM_FEATURE_KEYS}
+    out["adapter_path"] = adapter_path
+    out["train"] = True
+    return out
+
+
+def dump_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)

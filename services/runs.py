@@ -1,0 +1,266 @@
+"""Training manager: create, start, stop, resume and fork runs, and find them again after a restart.
+
+Runs live in ``workspace/runs/ID``; this class holds no state that the folders do not. Each run trains
+in its own detached worker process; a worker that died (kill -9, out of memory) is recognised by its
+pid and marked ``interrupted``. Thread-safe; ``version`` grows whenever something it reports changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from services import __version__
+from services import config as config_mod
+from services.config import ConfigError, ConfigProblems
+from services.run_folder import ACTIVE, RunFolder
+from services.workspace import Workspace, read_json
+
+# Keys a fork may not change: the checkpoint's weights would not fit the new model or layers.
+FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train_embeddings")
+# Keys that decide the batch order; a fork that changes one starts a fresh data order.
+DATA_KEYS = ("data", "mode", "batch_size", "max_seq_length", "seed", "valid_fraction", "packing", "mixture",
+             "mask_all_turns", "mask_prompt")
+QUEUED_GRACE_SECONDS = 120
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``RUN`` or ``RUN@ITER`` → (run id, iteration or None)."""
+    run, _, it = ref.partition("@")
+    if it and not it.isdigit():
+        raise ConfigError("run", ref, "expected RUN or RUN@ITERATION")
+    return run, int(it) if it else None
+
+
+class RunManager:
+    def __init__(self, workspace: Workspace, python: str = sys.executable):
+        self.workspace, self.python = workspace, python
+        self._lock = threading.RLock()
+        self.version = 0
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def folder(self, run_id: str) -> RunFolder:
+        folder = RunFolder(self.workspace.inside(self.workspace.runs / run_id))
+        if folder.path.parent != self.workspace.runs or not folder.exists():
+            raise ConfigError("run", run_id, "no such run in the workspace")
+        return folder
+
+    def resolve_path(self, value: str, kind: str, field: str) -> Path:
+        """A model or dataset path: as given, or relative to the workspace's ``models/``/``datasets/``."""
+        p = Path(value).expanduser()
+        root = self.workspace.root
+        candidates = [p] if p.is_absolute() else [Path.cwd() / p, root / kind / p, root / p]
+        for c in candidates:
+            if c.exists():
+                return c.resolve()
+        raise ConfigError(field, value, f"not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+    def prepare_config(self, user_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Resolve defaults and paths and check everything that can be checked without loading the model."""
+        cfg = config_mod.resolve(user_cfg)
+        errors: list[ConfigError] = []
+        try:
+            model = self.resolve_path(cfg["model"], "models", "model")
+            model_cfg = read_json(model / "config.json")
+            if model_cfg is None:
+                raise ConfigError("model", cfg["model"], f"{model} has no config.json: not an mlx-lm model folder")
+            cfg["model"] = str(model)
+            config_mod.check_against_model(cfg, model_cfg)
+        except ConfigError as e:
+            errors.append(e)
+        except ConfigProblems as e:
+            errors.extend(e.errors)
+        for field, holder in (("data", cfg), ("mixture.data", cfg.get("mixture"))):
+            if not holder or holder.get("data") is None:
+                continue
+            try:
+                holder["data"] = str(self.resolve_path(holder["data"], "datasets", field))
+            except ConfigError as e:
+                errors.append(e)
+        if errors:
+            raise ConfigProblems(errors)
+        return cfg
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self, user_cfg: dict[str, Any], parent: dict[str, Any] | None = None) -> RunFolder:
+        """Validate a config and make its run folder (status ``queued``); nothing is made if it is invalid."""
+        cfg = self.prepare_config(user_cfg)
+        with self._lock:
+            base = time.strftime("%Y%m%d-%H%M%S")
+            slug = re.sub(r"[^a-z0-9]+", "-", (cfg.get("name") or cfg.get("mode") or "mlx-lm").lower()).strip("-")
+            run_id, n = f"{base}-{slug or 'run'}", 1
+            while (self.workspace.runs / run_id).exists():
+                n += 1
+                run_id = f"{base}-{slug or 'run'}-{n}"
+            folder = RunFolder(self.workspace.runs / run_id)
+            folder.path.mkdir(parents=True)
+            folder.write_config(cfg)
+            folder.update(id=run_id, name=cfg.get("name") or run_id, status="queued", reason=None,
+                          created=time.time(), mode=cfg.get("mode") or "mlx-lm", fine_tune_type=cfg["fine_tune_type"],
+                          model=cfg["model"], data=cfg["data"], seed=cfg["seed"], parent=parent,
+                          forgellm=__version__, checkpoints=[], best=None, iteration=0)
+            self.version += 1
+        return folder
+
+    def start(self, run_id: str, checkpoint: Path | None = None) -> int:
+        """Spawn the worker for a queued, stopped or interrupted run; return its pid."""
+        with self._lock:
+            folder = self.folder(run_id)
+            if self.is_alive(folder.info()):
+                raise ConfigError("run", run_id, "is already running")
+            folder.stop_path.unlink(missing_ok=True)
+            cmd = [self.python, "-m", "services.worker", str(folder.path)]
+            if checkpoint is not None:
+                cmd += ["--resume", str(checkpoint)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            env.pop("PYTEST_CURRENT_TEST", None)
+            repo_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
+            # The worker records its own pid and start time; until it does, `_procs` vouches for it.
+            folder.update(status="queued", pid=None, pid_created=None, reason=None, launched=time.time())
+            log = open(folder.log_path, "a")  # noqa: SIM115 (handed to the child)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=repo_root, start_new_session=True)
+            log.close()
+            self._procs[run_id] = proc
+            self.version += 1
+            return proc.pid
+
+    def launch(self, user_cfg: dict[str, Any]) -> RunFolder:
+        folder = self.create(user_cfg)
+        self.start(folder.id)
+        return folder
+
+    def stop(self, run_id: str) -> None:
+        """Ask the worker to stop after its current step; it writes a final checkpoint."""
+        folder = self.folder(run_id)
+        folder.stop_path.write_text(f"{time.time()}\n")
+        info = folder.info()
+        if self.is_alive(info):
+            try:
+                os.kill(info["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self.version += 1
+
+    def resume(self, run_id: str, iteration: int | None = None, overrides: dict[str, Any] | None = None) -> RunFolder:
+        """Continue a run exactly from its latest checkpoint; an earlier checkpoint or changes make a fork."""
+        folder = self.folder(run_id)
+        info = self.refresh(folder)
+        if info.get("status") in ACTIVE:
+            raise ConfigError("run", run_id, f"is {info['status']}; stop it before resuming")
+        its = folder.checkpoint_iterations()
+        if not its:
+            raise ConfigError("run", run_id, "has no checkpoint to resume from")
+        if iteration is not None and iteration not in its:
+            raise ConfigError("iteration", iteration, f"run {run_id} has checkpoints {its}")
+        if (iteration is None or iteration == its[-1]) and not overrides:
+            self.start(run_id, folder.checkpoint_dir(its[-1]))
+            return folder
+        return self.fork(run_id, iteration or its[-1], overrides or {})
+
+    def fork(self, run_id: str, iteration: int, overrides: dict[str, Any]) -> RunFolder:
+        """A new run that starts from ``run_id``'s checkpoint ``iteration`` with changed hyperparameters."""
+        parent = self.folder(run_id)
+        if iteration not in parent.checkpoint_iterations():
+            raise ConfigError("iteration", iteration, f"run {run_id} has no checkpoint at that iteration")
+        base = parent.config()
+        for key in FORK_FIXED:
+            if key in overrides and overrides[key] != base.get(key):
+                raise ConfigError(key, overrides[key], "a fork keeps the parent's model and trainable layers")
+        user = {**config_mod.user_view(base), **overrides}
+        user.setdefault("name", f"{parent.info().get('name', run_id)}-fork")
+        folder = self.create(user, parent={"run": run_id, "iteration": iteration,
+                                           "same_data_order": all(base.get(k) == user.get(k, base.get(k))
+                                                                  for k in DATA_KEYS)})
+        self.start(folder.id, parent.checkpoint_dir(iteration))
+        return folder
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def is_alive(self, info: dict[str, Any]) -> bool:
+        """Whether the run's worker process is still there (pid plus start time, so a reused pid is not it)."""
+        proc = self._procs.get(info.get("id", ""))
+        pid = info.get("pid")
+        if proc is not None and (not pid or pid == proc.pid):
+            return proc.poll() is None  # our own child: poll() also reaps it, so it never lingers as a zombie
+        if not pid:
+            return False
+        try:
+            p = psutil.Process(pid)
+            created = info.get("pid_created")
+            if created is not None and abs(p.create_time() - created) > 1.0:
+                return False
+            return p.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    def refresh(self, folder: RunFolder) -> dict[str, Any]:
+        """run.json, with an active run whose worker is gone marked ``interrupted``."""
+        with self._lock:
+            info = folder.info()
+            if info.get("status") not in ACTIVE or self.is_alive(info):
+                return info
+            since = info.get("launched") or info.get("created") or 0
+            if info.get("status") == "queued" and not info.get("pid") and time.time() - since < QUEUED_GRACE_SECONDS:
+                return info  # a worker started by another process may still be importing
+            info = folder.info()  # the worker may have finished between the two reads
+            if info.get("status") not in ACTIVE:
+                return info
+            its = folder.checkpoint_iterations()
+            last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
+            info = folder.update(status="interrupted", pid=None, ended=time.time(),
+                                 reason=f"the worker process ended unexpectedly (killed or out of memory) "
+                                        f"at iteration {_last_iteration(folder)}{last}")
+            folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
+                                  "reason": info["reason"]})
+            self.version += 1
+            return info
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every run in the workspace, newest first."""
+        out = []
+        for path in sorted(self.workspace.runs.iterdir(), reverse=True) if self.workspace.runs.exists() else []:
+            folder = RunFolder(path)
+            if folder.exists():
+                out.append(self.refresh(folder))
+        return out
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        return self.refresh(self.folder(run_id))
+
+    def active(self) -> list[dict[str, Any]]:
+        return [r for r in self.list() if r.get("status") in ACTIVE]
+
+    def wait(self, run_id: str, timeout: float = 600.0, poll: float = 0.2) -> dict[str, Any]:
+        """Block until the run is no longer active (for the CLI and tests)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.get(run_id)
+            if info.get("status") not in ACTIVE:
+                return info
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} still {self.get(run_id).get('status')} after {timeout} s")
+
+
+def _last_iteration(folder: RunFolder) -> int:
+    records, _ = folder.metrics()
+    its = [r.get("iteration", 0) for r in records if r.get("type") == "train"]
+    return max(its, default=0)
+
+
+def dump(info: dict[str, Any]) -> str:
+    return json.dumps(info, indent=2)

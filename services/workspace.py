@@ -1,0 +1,111 @@
+"""Workspace layout and crash-safe file writes.
+
+A workspace holds ``models/``, ``datasets/``, ``runs/`` and ``published/``. Every file ForgeLLM writes
+goes through :func:`write_atomic` (temp file + fsync + rename) or :func:`append_jsonl`, so a crash or
+``kill -9`` never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "FORGELLM_WORKSPACE"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None) -> Workspace:
+        """Workspace from an explicit path, else ``$FORGELLM_WORKSPACE``, else ``./workspace``."""
+        root = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
+        ws = cls(root)
+        for sub in (ws.models, ws.datasets, ws.runs, ws.published):
+            sub.mkdir(parents=True, exist_ok=True)
+        return ws
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    def inside(self, path: str | os.PathLike) -> Path:
+        """Resolve ``path`` (relative to the workspace) and refuse anything that escapes it."""
+        p = Path(path)
+        resolved = (p if p.is_absolute() else self.root / p).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise ValueError(f"path {str(path)!r} is outside the workspace {self.root}")
+        return resolved
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so readers see either the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON record as a single line; a torn last line is skipped by :func:`read_jsonl_tail`."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl_tail(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete records from byte ``offset`` on, and the offset to continue from next time."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write is dropped, not fatal
+    return records, offset + end

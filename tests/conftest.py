@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny random model with a locally trained tokenizer, small datasets, a workspace."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NOUNS = ["cat", "dog", "bird", "fish", "horse", "cow", "baker", "miller"]
+VERBS = ["eats", "sees", "likes", "finds", "bakes", "shapes"]
+OBJECTS = ["an apple", "the ball", "a bone", "some water", "the bread", "a loaf"]
+
+
+def sentence(rng: random.Random) -> str:
+    return f"the {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+
+
+def chat_row(rng: random.Random, turns: int = 1, system: bool = False) -> dict:
+    messages = [{"role": "system", "content": "you answer in short sentences."}] if system else []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": sentence(rng)})
+        messages.append({"role": "assistant", "content": f"{sentence(rng)} {sentence(rng)}"})
+    return {"messages": messages}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from services.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """mlx-lm layout: train.jsonl (48 rows) and valid.jsonl (12 rows)."""
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("chat")
+    write_jsonl(d / "train.jsonl", [chat_row(rng) for _ in range(48)])
+    write_jsonl(d / "valid.jsonl", [chat_row(rng) for _ in range(12)])
+    return d
+
+
+@pytest.fixture(scope="session")
+def cpt_corpus(tmp_path_factory) -> Path:
+    """A folder of 12 text documents of different lengths."""
+    rng = random.Random(1)
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text(" ".join(sentence(rng) for _ in range(5 + 3 * i)))
+    return d
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from services.workspace import Workspace
+
+    return Workspace.resolve(tmp_path / "ws")
+
+
+@pytest.fixture
+def manager(workspace):
+    from services.runs import RunManager
+
+    m = RunManager(workspace)
+    yield m
+    for info in m.active():
+        m.stop(info["id"])
+
+
+def base_config(model: Path, data: Path, **over) -> dict:
+    cfg = {
+        "model": str(model), "data": str(data), "fine_tune_type": "lora", "seed": 0, "num_layers": 2,
+        "batch_size": 4, "iters": 30, "val_batches": 2, "learning_rate": 1e-3, "steps_per_report": 5,
+        "steps_per_eval": 10, "save_every": 10, "max_seq_length": 128,
+        "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    }
+    cfg.update(over)
+    return cfg

@@ -1,0 +1,49 @@
+"""Run a config through mlx-lm's own trainer (``mlx_lm.lora``'s code path) and print its reports as JSON.
+
+Usage: ``python tests/mlx_reference.py CONFIG.yaml ADAPTER_DIR``. Builds args exactly as
+``mlx_lm.lora.main`` does and calls ``mlx_lm.lora.train_model`` with a recording callback.
+"""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from services import blas  # noqa: E402  (same BLAS as the ForgeLLM worker: results are compared bitwise)
+
+blas.preload()
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from mlx_lm.lora import CONFIG_DEFAULTS, train_model, yaml_loader  # noqa: E402
+from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
+from mlx_lm.tuner.datasets import load_dataset  # noqa: E402
+from mlx_lm.utils import load  # noqa: E402
+
+
+class Recorder(TrainingCallback):
+    def on_train_loss_report(self, info):
+        print(json.dumps({"type": "train", **info}), flush=True)
+
+    def on_val_loss_report(self, info):
+        print(json.dumps({"type": "val", **info}), flush=True)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        args = yaml.load(f, yaml_loader)
+    for k, v in CONFIG_DEFAULTS.items():
+        if args.get(k) is None:
+            args[k] = v
+    args["adapter_path"] = sys.argv[2]
+    args["train"] = True
+    args = types.SimpleNamespace(**args)
+    np.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = load_dataset(args, tokenizer)
+    train_model(args, model, train_set, valid_set, training_callback=Recorder())
+
+
+if __name__ == "__main__":
+    main()
