@@ -232,6 +232,9 @@ class Trainer:
                                    "epoch": self._epoch(iteration), "val_loss": val,
                                    "val_perplexity": _ppl(val), "val_time": seconds})
         if not math.isfinite(val):
+            if iteration == 0:
+                raise TrainingFailed(f"validation loss of the untrained model is {val}: the base model's weights "
+                                     "are broken, or its dtype overflows (try a float32 copy of the model)")
             raise TrainingFailed(f"validation loss became {val} at iteration {iteration}; "
                                  f"lower the learning rate (now {self.cfg['learning_rate']})")
         es = self.cfg.get("early_stopping")

@@ -191,3 +191,35 @@ def test_result_loads_with_mlx_lm_generate(manager, tiny_model, chat_data):
                            "--prompt", "the cat", "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
+
+
+def test_nan_loss_fails_the_run_with_an_actionable_reason(manager, tiny_model, chat_data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    weights = mx.load(str(broken / "model.safetensors"))
+    weights["model.norm.weight"] = mx.full(weights["model.norm.weight"].shape, float("nan"))
+    mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata={"format": "mlx"})
+    folder = manager.launch(base_config(broken, chat_data, mode="ift", iters=20))
+    info = manager.wait(folder.id, timeout=120)
+    assert info["status"] == "failed" and "validation loss of the untrained model is nan" in info["reason"]
+    train_only = tmp_path / "train-only"
+    train_only.mkdir()
+    shutil.copy(chat_data / "train.jsonl", train_only / "train.jsonl")
+    folder = manager.launch(base_config(broken, train_only, mode="ift", iters=20, valid_fraction=0.0))
+    info = manager.wait(folder.id, timeout=120)
+    assert info["status"] == "failed"
+    assert "loss became nan at iteration 1" in info["reason"] and "Lower the learning rate" in info["reason"]
+    assert folder.checkpoint_iterations() == []  # a NaN state is never saved as a checkpoint
+
+
+def test_run_records_versions_hardware_and_blas(manager, tiny_model, chat_data):
+    from services import blas
+
+    folder = run_to_end(manager, base_config(tiny_model, chat_data, iters=2, save_every=2))
+    info = folder.info()
+    assert {"forgellm", "mlx", "mlx_lm", "python"} <= set(info["versions"])
+    assert info["hardware"]["cpus"] >= 1 and info["dataset_fingerprint"] and info["seed"] == 0
+    expected = "mkl" if blas._mkl_libs() and sys.platform.startswith("linux") else info["blas"]
+    assert info["blas"] == expected
