@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss, evaluate, grad_checkpoint, iterate_batches  # noqa: E402
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers  # noqa: E402
-from mlx_lm.utils import load, maybe_set_recommended_wired_limit, save_config  # noqa: E402
+from mlx_lm.utils import load, maybe_set_recommended_wired_limit  # noqa: E402
 
 from services import data as data_mod  # noqa: E402
 from services.batching import BatchSampler, eval_batches, masked_loss  # noqa: E402
@@ -107,7 +107,7 @@ def build_optimizer(cfg: dict[str, Any]) -> optim.Optimizer:
 
 def adapter_config(cfg: dict[str, Any], run_path: Path) -> dict[str, Any]:
     """What mlx-lm writes as ``adapter_config.json`` (all args), so its loaders accept the run folder."""
-    out = dict(cfg, adapter_path=str(run_path))
+    out = dict(sorted(cfg.items()), adapter_path=str(run_path))
     if cfg["fine_tune_type"] == "full":
         out["lora_parameters"] = None
     return out
@@ -273,7 +273,7 @@ class Trainer:
         write_json(self.folder.stats_path, self.stats)
         mx.random.seed(cfg["seed"])
         apply_fine_tune_type(self.model, cfg)
-        save_config(adapter_config(cfg, self.folder.path), self.folder.path / "adapter_config.json")
+        write_json(self.folder.path / "adapter_config.json", adapter_config(cfg, self.folder.path))
         self.opt = build_optimizer(cfg)
         self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"])
         self.losses, self.n_tokens, self.steps, self.trained_tokens = 0, 0, 0, 0

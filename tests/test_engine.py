@@ -223,3 +223,15 @@ def test_run_records_versions_hardware_and_blas(manager, tiny_model, chat_data):
     assert info["hardware"]["cpus"] >= 1 and info["dataset_fingerprint"] and info["seed"] == 0
     expected = "mkl" if blas._mkl_libs() and sys.platform.startswith("linux") else info["blas"]
     assert info["blas"] == expected
+
+
+def test_full_fine_tune_with_embeddings_and_grad_checkpoint(manager, tiny_model, cpt_corpus):
+    cfg = base_config(tiny_model, cpt_corpus, mode="cpt", fine_tune_type="full", train_embeddings=True,
+                      grad_checkpoint=True, learning_rate=1e-4, iters=6, save_every=3, max_seq_length=64)
+    folder = run_to_end(manager, cfg)
+    saved = mx.load(str(folder.path / "adapters.safetensors"))
+    base = mx.load(str(tiny_model / "model.safetensors"))
+    assert "model.embed_tokens.weight" in saved and "model.norm.weight" in saved
+    assert set(saved) == set(base)  # everything trained, not just the blocks
+    assert not mx.array_equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"]).item()
+    assert folder.info()["parameters"]["trainable"] == folder.info()["parameters"]["total"]
