@@ -119,8 +119,12 @@ class RunManager:
         """Spawn the worker for a queued, stopped or interrupted run; return its pid."""
         with self._lock:
             folder = self.folder(run_id)
-            if self.is_alive(folder.info()):
+            info = folder.info()
+            if info.get("status") in ACTIVE and self.is_alive(info):
                 raise ConfigError("run", run_id, "is already running")
+            previous = self._procs.get(run_id)
+            if previous is not None:
+                previous.wait(timeout=60)  # it has written its final status and is exiting
             folder.stop_path.unlink(missing_ok=True)
             cmd = [self.python, "-m", "services.worker", str(folder.path)]
             if checkpoint is not None:

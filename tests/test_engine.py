@@ -187,7 +187,8 @@ def test_early_stopping_and_rotation_on_a_run_built_to_overfit(manager, tiny_mod
 
 def test_result_loads_with_mlx_lm_generate(manager, tiny_model, chat_data):
     folder = run_to_end(manager, base_config(tiny_model, chat_data, mode="ift", iters=10))
-    proc = subprocess.run(["mlx_lm.generate", "--model", str(tiny_model), "--adapter-path", str(folder.path),
+    generate = Path(sys.executable).parent / "mlx_lm.generate"  # the venv's, also when it is not activated
+    proc = subprocess.run([str(generate), "--model", str(tiny_model), "--adapter-path", str(folder.path),
                            "--prompt", "the cat", "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
