@@ -95,6 +95,14 @@ class ConfigProblems(ValueError):
         return "\n".join(str(e) for e in self.errors)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a syntax error names the file and line."""
     path = Path(path)
@@ -149,7 +157,7 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
         v = cfg.get(field)
         if v in allow:
             return
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        if not _is_int(v) or v < minimum:
             bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else ""))
 
     if not isinstance(cfg.get("model"), str) or not cfg["model"].strip():
@@ -172,10 +180,10 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
     integer("test_batches", 1, allow=(-1,))
     if cfg.get("epochs") is not None:
         e = cfg["epochs"]
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
+        if not _is_number(e) or e <= 0:
             bad("epochs", "must be a positive number of passes over the training set")
     lr = cfg.get("learning_rate")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr < 1:
+    if not _is_number(lr) or not 0 < lr < 1:
         bad("learning_rate", "must be a number between 0 and 1 (typical: 1e-5 to 1e-3)")
 
     lp = cfg.get("lora_parameters")
@@ -186,13 +194,13 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
             if "alpha" in lp:
                 bad("lora_parameters.alpha", "mlx-lm calls this 'scale' (scale = alpha / rank)")
             r = lp.get("rank")
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            if not _is_int(r) or r < 1:
                 bad("lora_parameters.rank", "must be an integer ≥ 1")
             s = lp.get("scale")
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            if not _is_number(s) or s <= 0:
                 bad("lora_parameters.scale", "must be a positive number")
             d = lp.get("dropout", 0.0)
-            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            if not _is_number(d) or not 0 <= d < 1:
                 bad("lora_parameters.dropout", "must be in [0, 1)")
             keys = lp.get("keys")
             if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
@@ -206,21 +214,19 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
             if sched.get("name") not in SCHEDULES:
                 bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
             args = sched.get("arguments")
-            if not isinstance(args, list) or not args or not all(
-                isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
-            ):
+            if not isinstance(args, list) or not args or not all(_is_number(a) for a in args):
                 bad("lr_schedule.arguments", "must be a list of numbers, the first being the peak learning rate")
-            elif not (math.isfinite(args[0]) and 0 < args[0] < 1):
+            elif not 0 < args[0] < 1:
                 bad("lr_schedule.arguments", "the first argument (peak learning rate) must be between 0 and 1")
             w = sched.get("warmup", 0)
-            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            if not _is_int(w) or w < 0:
                 bad("lr_schedule.warmup", "must be an integer ≥ 0 (warm-up iterations)")
             unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
             if unknown:
                 bad("lr_schedule", f"unknown keys {sorted(unknown)}")
 
     vf = cfg.get("valid_fraction")
-    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
+    if not _is_number(vf) or not 0 <= vf < 1:
         bad("valid_fraction", "must be in [0, 1)")
     if cfg.get("mode") == "cpt" and cfg.get("mask_prompt"):
         bad("mask_prompt", "continued pre-training trains on every token; prompt masking needs mode: ift")
@@ -232,7 +238,7 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
             bad("mixture", "must be a mapping {data: PATH, ratio: 0..1}")
         else:
             r = mix.get("ratio")
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            if not _is_number(r) or not 0 < r < 1:
                 bad("mixture.ratio", "must be a share of training tokens between 0 and 1")
     es = cfg.get("early_stopping")
     if es is not None:
@@ -242,14 +248,14 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
             for k in sorted(set(es) - EARLY_STOPPING_KEYS):
                 bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")
             p = es.get("patience", 3)
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            if not _is_int(p) or p < 1:
                 bad("early_stopping.patience", "must be an integer ≥ 1 (evaluations without improvement)")
             for k in ("min_delta", "overfit_threshold"):
                 v = es.get(k, 0.0)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                if v is not None and (not _is_number(v) or v < 0):
                     bad(f"early_stopping.{k}", "must be a number ≥ 0")
     kc = cfg.get("keep_checkpoints")
-    if kc is not None and (isinstance(kc, bool) or not isinstance(kc, int) or kc < 1):
+    if kc is not None and (not _is_int(kc) or kc < 1):
         bad("keep_checkpoints", "must be an integer ≥ 1 (or absent to keep all)")
     if cfg.get("train_embeddings") and cfg.get("fine_tune_type") != "full":
         bad("train_embeddings", "only applies to fine_tune_type: full")
