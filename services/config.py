@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,40 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float, with ``mlx_lm.lora``'s resolver (mlx-lm patches SafeLoader
+    itself; this subclass leaves it alone), so a config means the same here as under ``mlx_lm.lora -c``."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        """^(?:
+     [-+]?(?:[0-9][0-9_]*)\\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\\.[0-9_]*
+    |[-+]?\\.(?:inf|Inf|INF)
+    |\\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
+    """A config from YAML text; a syntax error names the source and line."""
+    try:
+        data = yaml.load(text, YamlLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError("config", f"{source}{line}", f"invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", source, "top level must be a mapping of keys to values")
+    return data
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a syntax error names the file and line."""
     path = Path(path)
@@ -110,20 +145,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError("config", str(path), "file not found") from None
-    try:
-        # mlx-lm's loader, so that `1e-5` is a float exactly as under `mlx_lm.lora -c`.
-        from mlx_lm.lora import yaml_loader  # noqa: PLC0415 (heavy import only when reading files)
-    except ImportError:  # pragma: no cover
-        yaml_loader = yaml.SafeLoader
-    try:
-        data = yaml.load(text, yaml_loader) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError("config", f"{path}{line}", f"invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("config", str(path), "top level must be a mapping of keys to values")
-    return data
+    return parse_yaml(text, str(path))
 
 
 def resolve(user: dict[str, Any]) -> dict[str, Any]:

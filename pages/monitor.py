@@ -1,0 +1,246 @@
+"""Monitor page: one run's status, progress, metric cards, live charts, checkpoints and log tail.
+
+Everything comes from the run folder through a shared :class:`services.run_watch.RunWatcher`, so a
+reload, a second browser or an app restart shows the whole history. One ``ui.timer`` per page polls
+the watcher and sends only what is new (chart series are extended in place and bounded).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from nicegui import ui
+
+from services.config import ConfigError
+from services.run_folder import ACTIVE
+
+if TYPE_CHECKING:
+    from app.main import Services
+    from services.run_watch import RunWatcher
+
+STATUS_COLORS = {"queued": "grey", "running": "primary", "completed": "positive", "stopped": "warning",
+                 "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
+# chart marker → (title, [(series, label)], y-axis type)
+CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+    "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
+    "perplexity": ("Perplexity", [("perplexity", "train"), ("val_perplexity", "validation")], "log"),
+    "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
+    "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
+    "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
+}
+CARDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("best", "best checkpoint"),
+         ("perplexity", "perplexity"), ("learning_rate", "learning rate"), ("tokens_per_second", "tokens/s"),
+         ("trained_tokens", "trained tokens"), ("peak_memory_gb", "peak memory"), ("epoch", "epoch"))
+MAX_MARKS = 50
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _fmt(v: Any, kind: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if kind == "learning_rate":
+        return f"{v:.2e}"
+    if kind in ("trained_tokens", "tokens_per_second"):
+        return f"{v:,.0f}"
+    if kind == "peak_memory_gb":
+        return f"{v:.2f} GB"
+    if kind == "epoch":
+        return f"{v:.2f}"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def card_texts(latest: dict[str, Any]) -> dict[str, str]:
+    """Text of every metric card for the watcher's latest values."""
+    out = {k: _fmt(latest.get(k), k) for k, _ in CARDS if k != "best"}
+    best = latest.get("best")
+    out["best"] = f"{best['val_loss']:.4f} @ {best['iteration']}" if best and best.get("val_loss") is not None \
+        else (f"@ {best['iteration']}" if best else "–")
+    return out
+
+
+def progress_text(latest: dict[str, Any]) -> str:
+    it, total = latest.get("iteration") or 0, latest.get("iters")
+    parts = [f"iteration {it} / {total or '?'}"]
+    if latest.get("epoch") is not None:
+        parts.append(f"epoch {latest['epoch']:.2f}")
+    if latest.get("status") in ACTIVE:
+        parts.append(f"ETA {fmt_duration(latest.get('eta_seconds'))}")
+    return " · ".join(parts)
+
+
+def _chart(title: str, series: list[tuple[str, str]], ytype: str) -> dict[str, Any]:
+    return {
+        "animation": False,
+        "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
+        "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": {"trigger": "axis"},
+        "grid": {"left": 64, "right": 16, "top": 36, "bottom": 32},
+        "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22},
+        "yAxis": {"type": ytype, "scale": True},
+        "series": [{"name": label, "type": "line", "showSymbol": name.startswith("val"), "symbolSize": 5,
+                    "sampling": "lttb", "data": []} for name, label in series],
+    }
+
+
+def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """ECharts markPoints for checkpoints (at their val loss, else the train loss there); the best one stands out."""
+    marks = []
+    shown = checkpoints[-MAX_MARKS:]
+    best = next((c for c in checkpoints if c.get("best")), None)
+    if best is not None and best not in shown:
+        shown = [best, *shown]
+    for c in shown:
+        it, y = c.get("iteration"), c.get("val_loss")
+        if y is None:
+            before = [p for p in train if p[0] <= it]
+            if not before:
+                continue
+            y = before[-1][1]
+        mark: dict[str, Any] = {"name": f"checkpoint {it}", "coord": [it, y], "value": it,
+                                "symbol": "pin", "symbolSize": 26, "itemStyle": {"color": "#90a4ae"}}
+        if c.get("best"):
+            mark.update(name=f"best checkpoint {it}", symbolSize=40, itemStyle={"color": "#f9a825"})
+        marks.append(mark)
+    return marks
+
+
+class LiveView:
+    """The per-client state of a Monitor page: what each chart and the log have already received."""
+
+    def __init__(self, watcher: RunWatcher, charts: dict[str, ui.echart], log: ui.log):
+        self.watcher, self.charts, self.log = watcher, charts, log
+        self.version = -1
+        self.sent: dict[str, tuple[int, int]] = {}
+        self.log_seen = 0
+        self.marks: list[dict[str, Any]] | None = None
+
+    def push_series(self) -> None:
+        for key, (_, series, _) in CHARTS.items():
+            opts = self.charts[key].options["series"]
+            for i, (name, _) in enumerate(series):
+                gen, length = self.sent.get(name, (-1, 0))
+                gen, replace, points = self.watcher.series_since(name, gen, length)
+                data = opts[i]["data"]
+                if replace:
+                    opts[i]["data"] = points
+                    length = len(points)
+                elif points:
+                    data.extend(points)
+                    length += len(points)
+                self.sent[name] = (gen, length)
+        marks = checkpoint_marks(self.watcher.checkpoints(), self.watcher.series("train_loss"))
+        if marks != self.marks:
+            self.marks = marks
+            self.charts["loss"].options["series"][0]["markPoint"] = {"data": marks, "label": {"show": False}}
+
+    def push_log(self) -> None:
+        total, replace, lines = self.watcher.log_since(self.log_seen)
+        self.log_seen = total
+        if replace:
+            self.log.clear()
+        if lines:
+            self.log.push("\n".join(lines))
+
+
+def monitor_page(services: Services, run_id: str | None = None) -> None:
+    """Build the Monitor page for ``run_id`` (default: the running run, else the newest)."""
+    manager = services.manager
+    runs = manager.list()
+    if run_id is None and runs:
+        active = [r for r in runs if r.get("status") in ACTIVE]
+        run_id = (active or runs)[0]["id"]
+    ui.label("Monitor").classes("text-2xl font-semibold")
+    if not runs:
+        ui.label("No runs yet.").mark("no-runs")
+        ui.link("Start one on the Train page", "/train")
+        return
+    options = {r["id"]: f"{r.get('name') or r['id']} · {r.get('status')} · {r['id']}" for r in runs}
+    if run_id not in options:
+        options[run_id] = run_id
+    with ui.row().classes("w-full items-center gap-3"):
+        def pick(e: Any) -> None:
+            if e.value and e.value != run_id:
+                ui.navigate.to(f"/monitor/{e.value}")
+
+        picker = ui.select(options, value=run_id, label="Run", with_input=True, on_change=pick) \
+            .props("dense outlined").classes("w-[28rem]").mark("run-select")
+        status = ui.badge("", color="grey").classes("text-sm").mark("status")
+        stop_btn = ui.button("Stop", icon="stop", on_click=lambda: stop()).props("outline color=negative") \
+            .mark("stop")
+        resume_btn = ui.button("Resume", icon="play_arrow", on_click=lambda: resume()).props("outline") \
+            .mark("resume")
+    try:
+        watcher = services.watcher(run_id)
+    except ConfigError as e:
+        ui.label(f"Run {run_id}: {e.reason}").classes("text-negative").mark("run-missing")
+        stop_btn.disable()
+        resume_btn.disable()
+        return
+    reason = ui.label("").classes("text-sm text-grey-8").mark("reason")
+    with ui.column().classes("w-full gap-1"):
+        progress = ui.linear_progress(value=0, show_value=False, size="10px").mark("progress")
+        progress_label = ui.label("").classes("text-sm").mark("progress-text")
+    cards: dict[str, ui.label] = {}
+    with ui.row().classes("w-full gap-2"):
+        for key, title in CARDS:
+            with ui.card().classes("px-3 py-2 min-w-[8.5rem]").props("flat bordered"):
+                ui.label(title).classes("text-xs text-grey-7")
+                cards[key] = ui.label("–").classes("text-lg font-medium").mark(f"card-{key}")
+    charts: dict[str, ui.echart] = {}
+    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+        for key, (title, series, ytype) in CHARTS.items():
+            charts[key] = ui.echart(_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
+    ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
+    log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
+    view = LiveView(watcher, charts, log)
+
+    def update() -> None:
+        watcher.poll()
+        if watcher.version == view.version:
+            return
+        view.version = watcher.version
+        latest = watcher.latest()
+        st, why = latest.get("status") or "?", latest.get("reason") or ""
+        if status.text != st:
+            info = watcher.info()
+            options[run_id] = f"{info.get('name') or run_id} · {st} · {run_id}"
+            picker.set_options(options, value=run_id)
+        status.set_text(st)
+        status.props["color"] = STATUS_COLORS.get(st, "grey")
+        reason.set_text(why)
+        progress.set_value(round(latest.get("progress") or 0.0, 4))
+        progress_label.set_text(progress_text(latest))
+        for key, text in card_texts(latest).items():
+            cards[key].set_text(text)
+        active = st in ACTIVE
+        stop_btn.set_enabled(active)
+        resume_btn.set_enabled(not active and st != "completed" and bool(watcher.checkpoints()))
+        view.push_series()
+        view.push_log()
+
+    def stop() -> None:
+        try:
+            manager.stop(run_id)
+            ui.notify("Stop requested: the run writes a final checkpoint and ends")
+        except ConfigError as e:
+            ui.notify(str(e), type="negative")
+
+    def resume() -> None:
+        try:
+            folder = manager.resume(run_id)
+        except ConfigError as e:
+            ui.notify(str(e), type="negative")
+            return
+        ui.notify(f"Resuming {folder.id}")
+        if folder.id != run_id:
+            ui.navigate.to(f"/monitor/{folder.id}")
+
+    watcher.poll(force=True)
+    update()
+    ui.timer(0.5, update)

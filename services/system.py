@@ -1,0 +1,81 @@
+"""Machine status for the app's status strip: CPU, memory, MLX memory, BLAS and free disk (no UI code).
+
+Never imports MLX or loads a BLAS: the UI process only reports what is already there, and the BLAS
+a training worker actually uses is the one it recorded in its ``run.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import Any
+
+import psutil
+
+from services import blas
+from services.run_folder import ACTIVE, RunFolder
+from services.workspace import Workspace
+
+GB = 1e9
+
+
+def installed_blas() -> str:
+    """BLAS a new worker would load: ``mkl`` if MKL is installed (x86-64 Linux), else the platform's default."""
+    if not sys.platform.startswith("linux"):
+        return "accelerate"
+    return "mkl" if blas._mkl_libs() else "reference"  # noqa: SLF001 (read-only probe, loads nothing)
+
+
+def _active_run(workspace: Workspace) -> dict[str, Any] | None:
+    runs = workspace.runs
+    if not runs.exists():
+        return None
+    for path in sorted(runs.iterdir(), reverse=True):
+        info = RunFolder(path).info()
+        if info.get("status") in ACTIVE:
+            return info
+    return None
+
+
+def mlx_memory() -> dict[str, float] | None:
+    """MLX active/peak memory in GB, only if this process has already imported MLX."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    try:
+        return {"active_gb": mx.get_active_memory() / GB, "peak_gb": mx.get_peak_memory() / GB}
+    except Exception:  # noqa: BLE001 (informational only)
+        return None
+
+
+def system_status(workspace: Workspace, active: dict[str, Any] | None = None) -> dict[str, Any]:
+    """CPU %, RAM and swap, MLX memory (if loaded here), BLAS name and free workspace disk, as plain data.
+
+    ``active`` is the running run's ``run.json`` if the caller knows it; otherwise the runs folder is scanned.
+    """
+    vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+    if active is None:
+        active = _active_run(workspace)
+    if active and active.get("blas"):
+        blas_name, blas_source = active["blas"], f"run {active.get('id')}"
+    else:
+        blas_name, blas_source = installed_blas(), "installed"
+    try:
+        disk = shutil.disk_usage(workspace.root)
+        disk_free, disk_total = disk.free / GB, disk.total / GB
+    except OSError:
+        disk_free = disk_total = None
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count(),
+        "ram_used_gb": (vm.total - vm.available) / GB,
+        "ram_total_gb": vm.total / GB,
+        "ram_percent": vm.percent,
+        "swap_used_gb": sw.used / GB,
+        "swap_total_gb": sw.total / GB,
+        "mlx": mlx_memory(),
+        "blas": blas_name,
+        "blas_source": blas_source,
+        "disk_free_gb": disk_free,
+        "disk_total_gb": disk_total,
+    }

@@ -1,0 +1,307 @@
+"""Browser app through NiceGUI's simulated user: shell, Train page (validation, presets, YAML) and Monitor page.
+
+Real services on a temporary workspace; the end-to-end test trains the tiny model in a real worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from nicegui import ui
+from nicegui.elements.upload_files import SmallFileUpload
+from nicegui.testing import User, user_simulation
+
+from app.main import _status_texts, build_services, make_root, persisted_secret
+from app.ui_config import config_to_form, form_to_config, list_presets, lr_curve, parse_yaml
+from services.config import schedule
+from services.run_folder import RunFolder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_run(manager, run_id: str) -> RunFolder:
+    folder = RunFolder(manager.workspace.runs / run_id)
+    folder.path.mkdir(parents=True)
+    folder.update(id=run_id, name=run_id, status="completed", iters=100, iteration=0, checkpoints=[], best=None)
+    return folder
+
+
+def train(it: int, loss: float) -> dict:
+    return {"type": "train", "step": it, "iteration": it, "train_loss": loss, "learning_rate": 1e-4}
+
+
+@pytest.fixture
+def services(workspace):
+    s = build_services(workspace)
+    yield s
+    for info in s.manager.active():
+        s.manager.stop(info["id"])
+        s.manager.wait(info["id"], timeout=60)
+
+
+@pytest.fixture
+async def ui_user(services) -> User:
+    async with user_simulation(make_root(services)) as user:
+        yield user
+
+
+def el(user: User, marker: str):
+    with user:
+        found = user.find(marker=marker).elements
+    assert len(found) == 1, f"{marker}: {found}"
+    return next(iter(found))
+
+
+def set_value(user: User, marker: str, value) -> None:
+    """Set a widget's value as a person would (a select with typed input accepts new values)."""
+    with user:
+        element = el(user, marker)
+        if isinstance(element, ui.select) and value not in element.options:
+            element.set_options({**element.options, value: value})
+        element.value = value
+
+
+async def wait_for(cond, timeout: float = 10.0, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+# ------------------------------------------------------------------------------------------ shell
+
+
+async def test_shell_has_nav_and_status_strip(ui_user: User):
+    await ui_user.open("/")
+    await ui_user.should_see("ForgeLLM")
+    await ui_user.should_see(marker="nav-train")
+    await ui_user.should_see(marker="nav-monitor")
+    await ui_user.should_see("no run active")
+    await ui_user.should_see("BLAS")
+    ui_user.find(marker="nav-monitor").click()
+    await ui_user.should_see("No runs yet.")
+    ui_user.find(marker="nav-train").click()
+    await ui_user.should_see(marker="start")
+
+
+def test_status_texts():
+    run = {"id": "r", "name": "demo", "status": "running", "iteration": 50, "iters": 200}
+    text, link, machine = _status_texts({"active": run, "system": {"cpu_percent": 12.0, "ram_used_gb": 3.0,
+                                                                   "ram_total_gb": 16.0, "blas": "mkl"}})
+    assert text == "▶ demo · running · 50/200 (25%)" and link == "/monitor/r"
+    assert "CPU 12%" in machine and "BLAS mkl" in machine
+
+
+def test_persisted_secret(tmp_path):
+    p = tmp_path / ".forgellm" / "token"
+    a = persisted_secret(p, 16)
+    assert persisted_secret(p, 16) == a and len(a) >= 16
+    assert (p.stat().st_mode & 0o777) == 0o600
+
+
+# ------------------------------------------------------------------------------------------ Train page
+
+
+async def test_validation_inline_and_nothing_starts(ui_user: User, services):
+    await ui_user.open("/train")
+    await ui_user.should_see("model = None: choose a model")
+    assert el(ui_user, "field-model").error == "choose a model"
+    ui_user.find(marker="field-batch_size").clear().type("0")
+    await ui_user.should_see("batch_size = 0: must be an integer ≥ 1")
+    assert "integer" in el(ui_user, "field-batch_size").error
+    ui_user.find(marker="field-learning_rate").clear().type("5")
+    await ui_user.should_see("learning_rate = 5")
+    assert "between 0 and 1" in el(ui_user, "field-learning_rate").error
+    ui_user.find(marker="field-rank").clear()
+    await ui_user.should_see("rank = None: required")
+    set_value(ui_user, "field-model", "no-such-model")
+    await ui_user.should_see("not found")
+    ui_user.find(marker="start").click()
+    await asyncio.sleep(0.2)
+    assert services.manager.list() == []
+    assert not list(services.workspace.runs.iterdir())
+    await ui_user.should_not_see("Config is valid.")
+
+
+async def test_presets_fill_fields(ui_user: User, services):
+    presets = list_presets(services.configs_dir)
+    assert "cpt-lora" in presets
+    raw = parse_yaml(presets["cpt-lora"].read_text())
+    await ui_user.open("/train")
+    set_value(ui_user, "preset", "cpt-lora")
+    assert el(ui_user, "field-iters").value == raw["iters"]
+    assert el(ui_user, "field-learning_rate").value == raw["learning_rate"]
+    assert el(ui_user, "field-mode").value == "cpt"
+    assert el(ui_user, "field-schedule").value == "cosine"
+    assert el(ui_user, "field-warmup").value == raw["lr_schedule"]["warmup"]
+    assert el(ui_user, "field-final_lr").value == raw["lr_schedule"]["arguments"][2]
+    assert el(ui_user, "field-rank").value == raw["lora_parameters"]["rank"]
+    assert el(ui_user, "field-early_stopping").value is True
+    assert el(ui_user, "field-patience").value == raw["early_stopping"]["patience"]
+    assert el(ui_user, "field-keep_checkpoints").value == raw["keep_checkpoints"]
+    assert el(ui_user, "field-model").value == raw["model"]
+    # the schedule preview: warm-up from 0, peak, decay to the final rate
+    data = el(ui_user, "lr-chart").options["series"][0]["data"]
+    assert len(data) == raw["iters"] and data[0][1] == 0.0
+    assert max(y for _, y in data) == pytest.approx(raw["learning_rate"])
+    assert data[-1][1] == pytest.approx(raw["lr_schedule"]["arguments"][2], rel=0.01)
+    # ift-dora trains by epochs with a constant rate and DoRA
+    set_value(ui_user, "preset", "ift-dora")
+    assert el(ui_user, "field-length_mode").value == "epochs"
+    assert el(ui_user, "field-fine_tune_type").value == "dora"
+    assert el(ui_user, "field-schedule").value == "constant"
+    await ui_user.should_see(marker="field-mask_all_turns")
+    await ui_user.should_not_see(marker="field-packing")
+
+
+async def test_yaml_round_trip(ui_user: User):
+    await ui_user.open("/train")
+    set_value(ui_user, "preset", "ift-lora")
+    ui_user.find(marker="field-batch_size").clear().type("6")
+    ui_user.find(marker="download").click()
+    first = (await ui_user.download.next()).content
+    cfg = yaml.safe_load(first)
+    assert cfg["batch_size"] == 6 and cfg["epochs"] == 10 and cfg["lr_schedule"]["name"] == "cosine_decay"
+    # change fields, then upload the downloaded file: every field comes back
+    set_value(ui_user, "preset", "cpt-full")
+    assert el(ui_user, "field-fine_tune_type").value == "full"
+    upload = el(ui_user, "upload")
+    await upload.handle_uploads([SmallFileUpload("ift-lora.yaml", "application/x-yaml", first)])
+    await wait_for(lambda: el(ui_user, "field-fine_tune_type").value == "lora")
+    ui_user.find(marker="download").click()
+    second = (await ui_user.download.next()).content
+    assert second == first
+
+
+async def test_upload_keeps_unknown_keys_and_reports_bad_yaml(ui_user: User):
+    await ui_user.open("/train")
+    text = (b"model: some/model\ndata: some/data\nfine_tune_type: lora\nlearning_rate: 1e-5\niters: 50\n"
+            b"lora_parameters: {rank: 4, scale: 10.0, dropout: 0.0, keys: [self_attn.q_proj]}\n"
+            b"lr_schedule: {name: exponential_decay, arguments: [1e-5, 0.99]}\ntest: true\n")
+    upload = el(ui_user, "upload")
+    await upload.handle_uploads([SmallFileUpload("mlx.yaml", "application/x-yaml", text)])
+    await wait_for(lambda: el(ui_user, "field-iters").value == 50)
+    assert el(ui_user, "field-mode").value == "mlx-lm"
+    assert el(ui_user, "field-schedule").value == "custom"
+    ui_user.find(marker="download").click()
+    cfg = yaml.safe_load((await ui_user.download.next()).content)
+    assert cfg["lora_parameters"]["keys"] == ["self_attn.q_proj"] and cfg["test"] is True
+    assert cfg["lr_schedule"] == {"name": "exponential_decay", "arguments": [1e-5, 0.99]}
+    assert "mode" not in cfg and cfg["learning_rate"] == 1e-5
+    await upload.handle_uploads([SmallFileUpload("bad.yaml", "application/x-yaml", b"a: [1, 2\n")])
+    await asyncio.sleep(0.2)
+    assert el(ui_user, "field-iters").value == 50  # nothing changed
+
+
+def test_form_round_trip_for_every_preset():
+    for name, path in list_presets(REPO / "configs").items():
+        cfg = form_to_config(config_to_form(parse_yaml(path.read_text())))
+        again = form_to_config(config_to_form(parse_yaml(yaml.safe_dump(cfg))))
+        assert again == cfg, name
+        raw = parse_yaml(path.read_text())
+        for key in ("lr_schedule", "learning_rate", "lora_parameters", "early_stopping", "iters", "epochs"):
+            assert cfg.get(key) == raw.get(key), (name, key)
+
+
+@pytest.mark.parametrize(("kind", "warmup", "accum"), [("cosine", 10, 1), ("linear", 5, 2), ("constant", 7, 1),
+                                                       ("cosine", 0, 1)])
+def test_lr_preview_matches_mlx(kind, warmup, accum):
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import build_schedule
+
+    sched = schedule(kind, 2e-4, 60, warmup, 1e-5)
+    curve = lr_curve(sched, 2e-4, 60, accum)
+    fn = build_schedule(sched) if sched else (lambda step: mx.array(2e-4))
+    for it, lr in curve:
+        step = math.ceil(it / accum) - 1
+        assert lr == pytest.approx(float(fn(mx.array(step))), rel=1e-5, abs=1e-10), (it, step)
+
+
+# ------------------------------------------------------------------------------------------ Monitor + real run
+
+
+@pytest.mark.slow
+async def test_train_to_monitor_real_run(ui_user: User, services, tiny_model, chat_data):
+    ws = services.workspace
+    os.symlink(tiny_model, ws.models / "tiny")
+    os.symlink(chat_data, ws.datasets / "chat")
+    await ui_user.open("/train")
+    values = {"field-model": "tiny", "field-data": "chat", "field-mode": "ift", "field-fine_tune_type": "lora",
+              "field-name": "ui-tiny", "field-length_mode": "iters", "field-iters": 20, "field-batch_size": 4,
+              "field-learning_rate": 1e-3, "field-schedule": "cosine", "field-warmup": 2, "field-final_lr": 1e-4,
+              "field-num_layers": 2, "field-rank": 4, "field-max_seq_length": 128, "field-steps_per_report": 5,
+              "field-steps_per_eval": 10, "field-save_every": 10, "field-val_batches": 2,
+              "field-early_stopping": False}
+    for marker, value in values.items():
+        set_value(ui_user, marker, value)
+    await ui_user.should_see("Config is valid.")
+    ui_user.find(marker="start").click()
+    runs = await wait_for(lambda: services.manager.list(), timeout=5)
+    run_id = runs[0]["id"]
+    await wait_for(lambda: ui_user.back_history[-1] == f"/monitor/{run_id}" or
+                   any(e.value == run_id for e in _maybe(ui_user, "run-select")), timeout=5)
+    await wait_for(lambda: _text(ui_user, "status") == "completed", timeout=240, step=0.5)
+    await ui_user.should_see("20 iterations")  # the reason
+    loss = el(ui_user, "chart-loss").options["series"]
+    assert [x for x, _ in loss[0]["data"]] == [5, 10, 15, 20]
+    assert [x for x, _ in loss[1]["data"]] == [0, 10, 20]
+    marks = loss[0]["markPoint"]["data"]
+    assert [m["value"] for m in marks] == [10, 20] and sum("best" in m["name"] for m in marks) == 1
+    assert _text(ui_user, "card-train_loss") != "–"
+    assert "iteration 20 / 20" in _text(ui_user, "progress-text")
+    assert el(ui_user, "progress").value == 1.0
+    assert el(ui_user, "log").default_slot.children  # log tail shown
+    assert not el(ui_user, "stop").enabled and not el(ui_user, "resume").enabled
+    # a reload (or another browser) shows the whole history, read back from the run folder
+    await ui_user.open(f"/monitor/{run_id}")
+    await wait_for(lambda: _text(ui_user, "status") == "completed")
+    assert el(ui_user, "chart-loss").options["series"][0]["data"] == loss[0]["data"]
+    await ui_user.open("/monitor")
+    await wait_for(lambda: _text(ui_user, "status") == "completed")
+
+
+def _maybe(user: User, marker: str):
+    try:
+        with user:
+            return list(user.find(marker=marker).elements)
+    except AssertionError:
+        return []
+
+
+def _text(user: User, marker: str) -> str | None:
+    try:
+        return el(user, marker).text
+    except (AssertionError, AttributeError):
+        return None
+
+
+async def test_monitor_unknown_run(ui_user: User, services):
+    make_run(services.manager, "known")
+    await ui_user.open("/monitor/nope")
+    await ui_user.should_see("no such run")
+    await ui_user.open("/monitor")
+    await wait_for(lambda: _text(ui_user, "status") == "completed")
+
+
+async def test_stop_and_resume_buttons(ui_user: User, services):
+    folder = make_run(services.manager, "stopped-run")
+    folder.update(status="stopped", reason="stopped at iteration 10 of 100", iteration=10,
+                  checkpoints=[{"iteration": 10, "val_loss": None}])
+    (folder.checkpoints / "0000010").mkdir(parents=True)
+    for it in (5, 10):
+        folder.append_metric(train(it, 2.0))
+    await ui_user.open(f"/monitor/{folder.id}")
+    await wait_for(lambda: _text(ui_user, "status") == "stopped")
+    assert el(ui_user, "resume").enabled and not el(ui_user, "stop").enabled
+    assert el(ui_user, "chart-loss").options["series"][0]["markPoint"]["data"][0]["coord"] == [10, 2.0]
+    with ui_user:
+        assert isinstance(el(ui_user, "log"), ui.log)
