@@ -17,7 +17,6 @@ from services.config import (
     FORGE_DEFAULTS,
     MLX_LM_DEFAULTS,
     ConfigError,
-    dump_yaml,
     schedule,
 )
 from services.workspace import Workspace, read_json
@@ -236,10 +235,6 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- YAML
-
-
-def config_yaml(cfg: dict[str, Any]) -> str:
-    return dump_yaml(cfg)
 
 
 def list_presets(configs_dir: Path) -> dict[str, Path]:

@@ -15,7 +15,6 @@ from app.ui_config import (
     MODES,
     SCHEDULE_KINDS,
     config_to_form,
-    config_yaml,
     default_form,
     form_field,
     form_problems,
@@ -24,9 +23,8 @@ from app.ui_config import (
     list_models,
     list_presets,
     lr_curve,
-    parse_yaml,
 )
-from services.config import OPTIMIZERS, ConfigError, ConfigProblems
+from services.config import OPTIMIZERS, ConfigError, ConfigProblems, dump_yaml, parse_yaml
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -354,7 +352,7 @@ def train_page(services: Services) -> None:
     def download() -> None:
         cfg = form_to_config(read_form())
         name = (cfg.get("name") or "forgellm-config").replace("/", "-")
-        ui.download.content(config_yaml(cfg).encode(), f"{name}.yaml", "application/x-yaml")
+        ui.download.content(dump_yaml(cfg).encode(), f"{name}.yaml", "application/x-yaml")
 
     async def upload(e: events.UploadEventArguments) -> None:
         try:

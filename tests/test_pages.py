@@ -18,8 +18,8 @@ from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
 
 from app.main import _status_texts, build_services, make_root, persisted_secret
-from app.ui_config import config_to_form, form_to_config, list_presets, lr_curve, parse_yaml
-from services.config import schedule
+from app.ui_config import config_to_form, form_to_config, list_presets, lr_curve
+from services.config import parse_yaml, schedule
 from services.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
