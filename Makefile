@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 UNAME  := $(shell uname -s)-$(shell uname -m)
 
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint bench chromium
 
 setup: $(STAMP)
 
@@ -29,9 +29,16 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	MLX_DISABLE_COMPILE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
+	# browser tests in their own invocation: sync Playwright and async NiceGUI tests must not share a session
+	MLX_DISABLE_COMPILE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/e2e
+
+# Playwright cannot download its own browser here: use Debian's chromium (or set CHROMIUM_PATH).
+chromium:
+	@test -n "$$CHROMIUM_PATH" || command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
