@@ -38,6 +38,7 @@ class Services:
     manager: RunManager
     watchers: WatcherPool
     configs_dir: Path = CONFIGS_DIR
+    lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     _status: tuple[float, dict[str, Any]] = field(default=(0.0, {}), repr=False)
     _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -103,6 +104,16 @@ def make_root(services: Services):
             for label in LATER:
                 ui.button(label).props("flat color=white no-caps disable").tooltip("not built yet")
             ui.space()
+            if services.lan_urls and _is_local_client():
+                with ui.dialog() as lan_dialog, ui.card():
+                    ui.label("Open ForgeLLM on another device").classes("text-lg font-semibold")
+                    ui.label("These links carry the access token; anyone with one can use this app.") \
+                        .classes("text-sm text-grey-7")
+                    for url in services.lan_urls:
+                        ui.link(url, url).classes("font-mono text-sm")
+                    ui.button("Close", on_click=lan_dialog.close).props("flat")
+                ui.button(icon="wifi", on_click=lan_dialog.open).props("flat round color=white") \
+                    .tooltip("LAN access").mark("lan-access")
             ui.button(icon="dark_mode", on_click=lambda: dark.set_value(not dark.value)) \
                 .props("flat round color=white").tooltip("dark mode").mark("dark-toggle")
         with ui.row().classes("w-full items-center gap-4 px-3 py-1 text-xs border-b border-grey-5") \
@@ -153,6 +164,13 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
+def _is_local_client() -> bool:
+    """Whether the page is being built for a browser on this machine (only those see the LAN token)."""
+    request = getattr(ui.context.client, "request", None)
+    host = request.client.host if request is not None and request.client else "127.0.0.1"
+    return _is_loopback(host)
+
+
 def add_token_gate(token: str) -> None:
     """Let loopback clients through; others must present ``?token=`` once (remembered in their session)."""
     from starlette.middleware.base import BaseHTTPMiddleware  # noqa: PLC0415
@@ -201,8 +219,9 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
     if not _is_loopback(host):  # anything reachable from other machines is token-gated
         token = persisted_secret(state / "token", nbytes=16)
         add_token_gate(token)
+        services.lan_urls = lan_urls(port, token) or [f"http://<this machine>:{port}/?token={token}"]
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
-        for url in lan_urls(port, token) or [f"http://<this machine>:{port}/?token={token}"]:
+        for url in services.lan_urls:
             print(f"  {url}", flush=True)
     ui.run(make_root(services), host=host, port=port, reload=False, show=show, title="ForgeLLM",
            storage_secret=secret, native=native, reconnect_timeout=10.0, favicon="🔥")
