@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nicegui import app, ui
+from nicegui import app, background_tasks, ui
 
 from pages.monitor import monitor_page
 from pages.train import train_page
@@ -28,6 +28,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAV = (("Train", "/train"), ("Monitor", "/monitor"))
 LATER = ("Runs", "Playground", "Models", "Datasets")  # planned pages: shown disabled, no placeholder pages
 STATUS_SECONDS = 1.5
+LAG_LOG_ENV = "FORGELLM_LOOP_LAG_LOG"  # diagnostics: append event-loop lag samples (ms) to this file
 
 
 @dataclass
@@ -164,6 +165,22 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
+async def probe_loop_lag(path: Path, interval: float = 0.01) -> None:
+    """Diagnostics for ``bench/ui_latency.py``: how late a 10 ms sleep wakes up, one line per second."""
+    import asyncio  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    samples: list[float] = []
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(interval)
+        samples.append((loop.time() - t0 - interval) * 1000)
+        if len(samples) >= int(1 / interval):
+            with open(path, "a") as f:
+                f.write(" ".join(f"{x:.2f}" for x in samples) + "\n")
+            samples.clear()
+
+
 def _is_local_client() -> bool:
     """Whether the page is being built for a browser on this machine (only those see the LAN token)."""
     request = getattr(ui.context.client, "request", None)
@@ -223,5 +240,7 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
         for url in services.lan_urls:
             print(f"  {url}", flush=True)
+    if os.environ.get(LAG_LOG_ENV):
+        app.on_startup(lambda: background_tasks.create(probe_loop_lag(Path(os.environ[LAG_LOG_ENV]))))
     ui.run(make_root(services), host=host, port=port, reload=False, show=show, title="ForgeLLM",
            storage_secret=secret, native=native, reconnect_timeout=10.0, favicon="🔥")
