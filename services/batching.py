@@ -98,8 +98,13 @@ class BatchSampler:
 
 
 def eval_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, comm_group: Any = None):
-    """One pass in a fresh permutation, the ``iterate_batches`` contract that mlx-lm's ``evaluate`` expects."""
-    batches = batch_indices(dataset, batch_size)
+    """One pass over every sequence (the last batch may be partial) in a fresh permutation.
+
+    The ``iterate_batches`` contract that mlx-lm's ``evaluate`` expects; its loss is weighted by tokens,
+    so a partial batch counts exactly. (mlx-lm's own iterator drops the remainder.)
+    """
+    idx = sorted_indices(dataset)
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     while True:
         for i in np.random.permutation(len(batches)):
             yield collate([dataset[j] for j in batches[i]], max_seq_length)

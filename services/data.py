@@ -404,7 +404,10 @@ def prepare(cfg: dict[str, Any], tokenizer: Any) -> Prepared:
     return prepared
 
 
-def check_trainable(train: Sequence, valid: Sequence, batch_size: int, where: str) -> None:
+def check_trainable(
+    train: Sequence, valid: Sequence, batch_size: int, where: str, full_valid_batches: bool = False
+) -> None:
+    """Enough data for one batch; with ``full_valid_batches`` (mlx-lm's rule) validation needs one full batch too."""
     if len(train) == 0:
         raise DataError(f"{where}: the training split is empty")
     if len(train) < batch_size:
@@ -412,7 +415,7 @@ def check_trainable(train: Sequence, valid: Sequence, batch_size: int, where: st
             f"{where}: the training split has {len(train)} sequences, fewer than batch_size={batch_size}; "
             "lower batch_size or add data"
         )
-    if 0 < len(valid) < batch_size:
+    if full_valid_batches and 0 < len(valid) < batch_size:
         raise DataError(
             f"{where}: the validation split has {len(valid)} sequences, fewer than batch_size={batch_size}; "
             "lower batch_size or valid_fraction, or add validation data"

@@ -73,7 +73,7 @@ def load_datasets(cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any, Any, d
                 sets[split] = CacheDataset(create_dataset([r for _, r in rows], tokenizer, ns))
             else:
                 sets[split] = []
-        data_mod.check_trainable(sets["train"], sets["valid"], cfg["batch_size"], str(folder))
+        data_mod.check_trainable(sets["train"], sets["valid"], cfg["batch_size"], str(folder), full_valid_batches=True)
         stats = {"format": data_mod.row_format(sets["train"]._data[0], cfg), "mode": "mlx-lm",
                  "train": {"sequences": len(sets["train"])}, "valid": {"sequences": len(sets["valid"])},
                  "steps_per_epoch": len(sets["train"]) // cfg["batch_size"],

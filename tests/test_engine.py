@@ -236,3 +236,28 @@ def test_full_fine_tune_with_embeddings_and_grad_checkpoint(manager, tiny_model,
     assert set(saved) == set(base)  # everything trained, not just the blocks
     assert not mx.array_equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"]).item()
     assert folder.info()["parameters"]["trainable"] == folder.info()["parameters"]["total"]
+
+
+def test_validation_uses_every_held_out_sequence_even_fewer_than_a_batch(manager, tiny_model, chat_data, tmp_path):
+    from mlx_lm.tuner.trainer import evaluate
+    from mlx_lm.utils import load
+
+    from services.batching import eval_batches, masked_loss
+    from services.config import resolve
+    from services.data import prepare
+
+    data = tmp_path / "three-valid"
+    data.mkdir()
+    (data / "train.jsonl").write_text((chat_data / "train.jsonl").read_text())
+    (data / "valid.jsonl").write_text("".join((chat_data / "valid.jsonl").read_text().splitlines(True)[:3]))
+    cfg = base_config(tiny_model, data, mode="ift", iters=4, steps_per_eval=4, save_every=4, val_batches=-1)
+    folder = run_to_end(manager, cfg)
+    first_val = reports(folder, "val")[0]
+    assert first_val["iteration"] == 0
+    # the untrained model's validation loss: token-weighted over all three sequences, one at a time
+    model, tok = load(str(tiny_model))
+    valid = prepare(resolve(cfg), tok).valid
+    assert len(valid) == 3
+    direct = evaluate(model, valid, batch_size=1, num_batches=-1, max_seq_length=128, loss=masked_loss,
+                      iterate_batches=eval_batches)
+    assert first_val["val_loss"] == pytest.approx(direct, rel=1e-5)
