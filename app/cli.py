@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lan", action="store_true", help="admit other devices on the LAN with an access token")
     a.add_argument("--no-show", action="store_true", help="do not open a browser")
     a.set_defaults(func=cmd_start)
+    g = sub.add_parser("generate", help="generate text with a model, optionally with a run's adapter")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, help="the prompt ('-' reads it from stdin)")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /system TEXT, /quit)")
+    _add_model_args(c)
+    c.set_defaults(func=cmd_chat)
     return p
 
 
@@ -164,6 +172,148 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConfigProblems, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder, or a name under the workspace's models/")
+    p.add_argument("--adapter", metavar="RUN[@ITER]", help="a run (its latest weights), RUN@ITER (that checkpoint) "
+                                                          "or an adapter folder")
+    p.add_argument("--system", help="system prompt (chat format)")
+    p.add_argument("--format", choices=["auto", "chat", "completion"], default="auto",
+                   help="chat template or raw completion (default: chat if the tokenizer has a template)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache size (tokens)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"format": args.format, "system": args.system, "max_tokens": args.max_tokens, "temperature": args.temp,
+            "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed, "max_kv_size": args.max_kv_size}
+
+
+def _open_model(args: argparse.Namespace, manager: RunManager):
+    """A ModelService with --model/--adapter loaded; warnings go to stderr."""
+    from services.model_service import ModelService, resolve_adapter, resolve_model
+
+    model = resolve_model(manager, args.model)
+    adapter = resolve_adapter(manager, args.adapter) if args.adapter else None
+    svc = ModelService()
+    status = svc.load(model, adapter)
+    if status.get("warning"):
+        print(f"warning: {status['warning']}", file=sys.stderr)
+    return svc
+
+
+def _stream_reply(svc, request: dict, out=sys.stdout, stream_text: bool = True) -> tuple[str, dict]:
+    """Print one generation (as it comes, or at the end); Ctrl-C cancels it. Returns (text, stats)."""
+    stream = svc.generate(request)
+    parts: list[str] = []
+    try:
+        for chunk in stream:
+            if chunk["type"] == "token":
+                parts.append(chunk["text"])
+                if stream_text:
+                    print(chunk["text"], end="", file=out, flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        for _ in stream:
+            pass
+    text = "".join(parts)
+    if not stream_text:
+        print(text, end="", file=out)
+    print(file=out, flush=True)
+    return text, stream.result or {}
+
+
+def _stats_line(r: dict) -> str:
+    ctx = f"{r.get('context_used')}/{r.get('context_max') or '?'}"
+    return (f"[prompt {r.get('prompt_tokens')} tokens, generated {r.get('generation_tokens')} tokens, "
+            f"{r.get('generation_tps') or 0:.1f} tok/s, context {ctx}, {r.get('finish_reason')}]")
+
+
+def cmd_generate(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.model_service import ModelError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    svc = None
+    try:
+        svc = _open_model(args, manager)
+        _, result = _stream_reply(svc, {**_sampling(args), "prompt": prompt}, stream_text=args.stream)
+        print(_stats_line(result), file=sys.stderr)
+        return 0
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if svc is not None:
+            svc.unload()
+
+
+def _chat_command(line: str, history: list[dict], args: argparse.Namespace) -> bool:
+    """Handle a /command; return False to quit."""
+    cmd, _, rest = line.partition(" ")
+    if cmd in ("/quit", "/exit"):
+        return False
+    if cmd == "/reset":
+        history.clear()
+        print("(history cleared)")
+    elif cmd == "/system":
+        args.system = rest.strip() or None
+        history.clear()
+        print(f"(system prompt {'set' if args.system else 'cleared'}; history cleared)")
+    else:
+        print("commands: /reset (clear the history), /system TEXT, /quit")
+    return True
+
+
+def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.model_service import ModelError
+
+    tty = sys.stdin.isatty()
+    history: list[dict] = []
+    svc = None
+    try:
+        svc = _open_model(args, manager)
+        st = svc.status
+        print(f"chatting with {st['model']}" + (f" + {st['adapter_label']}" if st["adapter"] else "")
+              + ("" if st["has_chat_template"] else " (no chat template: plain completion)")
+              + "; /reset clears the history, /quit ends")
+        while True:
+            if tty:
+                print("you> ", end="", flush=True)
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                print()
+                break
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not _chat_command(line, history, args):
+                    break
+                continue
+            history.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            text, result = _stream_reply(svc, {**_sampling(args), "messages": history})
+            history.append({"role": "assistant", "content": text})
+            if tty:
+                print(_stats_line(result), file=sys.stderr)
+        return 0
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if svc is not None:
+            svc.unload()
 
 
 if __name__ == "__main__":
