@@ -36,7 +36,7 @@ from mlx_lm.utils import load, maybe_set_recommended_wired_limit  # noqa: E402
 from services import data as data_mod  # noqa: E402
 from services.batching import BatchSampler, eval_batches, masked_loss  # noqa: E402
 from services.run_folder import RunFolder  # noqa: E402
-from services.workspace import write_atomic, write_json  # noqa: E402
+from services.workspace import read_json, write_atomic, write_json  # noqa: E402
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
               "adafactor": optim.Adafactor}
@@ -191,7 +191,7 @@ class Trainer:
         if (ckpt / "grad_accum.safetensors").exists():
             flat = mx.load(str(ckpt / "grad_accum.safetensors"))  # onto the full tree: flattening drops empty nodes
             self.grad_accum = tree_map_with_path(lambda p, x: flat.get(p, x), self.model.trainable_parameters())
-        st = _read_state(ckpt)
+        st = read_json(ckpt / "state.json")
         self.steps, self.trained_tokens = st["steps"], st["trained_tokens"]
         self.last_train_loss, self.best_val, self.bad_evals = st["train_loss"], st["best_val"], st["bad_evals"]
         rng = np.load(ckpt / "rng.npz")
@@ -406,9 +406,3 @@ def _ppl(loss: float) -> float | None:
         return math.exp(loss)
     except OverflowError:
         return None
-
-
-def _read_state(ckpt: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((ckpt / "state.json").read_text())
