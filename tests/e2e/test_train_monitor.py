@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import shot
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 ITERS = 600
@@ -86,7 +87,14 @@ def test_train_watch_stop_resume_second_browser_and_restart(page: Page, app_serv
     # the app restarts mid-run; the worker keeps training and the page comes back with the whole history
     before = iteration(page)
     app_server.restart()
-    page.goto(run_url)
+    for attempt in range(5):  # the page's own reconnect may reload it at the same moment
+        try:
+            page.goto(run_url)
+            break
+        except PlaywrightError:
+            if attempt == 4:
+                raise
+            page.wait_for_timeout(500)
     after = wait_iteration_above(page, before)
     assert after > before
     expect(page.get_by_text("completed", exact=True)).to_be_visible(timeout=180_000)
