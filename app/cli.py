@@ -161,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /system TEXT, /quit)")
     _add_model_args(c)
     c.set_defaults(func=cmd_chat)
+    pb = sub.add_parser("publish", help="fuse a run's checkpoint into a standalone model in published/NAME "
+                                        "(parity check and model card included)")
+    pb.add_argument("run", metavar="RUN[@ITER]", help="a run (its best checkpoint, else the latest) or RUN@ITER")
+    pb.add_argument("--name", required=True, help="folder name under the workspace's published/")
+    pb.add_argument("--quantize", type=int, choices=[4, 8], metavar="BITS", help="quantize to 4 or 8 bits")
+    pb.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="quantization group size")
+    pb.add_argument("--gguf", action="store_true", help="also write GGUF (llama/mistral/mixtral, float only)")
+    pb.add_argument("--dequantize", action="store_true", help="write float weights from a quantized base model")
+    pb.add_argument("--license", help="license for the model card (default: the base model's)")
+    pb.add_argument("--overwrite", action="store_true", help="replace an existing published/NAME")
+    pb.set_defaults(func=cmd_publish)
+    ed = sub.add_parser("export-dashboard", help="write a run's charts as one offline HTML file (and a PNG)")
+    ed.add_argument("run")
+    ed.add_argument("--out", metavar="DIR", help="output folder (default: the run's dashboard/ folder)")
+    ed.add_argument("--no-png", action="store_true", help="skip the PNG screenshot (needs Chromium)")
+    ed.set_defaults(func=cmd_export_dashboard)
     return p
 
 
@@ -314,6 +330,62 @@ def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
     finally:
         if svc is not None:
             svc.unload()
+
+
+def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.publisher import PublishError, parity_summary, publish
+
+    tty = sys.stdout.isatty()
+
+    def progress(phase: str, fraction: float, message: str) -> None:
+        line = f"[{fraction:4.0%}] {phase}: {message}"
+        if tty:
+            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    run_id, iteration = parse_ref(args.run)
+    try:
+        result = publish(manager.workspace, run_id, iteration, args.name, dequantize=args.dequantize,
+                         quantize_bits=args.quantize, group_size=args.group_size, gguf=args.gguf,
+                         license=args.license, overwrite=args.overwrite, progress=progress)
+    except PublishError as e:
+        print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
+        return 2
+    if tty:
+        print()
+    parity = result.parity
+    print(f"published {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    print(f"checkpoint {result.run_id}@{result.iteration}: {result.reason}")
+    if result.gguf:
+        print(f"GGUF: {result.gguf}")
+    print(f"parity check: {parity_summary(parity)}")
+    for c in parity["checks"]:
+        print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0 if parity["passed"] else 3
+
+
+def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
+    from pathlib import Path
+
+    from services.dashboard import DashboardError, export_dashboard, render_png
+
+    folder = manager.folder(args.run)
+    out = Path(args.out) if args.out else folder.path / "dashboard"
+    try:
+        html_path, _ = export_dashboard(folder, out, png=False)
+    except DashboardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dashboard: {html_path} (self-contained; opens offline)")
+    if not args.no_png:
+        try:
+            print(f"screenshot: {render_png(html_path, out / 'dashboard.png')}")
+        except DashboardError as e:
+            print(f"warning: {e}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

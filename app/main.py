@@ -17,16 +17,21 @@ from typing import Any
 
 from nicegui import app, background_tasks, ui
 
+from pages.compare import compare_page
 from pages.monitor import monitor_page
+from pages.playground import playground_page
+from pages.run_detail import run_detail_page
+from pages.runs import runs_page
 from pages.train import train_page
+from services.model_service import ModelService
 from services.run_watch import RunWatcher, WatcherPool
 from services.runs import RunManager
 from services.system import system_status
 from services.workspace import Workspace
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-NAV = (("Train", "/train"), ("Monitor", "/monitor"))
-LATER = ("Runs", "Playground", "Models", "Datasets")  # planned pages: shown disabled, no placeholder pages
+NAV = (("Train", "/train"), ("Monitor", "/monitor"), ("Playground", "/playground"), ("Runs", "/runs"))
+LATER = ("Models", "Datasets")  # planned pages: shown disabled, no placeholder pages
 STATUS_SECONDS = 1.5
 LAG_LOG_ENV = "FORGELLM_LOOP_LAG_LOG"  # diagnostics: append event-loop lag samples (ms) to this file
 
@@ -38,6 +43,7 @@ class Services:
     workspace: Workspace
     manager: RunManager
     watchers: WatcherPool
+    models: ModelService = field(default_factory=ModelService)  # the Playground's model worker
     configs_dir: Path = CONFIGS_DIR
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     _status: tuple[float, dict[str, Any]] = field(default=(0.0, {}), repr=False)
@@ -62,7 +68,7 @@ class Services:
 def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path | None = None) -> Services:
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     manager = RunManager(ws)
-    return Services(workspace=ws, manager=manager, watchers=WatcherPool(manager),
+    return Services(workspace=ws, manager=manager, watchers=WatcherPool(manager), models=ModelService(),
                     configs_dir=configs_dir or CONFIGS_DIR)
 
 
@@ -133,7 +139,10 @@ def make_root(services: Services):
         ui.timer(2.0, update_strip)
         with ui.column().classes("w-full p-3"):
             ui.sub_pages({"/": train_page, "/train": train_page, "/monitor": monitor_page,
-                          "/monitor/{run_id}": monitor_page}, data={"services": services})
+                          "/monitor/{run_id}": monitor_page, "/playground": playground_page,
+                          "/playground/{run}": playground_page, "/playground/{run}/{iteration}": playground_page,
+                          "/runs": runs_page, "/runs/{run_id}": run_detail_page, "/compare": compare_page},
+                         data={"services": services}).classes("w-full")  # pages take the whole width
 
     return root
 
@@ -226,6 +235,7 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
     from nicegui.storage import Storage  # noqa: PLC0415
 
     services = build_services(workspace)
+    app.on_shutdown(services.models.unload)  # the model worker process ends with the app
     state = services.workspace.root / ".forgellm"
     secret = persisted_secret(state / "secret")
     if "NICEGUI_STORAGE_PATH" not in os.environ:
@@ -240,6 +250,12 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
         for url in services.lan_urls:
             print(f"  {url}", flush=True)
+    if native:  # one line per page that connected back over its websocket (the window rendered the app)
+        app.on_connect(lambda client: print(
+            f"native window connected: {client.request.headers.get('user-agent', '?')}", flush=True))
+        # stop when the window closes, not when its process ends: that process can hang on exit (pywebview's Qt
+        # backend never answers an evaluate_js still pending at close, e.g. NiceGUI's own right after page load)
+        app.native.on("closed", app.shutdown)
     if os.environ.get(LAG_LOG_ENV):
         app.on_startup(lambda: background_tasks.create(probe_loop_lag(Path(os.environ[LAG_LOG_ENV]))))
     ui.run(make_root(services), host=host, port=port, reload=False, show=show, title="ForgeLLM",

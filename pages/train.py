@@ -8,7 +8,9 @@ it reports a problem.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
+import yaml
 from nicegui import events, ui
 
 from app.ui_config import (
@@ -25,6 +27,7 @@ from app.ui_config import (
     lr_curve,
 )
 from services.config import OPTIMIZERS, ConfigError, ConfigProblems, dump_yaml, parse_yaml
+from services.run_index import without_defaults
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -365,4 +368,19 @@ def train_page(services: Services) -> None:
         fill(config_to_form(cfg))
         ui.notify(f"Loaded {e.file.name}")
 
+    def clone_run(run_id: str) -> None:
+        """Fill the form with a run's config (``/train?from=RUN``, the Runs page's "clone config")."""
+        try:
+            cfg = manager.folder(run_id).config()
+        except (ValueError, OSError, yaml.YAMLError) as err:
+            ui.notify(f"Could not load the config of run {run_id}: {err}", type="negative")
+            return
+        form = config_to_form(cfg)
+        form["extra"] = without_defaults(form["extra"])  # the resolved config's untouched defaults stay implicit
+        fill(form)
+        ui.notify(f"Config of run {run_id} loaded")
+
     fill(default_form())
+    source = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query).get("from")
+    if source:
+        clone_run(source[0])

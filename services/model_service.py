@@ -548,9 +548,10 @@ class ModelService:
         return [_item(r) for r in reply["results"]]
 
     async def acompare(self, prompt: str | list[dict[str, str]], targets: list[str | os.PathLike | None],
-                       sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """:meth:`compare` for an event loop (runs in a thread)."""
-        return await asyncio.to_thread(self.compare, prompt, targets, sampling)
+                       sampling: dict[str, Any] | None = None, *,
+                       on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """:meth:`compare` for an event loop (runs in a thread; ``on_result`` is called from that thread)."""
+        return await asyncio.to_thread(self.compare, prompt, targets, sampling, on_result=on_result)
 
     def perplexity(self, model: str | os.PathLike, adapter: str | os.PathLike | None,
                    dataset_path: str | os.PathLike, max_seq_length: int = 2048, batch_size: int = 4,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,29 @@ class RunManager:
                                                                   for k in DATA_KEYS)})
         self.start(folder.id, parent.checkpoint_dir(iteration))
         return folder
+
+    def delete(self, run_id: str) -> None:
+        """Remove a run's folder (only inside ``workspace/runs``); refused while the run is active."""
+        with self._lock:
+            folder = self.folder(run_id)
+            path = self.workspace.inside(folder.path)
+            if path.parent != self.workspace.inside(self.workspace.runs) or path.is_symlink():
+                raise ConfigError("run", run_id, "is not a run folder of this workspace")
+            info = self.refresh(folder)
+            if info.get("status") in ACTIVE:
+                raise ConfigError("run", run_id, f"is {info['status']}; stop it before deleting")
+            shutil.rmtree(path)
+            self._procs.pop(run_id, None)
+            self.version += 1
+
+    def set_label(self, run_id: str, label: str | None) -> dict[str, Any]:
+        """Set (or clear, with an empty label) the run's free-text label in ``run.json``."""
+        label = (label or "").strip()
+        if len(label) > 200:
+            raise ConfigError("label", label[:20] + "…", "is longer than 200 characters")
+        info = self.folder(run_id).update(label=label or None)
+        self.version += 1
+        return info
 
     # -- discovery ------------------------------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""Compare page: overlay the loss and perplexity of two or more runs against iterations, epochs or trained tokens,
+with a summary sorted by best validation loss and a table of the config keys that differ.
+
+Everything is read once from the run folders when the page opens (``Refresh`` reads again); series are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from nicegui import ui
+
+from app.ui_config import MODES
+from pages.monitor import STATUS_COLORS, _chart, fmt_duration
+from pages.runs import METHODS, fmt_loss, page_column
+from services import run_index
+
+if TYPE_CHECKING:
+    from app.main import Services
+
+MAX_RUNS = 8
+PALETTE = ("#5470c6", "#ee6666", "#91cc75", "#fac858", "#73c0de", "#9a60b4", "#fc8452", "#3ba272")
+# chart marker → (title, train metric, val metric, y-axis type)
+COMPARE_CHARTS = {"loss": ("Loss", "train_loss", "val_loss", "value"),
+                  "perplexity": ("Perplexity", "perplexity", "val_perplexity", "log")}
+SUMMARY_COLUMNS: list[dict[str, Any]] = [
+    {"name": "rank", "label": "#", "field": "rank", "align": "left"},
+    {"name": "name", "label": "Run", "field": "name", "align": "left"},
+    {"name": "status", "label": "Status", "field": "status", "align": "left"},
+    {"name": "mode", "label": "Mode", "field": "mode_text", "align": "left"},
+    {"name": "method", "label": "Method", "field": "method_text", "align": "left"},
+    {"name": "best", "label": "Best val loss", "field": "best_text"},
+    {"name": "final", "label": "Final train loss", "field": "final_text"},
+    {"name": "iterations", "label": "Iterations", "field": "iteration"},
+    {"name": "tokens", "label": "Trained tokens", "field": "tokens_text"},
+    {"name": "duration", "label": "Duration", "field": "duration_text"},
+]
+
+
+def parse_runs(runs: str | None) -> list[str]:
+    """``A,B,C`` → unique run ids in order (at most :data:`MAX_RUNS`)."""
+    ids = [r.strip() for r in (runs or "").split(",") if r.strip()]
+    return list(dict.fromkeys(ids))[:MAX_RUNS]
+
+
+def value_text(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    return json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)
+
+
+def _series(name: str, color: str, points: list, val: bool) -> dict[str, Any]:
+    return {"name": name, "type": "line", "data": points, "showSymbol": val, "symbolSize": 5, "sampling": "lttb",
+            "itemStyle": {"color": color}, "lineStyle": {"color": color, "type": "dashed" if val else "solid",
+                                                         "width": 1.5 if val else 2}}
+
+
+def compare_page(services: Services, runs: str | None = None) -> None:
+    """Build the Compare page for ``/compare?runs=A,B,...``."""
+    with page_column():
+        _build_compare(services, runs)
+
+
+def _build_compare(services: Services, runs: str | None) -> None:
+    manager = services.manager
+    wanted = parse_runs(runs)
+    all_runs = manager.list()
+    options = {r["id"]: f"{r.get('name') or r['id']} · {r['id']}" for r in all_runs}
+    ui.label("Compare runs").classes("text-2xl font-semibold")
+    with ui.row().classes("w-full items-end gap-3"):
+        picker = ui.select(options, value=[r for r in wanted if r in options], label="Runs", multiple=True,
+                           with_input=True).props("dense outlined use-chips").classes("min-w-[32rem]") \
+            .mark("compare-runs")
+        ui.button("Compare", icon="compare_arrows", on_click=lambda: go()).props("outline").mark("compare-go")
+        ui.space()
+        axis = ui.toggle({k: v for k, v in run_index.AXES.items()}, value="iteration",
+                         on_change=lambda e: show_axis(e.value)).props("dense no-caps").mark("compare-axis")
+
+    def go() -> None:
+        ids = list(picker.value or [])
+        if len(ids) < 2:
+            ui.notify("Pick two or more runs", type="warning")
+            return
+        ui.navigate.to("/compare?runs=" + ",".join(ids[:MAX_RUNS]))
+
+    loaded: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for run_id in wanted:
+        try:
+            folder = manager.folder(run_id)
+            info, cfg = manager.get(run_id), folder.config()
+        except (ValueError, OSError):
+            missing.append(run_id)
+            continue
+        records = run_index.run_records(folder)
+        loaded.append({"id": run_id, "info": info, "cfg": cfg,
+                       "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}})
+    if missing:
+        ui.label(f"Not in the workspace: {', '.join(missing)}").classes("text-warning").mark("compare-missing")
+    if len(loaded) < 2:
+        ui.label("Pick two or more runs above (or select them on the Runs page) to compare them.") \
+            .classes("text-grey-7").mark("compare-empty")
+        axis.set_visibility(False)
+        return
+
+    names = {}
+    for r in loaded:  # a name shared by two runs gets the run id to tell them apart
+        name = r["info"].get("name") or r["id"]
+        names[r["id"]] = name if sum((x["info"].get("name") or x["id"]) == name for x in loaded) == 1 \
+            else f"{name} ({r['id']})"
+
+    charts: dict[str, ui.echart] = {}
+    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+        for key, (title, _, _, ytype) in COMPARE_CHARTS.items():
+            opts = _chart(title, [], ytype)
+            opts["legend"] = {"type": "scroll", "bottom": 0, "textStyle": {"color": "#9e9e9e"}}
+            opts["grid"] = {**opts["grid"], "bottom": 64}
+            opts["xAxis"]["nameGap"] = 24
+            opts["series"] = []
+            for i, r in enumerate(loaded):
+                color = PALETTE[i % len(PALETTE)]
+                opts["series"].append(_series(f"{names[r['id']]} train", color, [], False))
+                opts["series"].append(_series(f"{names[r['id']]} val", color, [], True))
+            charts[key] = ui.echart(opts).classes("w-full h-80").mark(f"compare-{key}")
+
+    def show_axis(name: str) -> None:
+        for key, (_, train_metric, val_metric, _) in COMPARE_CHARTS.items():
+            opts = charts[key].options
+            opts["xAxis"]["name"] = run_index.AXES[name]
+            for i, r in enumerate(loaded):
+                opts["series"][2 * i]["data"] = run_index.align(r["series"][train_metric], name)
+                opts["series"][2 * i + 1]["data"] = run_index.align(r["series"][val_metric], name)
+
+    show_axis(axis.value)
+
+    ui.label("Summary (best validation loss first)").classes("text-sm font-semibold text-grey-7 mt-2")
+    rows = []
+    for r in loaded:
+        row = run_index.run_row(r["info"])
+        train = r["series"]["train_loss"]
+        tokens = train[-1].get("tokens") if train else None
+        best = fmt_loss(row["best_val_loss"]) + (f" @ {row['best_iteration']}" if row["best_val_loss"] is not None
+                                                 else "")
+        rows.append({**row, "name": names[r["id"]], "best_text": best,
+                     "final_text": fmt_loss(train[-1]["y"] if train else None),
+                     "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
+                     "duration_text": fmt_duration(row["duration"]) if row["duration"] is not None else "–",
+                     "mode_text": MODES.get(row["mode"], row["mode"]),
+                     "method_text": METHODS.get(row["method"], row["method"]),
+                     "status_color": STATUS_COLORS.get(row["status"], "grey")})
+    rows = run_index.by_best_val_loss(rows)
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    summary = ui.table(columns=SUMMARY_COLUMNS, rows=rows, row_key="id").classes("w-full") \
+        .props("flat bordered dense").mark("compare-summary")
+    summary.add_slot("body-cell-name", '<q-td :props="props"><a class="text-primary cursor-pointer" '
+                     "@click=\"$parent.$emit('open_run', props.row.id)\">{{ props.value }}</a></q-td>")
+    summary.add_slot("body-cell-status", '<q-td :props="props"><q-badge :color="props.row.status_color" '
+                     ':label="props.value" /></q-td>')
+    summary.on("open_run", lambda e: ui.navigate.to(f"/runs/{e.args}") if isinstance(e.args, str) else None)
+
+    diff = run_index.config_diff({r["id"]: r["cfg"] for r in loaded})
+    ui.label(f"Config differences ({len(diff)} key{'s' if len(diff) != 1 else ''})") \
+        .classes("text-sm font-semibold text-grey-7 mt-2")
+    columns = [{"name": "key", "label": "Key", "field": "key", "align": "left"}] + [
+        {"name": f"run{i}", "label": names[r["id"]], "field": f"run{i}", "align": "left"} for i, r in enumerate(loaded)]
+    diff_rows = [{"key": d["key"], **{f"run{i}": value_text(d["values"][r["id"]]) for i, r in enumerate(loaded)}}
+                 for d in diff]
+    ui.table(columns=columns, rows=diff_rows, row_key="key").classes("w-full").props("flat bordered dense wrap-cells") \
+        .mark("compare-diff")

@@ -1,0 +1,210 @@
+"""Run detail page: status, lineage, loss and perplexity charts, checkpoints (chat / publish), config and data stats.
+
+Charts reuse the Monitor's chart options and checkpoint marks and read the shared
+:class:`services.run_watch.RunWatcher`, so an active run keeps updating (one ``ui.timer`` per page).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nicegui import events, ui
+
+from app.ui_config import MODES, human_bytes
+from pages.monitor import CHARTS, STATUS_COLORS, _chart, checkpoint_marks, fmt_duration
+from pages.runs import METHODS, fmt_loss, page_column
+from services import run_index
+from services.run_folder import ACTIVE
+
+if TYPE_CHECKING:
+    from app.main import Services
+    from services.run_folder import RunFolder
+
+DETAIL_CHARTS = ("loss", "perplexity")
+CKPT_COLUMNS: list[dict[str, Any]] = [
+    {"name": "iteration", "label": "Iteration", "field": "iteration", "sortable": True, "align": "left"},
+    {"name": "epoch", "label": "Epoch", "field": "epoch_text"},
+    {"name": "train_loss", "label": "Train loss", "field": "train_text"},
+    {"name": "val_loss", "label": "Val loss", "field": "val_text"},
+    {"name": "perplexity", "label": "Val perplexity", "field": "ppl_text"},
+    {"name": "tokens", "label": "Trained tokens", "field": "tokens_text"},
+    {"name": "size", "label": "Size", "field": "size_text"},
+    {"name": "best", "label": "Best", "field": "best_text", "align": "left"},
+    {"name": "actions", "label": "", "field": "iteration", "align": "right"},
+]
+_CKPT_EMIT = "$parent.$emit('checkpoint_action', {{action: '{action}', iteration: props.row.iteration}})"
+CKPT_SLOTS = {
+    "body-cell-best": '<q-td :props="props"><q-badge v-if="props.row.best" color="amber-8" label="★ best" /></q-td>',
+    "body-cell-actions": '<q-td :props="props" class="whitespace-nowrap">'
+                         f'<q-btn flat dense no-caps size="sm" icon="chat" label="Chat" '
+                         f'@click="{_CKPT_EMIT.format(action="chat")}">'
+                         '<q-tooltip>Chat with this checkpoint in the Playground</q-tooltip></q-btn>'
+                         f'<q-btn flat dense no-caps size="sm" icon="publish" label="Publish" '
+                         f'@click="{_CKPT_EMIT.format(action="publish")}">'
+                         '<q-tooltip>Publish this checkpoint</q-tooltip></q-btn></q-td>',
+}
+
+
+def checkpoint_table_rows(folder: RunFolder, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`services.run_index.checkpoint_rows` with the texts the table shows."""
+    out = []
+    for c in run_index.checkpoint_rows(folder, info):
+        out.append({**c, "epoch_text": f"{c['epoch']:.2f}" if c["epoch"] is not None else "–",
+                    "train_text": fmt_loss(c["train_loss"]), "val_text": fmt_loss(c["val_loss"]),
+                    "ppl_text": f"{c['perplexity']:.2f}" if c["perplexity"] is not None else "–",
+                    "tokens_text": f"{c['trained_tokens']:,}" if c["trained_tokens"] is not None else "–",
+                    "size_text": human_bytes(c["bytes"]), "best_text": "★ best" if c["best"] else ""})
+    return out
+
+
+def stats_tables(stats: dict[str, Any]) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """``dataset_stats.json`` as (scalar facts, one row per split) for display."""
+    facts: list[tuple[str, str]] = []
+    splits: list[dict[str, Any]] = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            splits.append({"split": key, **{k: (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v)
+                                            for k, v in value.items() if not isinstance(v, (dict, list))}})
+        elif isinstance(value, list):
+            facts.append((key, f"{len(value)} item(s)"))
+        else:
+            facts.append((key, str(value)))
+    return facts, splits
+
+
+def _info_line(info: dict[str, Any]) -> str:
+    row = run_index.run_row(info)
+    parts = [row["id"], MODES.get(row["mode"], row["mode"]), METHODS.get(row["method"], row["method"]),
+             f"model {row['model']}", f"data {row['dataset']}", row["date_text"]]
+    if row["duration"] is not None:
+        parts.append(f"trained {fmt_duration(row['duration'])}")
+    return " · ".join(parts)
+
+
+def run_detail_page(services: Services, run_id: str) -> None:
+    """Build the detail page of one run."""
+    with page_column():
+        _build_detail(services, run_id)
+
+
+def _build_detail(services: Services, run_id: str) -> None:
+    manager = services.manager
+    with ui.row().classes("w-full items-center gap-3"):
+        ui.button(icon="arrow_back", on_click=lambda: ui.navigate.to("/runs")).props("flat round") \
+            .tooltip("All runs").mark("back-to-runs")
+        title = ui.label(run_id).classes("text-2xl font-semibold").mark("detail-title")
+        status = ui.badge("", color="grey").classes("text-sm").mark("detail-status")
+        label = ui.chip("", color="primary").props("outline dense").mark("detail-label")
+        ui.space()
+        monitor_btn = ui.button("Open in Monitor", icon="monitor_heart",
+                                on_click=lambda: ui.navigate.to(f"/monitor/{run_id}")).props("outline") \
+            .mark("open-monitor")
+        clone_btn = ui.button("Clone config into Train", icon="content_copy",
+                              on_click=lambda: ui.navigate.to(f"/train?from={run_id}")).props("outline") \
+            .mark("detail-clone")
+    try:
+        folder = manager.folder(run_id)
+        info = manager.get(run_id)
+        watcher = services.watcher(run_id)
+    except ValueError as e:
+        ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
+        for b in (monitor_btn, clone_btn, status, label):
+            b.set_visibility(False)
+        return
+    ui.label(_info_line(info)).classes("text-sm text-grey-7").mark("detail-info")
+    reason = ui.label("").classes("text-sm").mark("detail-reason")
+    parent = info.get("parent") or {}
+    if parent.get("run"):
+        with ui.row().classes("items-center gap-1 text-sm").mark("detail-parent"):
+            ui.label("Forked from")
+            ui.link(f"{parent['run']} @ iteration {parent.get('iteration')}", f"/runs/{parent['run']}") \
+                .mark("parent-link")
+            if parent.get("same_data_order") is False:
+                ui.label("(with a fresh data order)").classes("text-grey-7")
+
+    charts: dict[str, ui.echart] = {}
+    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+        for key in DETAIL_CHARTS:
+            chart_title, series, ytype = CHARTS[key]
+            charts[key] = ui.echart(_chart(chart_title, series, ytype)).classes("w-full h-72").mark(f"detail-{key}")
+
+    with ui.card().classes("w-full").props("flat bordered"):
+        ui.label("Checkpoints").classes("text-sm font-semibold text-grey-7")
+        ckpt_table = ui.table(columns=CKPT_COLUMNS, rows=[], row_key="iteration",
+                              pagination={"rowsPerPage": 10, "sortBy": "iteration", "descending": True}) \
+            .classes("w-full").props("flat dense").mark("checkpoints")
+        for slot, template in CKPT_SLOTS.items():
+            ckpt_table.add_slot(slot, template)
+        no_ckpt = ui.label("No checkpoints on disk.").classes("text-sm text-grey-7").mark("no-checkpoints")
+
+    with ui.row().classes("w-full items-start gap-3 no-wrap max-lg:flex-wrap"):
+        with ui.card().classes("grow min-w-0 basis-1/2").props("flat bordered"):
+            ui.label("Config").classes("text-sm font-semibold text-grey-7")
+            try:
+                text = folder.config_path.read_text()
+            except OSError as e:
+                text = f"# config.yaml could not be read: {e}"
+            ui.code(text, language="yaml").classes("w-full max-h-[32rem] overflow-auto text-xs").mark("config")
+        with ui.card().classes("grow min-w-0 basis-1/2").props("flat bordered").mark("dataset-stats"):
+            ui.label("Dataset").classes("text-sm font-semibold text-grey-7")
+            stats = run_index.dataset_stats(folder)
+            if not stats:
+                ui.label("No dataset statistics yet (written when the worker has prepared the data).") \
+                    .classes("text-sm text-grey-7")
+            else:
+                facts, splits = stats_tables(stats)
+                with ui.grid(columns=2).classes("gap-x-4 gap-y-0 text-sm"):
+                    for key, value in facts:
+                        ui.label(key).classes("text-grey-7")
+                        ui.label(value).classes("break-all")
+                if splits:
+                    keys = list(dict.fromkeys(k for s in splits for k in s))
+                    ui.table(columns=[{"name": k, "label": k.replace("_", " "), "field": k,
+                                       "align": "left" if k == "split" else "right"} for k in keys],
+                             rows=splits, row_key="split").props("flat dense").classes("w-full").mark("split-stats")
+
+    seen = {"version": -1, "info": None}
+
+    def on_checkpoint(e: events.GenericEventArguments) -> None:
+        args = e.args or {}
+        it = args.get("iteration")
+        if not isinstance(it, int):
+            return
+        if args.get("action") == "chat":
+            ui.navigate.to(f"/playground?run={run_id}&iteration={it}")
+        elif args.get("action") == "publish":
+            ui.navigate.to(f"/runs/{run_id}/publish?iteration={it}")
+
+    def update() -> None:
+        watcher.poll()
+        if watcher.version == seen["version"]:
+            return
+        seen["version"] = watcher.version
+        now = watcher.info() or info
+        st = now.get("status") or "?"
+        title.set_text(now.get("name") or run_id)
+        status.set_text(st)
+        status.props["color"] = STATUS_COLORS.get(st, "grey")
+        label.set_text(now.get("label") or "")
+        label.set_visibility(bool(now.get("label")))
+        reason.set_text(now.get("reason") or ("running" if st in ACTIVE else ""))
+        for key in DETAIL_CHARTS:
+            opts = charts[key].options["series"]
+            for i, (name, _) in enumerate(CHARTS[key][1]):
+                points = watcher.series(name)
+                if opts[i]["data"] != points:
+                    opts[i]["data"] = points
+        marks = checkpoint_marks(watcher.checkpoints(), watcher.series("train_loss"))
+        if charts["loss"].options["series"][0].get("markPoint", {}).get("data") != marks:
+            charts["loss"].options["series"][0]["markPoint"] = {"data": marks, "label": {"show": False}}
+        if now != seen["info"]:
+            seen["info"] = now
+            rows = checkpoint_table_rows(folder, now)
+            ckpt_table.rows = rows
+            ckpt_table.set_visibility(bool(rows))
+            no_ckpt.set_visibility(not rows)
+
+    ckpt_table.on("checkpoint_action", on_checkpoint)
+    watcher.poll(force=True)
+    update()
+    ui.timer(1.0, update)
