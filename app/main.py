@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -256,6 +257,12 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
         # stop when the window closes, not when its process ends: that process can hang on exit (pywebview's Qt
         # backend never answers an evaluate_js still pending at close, e.g. NiceGUI's own right after page load)
         app.native.on("closed", app.shutdown)
+        if sys.platform.startswith("linux"):
+            app.native.start_args["gui"] = "qt"  # the supported backend here (GTK would fail first, noisily)
+            if os.geteuid() == 0 and "--no-sandbox" not in os.environ.get("QTWEBENGINE_CHROMIUM_FLAGS", ""):
+                # QtWebEngine refuses to run as root with its sandbox and then shows no window at all
+                os.environ["QTWEBENGINE_CHROMIUM_FLAGS"] = (
+                    os.environ.get("QTWEBENGINE_CHROMIUM_FLAGS", "") + " --no-sandbox").strip()
     if os.environ.get(LAG_LOG_ENV):
         app.on_startup(lambda: background_tasks.create(probe_loop_lag(Path(os.environ[LAG_LOG_ENV]))))
     ui.run(make_root(services), host=host, port=port, reload=False, show=show, title="ForgeLLM",
