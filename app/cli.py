@@ -171,12 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dequantize", action="store_true", help="write float weights from a quantized base model")
     pb.add_argument("--license", help="license for the model card (default: the base model's)")
     pb.add_argument("--overwrite", action="store_true", help="replace an existing published/NAME")
+    pb.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line "
+                                                        "(progress events, then a result or an error)")
     pb.set_defaults(func=cmd_publish)
     ed = sub.add_parser("export-dashboard", help="write a run's charts as one offline HTML file (and a PNG)")
     ed.add_argument("run")
     ed.add_argument("--out", metavar="DIR", help="output folder (default: the run's dashboard/ folder)")
     ed.add_argument("--no-png", action="store_true", help="skip the PNG screenshot (needs Chromium)")
     ed.set_defaults(func=cmd_export_dashboard)
+    mo = sub.add_parser("models", help="list the models: workspace, published and the Hugging Face cache")
+    mo.set_defaults(func=cmd_models)
+    im = sub.add_parser("import", help="import a model: a Hub repo id, a model folder or a GGUF file")
+    im.add_argument("source", help="org/name on the Hub, a folder with config.json + safetensors, or a .gguf file")
+    im.add_argument("--name", help="folder name under the workspace's models/ (default: from the source)")
+    im.add_argument("--link", action="store_true", help="folder: link to it instead of copying")
+    im.add_argument("--dequantize", action="store_true", help="GGUF: write float32 weights")
+    im.add_argument("--revision", help="Hub: branch, tag or commit")
+    im.set_defaults(func=cmd_import)
+    ds = sub.add_parser("dataset", help="dataset tools")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    dc = dsub.add_parser("check", help="detect the format, check every line, print statistics and every bad line")
+    dc.add_argument("path", help="a .jsonl/.txt/.md file or a folder (a name under the workspace's datasets/ works)")
+    dc.add_argument("--model", help="count tokens with this model's tokenizer and chat template")
+    dc.add_argument("--max-seq-length", type=int, default=2048, help="truncation length for the statistics")
+    dc.add_argument("--json", action="store_true", help="print one JSON object")
+    dc.set_defaults(func=cmd_dataset)
     return p
 
 
@@ -333,28 +352,56 @@ def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
+    """Publish RUN[@ITER]; exit 0 (parity passed), 2 (refused or failed), 3 (published, parity failed).
+
+    With ``--json`` every line on stdout is one JSON object: ``{"type": "progress", "phase", "fraction",
+    "message"}`` while it works, then ``{"type": "result", ...PublishResult, "summary"}`` or
+    ``{"type": "error", "message"}``.
+    """
+    import json
+    import traceback
+
     from services.publisher import PublishError, parity_summary, publish
 
-    tty = sys.stdout.isatty()
+    as_json = getattr(args, "json", False)
+    tty = sys.stdout.isatty() and not as_json
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event), flush=True)
 
     def progress(phase: str, fraction: float, message: str) -> None:
+        if as_json:
+            emit({"type": "progress", "phase": phase, "fraction": fraction, "message": message})
+            return
         line = f"[{fraction:4.0%}] {phase}: {message}"
         if tty:
             print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
         else:
             print(line, flush=True)
 
-    run_id, iteration = parse_ref(args.run)
     try:
+        run_id, iteration = parse_ref(args.run)
         result = publish(manager.workspace, run_id, iteration, args.name, dequantize=args.dequantize,
                          quantize_bits=args.quantize, group_size=args.group_size, gguf=args.gguf,
                          license=args.license, overwrite=args.overwrite, progress=progress)
-    except PublishError as e:
-        print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
+    except (PublishError, ConfigError) as e:
+        if as_json:
+            emit({"type": "error", "message": str(e)})
+        else:
+            print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # JSON mode: the caller gets a reason instead of a bare exit code
+        if not as_json:
+            raise
+        traceback.print_exc()
+        emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+        return 2
+    parity = result.parity
+    if as_json:
+        emit({"type": "result", **result.to_dict(), "summary": parity_summary(parity)})
+        return 0 if parity["passed"] else 3
     if tty:
         print()
-    parity = result.parity
     print(f"published {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
     print(f"checkpoint {result.run_id}@{result.iteration}: {result.reason}")
     if result.gguf:
@@ -386,6 +433,86 @@ def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
         except DashboardError as e:
             print(f"warning: {e}", file=sys.stderr)
     return 0
+
+
+def cmd_models(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.library import human_bytes, human_count, list_models
+
+    models = list_models(manager.workspace)
+    if not models:
+        print(f"no models in {manager.workspace.models} (try `forgellm import` or `forgellm demo`)")
+        return 0
+    print(f"{'MODEL':<44} {'SOURCE':<10} {'ARCH':<12} {'PARAMS':>7} {'DTYPE':<18} {'SIZE':>9} {'CONTEXT':>8} CHAT")
+    for m in models:
+        name = m["name"] if len(m["name"]) <= 44 else "…" + m["name"][-43:]
+        print(f"{name:<44} {m['source']:<10} {str(m['arch'])[:12]:<12} {human_count(m['params']):>7} "
+              f"{str(m['dtype'])[:18]:<18} {human_bytes(m['disk_bytes']):>9} {str(m['context'] or '?'):>8} "
+              f"{'yes' if m['chat_template'] else 'no'}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.library import LibraryError, import_model
+
+    tty = sys.stdout.isatty()
+
+    def progress(phase: str, fraction: float | None, message: str) -> None:
+        line = f"[{fraction:4.0%}] {phase}: {message}" if fraction is not None else f"{phase}: {message}"
+        if tty:
+            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    try:
+        path = import_model(manager.workspace, args.source, args.name, link=args.link, dequantize=args.dequantize,
+                            revision=args.revision, progress=progress)
+    except LibraryError as e:
+        print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncancelled; a Hub download resumes when the same import is run again", file=sys.stderr)
+        return 130
+    print(("\n" if tty else "") + f"imported {path}")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace, manager: RunManager) -> int:
+    """``dataset check``: exit 0 when every line is valid, 1 when some are bad, 2 when unusable."""
+    import json
+    from pathlib import Path
+
+    from services import dataset_check as dc
+
+    path = Path(args.path).expanduser()
+    if not path.exists() and (manager.workspace.datasets / args.path).exists():
+        path = manager.workspace.datasets / args.path
+    check = dc.check_dataset(path)
+    out = check.summary()
+    if args.model:
+        tok = dc.load_tokenizer(str(manager.resolve_path(args.model, "models", "model")))
+        out["tokens"] = dc.token_stats(check, tok, args.max_seq_length)
+    out["bad"] = check.bad
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 1 if check.bad else 0
+    print(f"{check.path}: {check.label} ({check.layout}), {check.good:,} usable samples, {len(check.bad):,} bad")
+    for name, counts in out["files"].items():
+        print(f"  {name}: {counts['good']:,} usable, {counts['bad']:,} bad")
+    st = out.get("tokens")
+    if st:
+        print(f"tokens: {st['tokens']:,} in {st['samples']:,} samples (min {st['min']:,}, mean {st['mean']:,}, "
+              f"p95 {st['p95']:,}, max {st['max']:,}); trained {st['trained_tokens']:,}")
+        if check.fmt == "documents":
+            print(f"packed: {st['windows']:,} windows of {args.max_seq_length:,} tokens")
+        else:
+            print(f"truncated at {args.max_seq_length:,}: {st['truncated_samples']:,} samples "
+                  f"({st['truncated_tokens']:,} tokens)")
+        print(f"duplicates: {st['duplicates']:,}")
+        for err in st["errors"]:
+            print(f"not renderable: {err}")
+    for b in check.bad:
+        print(b)
+    return 1 if check.bad else 0
 
 
 if __name__ == "__main__":

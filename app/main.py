@@ -6,6 +6,7 @@ to ``ui.run``. Pages are plain builder functions that get ``services`` through `
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import secrets
@@ -16,23 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import segno
 from nicegui import app, background_tasks, ui
 
 from pages.compare import compare_page
+from pages.datasets import datasets_page
+from pages.models import models_page
 from pages.monitor import monitor_page
 from pages.playground import playground_page
+from pages.publish import publish_page, published_page
 from pages.run_detail import run_detail_page
 from pages.runs import runs_page
 from pages.train import train_page
+from services.library import ImportJob
 from services.model_service import ModelService
+from services.publish_jobs import PublishJobs
 from services.run_watch import RunWatcher, WatcherPool
 from services.runs import RunManager
 from services.system import system_status
 from services.workspace import Workspace
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-NAV = (("Train", "/train"), ("Monitor", "/monitor"), ("Playground", "/playground"), ("Runs", "/runs"))
-LATER = ("Models", "Datasets")  # planned pages: shown disabled, no placeholder pages
+NAV = (("Train", "/train"), ("Monitor", "/monitor"), ("Playground", "/playground"), ("Runs", "/runs"),
+       ("Models", "/models"), ("Datasets", "/datasets"))
+LATER: tuple[str, ...] = ()  # planned pages: shown disabled, no placeholder pages
 STATUS_SECONDS = 1.5
 LAG_LOG_ENV = "FORGELLM_LOOP_LAG_LOG"  # diagnostics: append event-loop lag samples (ms) to this file
 
@@ -47,6 +55,8 @@ class Services:
     models: ModelService = field(default_factory=ModelService)  # the Playground's model worker
     configs_dir: Path = CONFIGS_DIR
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
+    publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
+    model_imports: list[ImportJob] = field(default_factory=list)  # the Models page's imports, newest last
     _status: tuple[float, dict[str, Any]] = field(default=(0.0, {}), repr=False)
     _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -70,7 +80,7 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     manager = RunManager(ws)
     return Services(workspace=ws, manager=manager, watchers=WatcherPool(manager), models=ModelService(),
-                    configs_dir=configs_dir or CONFIGS_DIR)
+                    configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws))
 
 
 def _status_texts(status: dict[str, Any]) -> tuple[str, str | None, str]:
@@ -118,6 +128,7 @@ def make_root(services: Services):
                     ui.label("These links carry the access token; anyone with one can use this app.") \
                         .classes("text-sm text-grey-7")
                     for url in services.lan_urls:
+                        ui.image(segno.make(url, error="m").svg_data_uri(scale=4)).classes("w-48 self-center")
                         ui.link(url, url).classes("font-mono text-sm")
                     ui.button("Close", on_click=lan_dialog.close).props("flat")
                 ui.button(icon="wifi", on_click=lan_dialog.open).props("flat round color=white") \
@@ -142,7 +153,9 @@ def make_root(services: Services):
             ui.sub_pages({"/": train_page, "/train": train_page, "/monitor": monitor_page,
                           "/monitor/{run_id}": monitor_page, "/playground": playground_page,
                           "/playground/{run}": playground_page, "/playground/{run}/{iteration}": playground_page,
-                          "/runs": runs_page, "/runs/{run_id}": run_detail_page, "/compare": compare_page},
+                          "/runs": runs_page, "/runs/{run_id}": run_detail_page, "/compare": compare_page,
+                          "/runs/{run_id}/publish": publish_page, "/published/{name}": published_page,
+                          "/models": models_page, "/datasets": datasets_page},
                          data={"services": services}).classes("w-full")  # pages take the whole width
 
     return root
@@ -217,6 +230,13 @@ def add_token_gate(token: str) -> None:
     app.add_middleware(TokenGate)
 
 
+def lan_qr(url: str) -> str:
+    """A QR code of ``url`` drawn with text blocks, for a phone's camera to read off the terminal."""
+    buf = io.StringIO()
+    segno.make(url, error="m").terminal(out=buf, compact=True)
+    return buf.getvalue()
+
+
 def lan_urls(port: int, token: str) -> list[str]:
     import socket  # noqa: PLC0415
 
@@ -237,6 +257,8 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
 
     services = build_services(workspace)
     app.on_shutdown(services.models.unload)  # the model worker process ends with the app
+    if services.publisher_jobs is not None:
+        app.on_shutdown(services.publisher_jobs.stop)  # a half-done publish is cancelled and cleaned up
     state = services.workspace.root / ".forgellm"
     secret = persisted_secret(state / "secret")
     if "NICEGUI_STORAGE_PATH" not in os.environ:
@@ -251,6 +273,7 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
         for url in services.lan_urls:
             print(f"  {url}", flush=True)
+        print(lan_qr(services.lan_urls[0]), flush=True)
     if native:  # one line per page that connected back over its websocket (the window rendered the app)
         app.on_connect(lambda client: print(
             f"native window connected: {client.request.headers.get('user-agent', '?')}", flush=True))

@@ -1,4 +1,4 @@
-"""Train-form logic without UI: form values ↔ engine config, LR schedule preview, model/dataset/preset discovery.
+"""Train-form logic without UI: form values ↔ engine config, LR schedule preview, preset discovery.
 
 The form is a flat dict (one key per widget); :func:`form_to_config` builds the engine config
 (a ``services.config`` user config) from it and :func:`config_to_form` goes back, keeping keys the
@@ -8,7 +8,6 @@ form has no widget for in ``extra`` so that a YAML round trip loses nothing.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from services.config import (
     ConfigError,
     schedule,
 )
-from services.workspace import Workspace, read_json
+from services.library import dataset_format, human_bytes, list_datasets, list_models  # noqa: F401 (re-exported)
 
 MODES = {"cpt": "CPT", "ift": "IFT", "mlx-lm": "plain mlx-lm"}
 SCHEDULE_KINDS = {"constant": "constant", "linear": "linear decay", "cosine": "cosine decay"}
@@ -301,89 +300,4 @@ def lr_curve(sched: dict[str, Any] | None, lr: float, iters: int, grad_accumulat
             out.append((i, float(fn(max(math.ceil(i / accum) - 1, 0)))))
         except (ArithmeticError, TypeError, ValueError):
             return []
-    return out
-
-
-# ---------------------------------------------------------------------------------------- discovery
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def list_models(ws: Workspace) -> list[dict[str, Any]]:
-    """Model folders (with ``config.json``) in ``models/`` and ``published/``: key, label, arch, size."""
-    out = []
-    for base, prefix in ((ws.models, ""), (ws.published, "published/")):
-        if not base.is_dir():
-            continue
-        for p in sorted(base.iterdir()):
-            cfg = read_json(p / "config.json") if p.is_dir() else None
-            if not isinstance(cfg, dict):
-                continue
-            weights = sum(f.stat().st_size for f in p.glob("*.safetensors"))
-            arch = cfg.get("model_type") or (cfg.get("architectures") or ["?"])[0]
-            layers = cfg.get("num_hidden_layers")
-            detail = f"{arch}" + (f", {layers} layers" if layers else "") + f", {human_bytes(weights)}"
-            out.append({"key": prefix + p.name, "label": f"{prefix}{p.name} ({detail})", "arch": arch,
-                        "size": weights, "layers": layers, "path": str(p),
-                        "context": cfg.get("max_position_embeddings")})
-    return out
-
-
-def _first_row(path: Path) -> dict | None:
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    return row if isinstance(row, dict) else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return None
-
-
-def dataset_format(path: Path) -> str:
-    """A short description: ``chat (train/valid)``, ``text documents (12 files)``…"""
-    from services.data import CPT_SUFFIXES, row_format, split_files  # noqa: PLC0415 (numpy only when needed)
-
-    if path.is_dir():
-        splits = split_files(path)
-        if "train" in splits:
-            row = _first_row(splits["train"])
-            fmt = (row_format(row) if row else None) or "unknown rows"
-            return f"{fmt} ({'/'.join(splits)})"
-        docs = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CPT_SUFFIXES]
-        return f"documents ({len(docs)} files)" if docs else "empty"
-    if path.suffix.lower() == ".jsonl":
-        row = _first_row(path)
-        return (row_format(row) if row else None) or "unknown rows"
-    if path.suffix.lower() in (".txt", ".md"):
-        return "text document"
-    return "unsupported"
-
-
-def list_datasets(ws: Workspace) -> list[dict[str, Any]]:
-    """Entries of ``datasets/`` (folders, ``.jsonl``/``.txt``/``.md`` files): key, label, format, size."""
-    out = []
-    if not ws.datasets.is_dir():
-        return out
-    for p in sorted(ws.datasets.iterdir()):
-        if p.name.startswith(".") or (p.is_file() and p.suffix.lower() not in (".jsonl", ".txt", ".md")):
-            continue
-        fmt, size = dataset_format(p), _size(p)
-        out.append({"key": p.name, "label": f"{p.name} ({fmt}, {human_bytes(size)})", "format": fmt,
-                    "size": size, "path": str(p)})
     return out

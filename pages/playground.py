@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from nicegui import events, ui
 
-from app.ui_config import human_bytes, list_datasets, list_models
 from services.config import ConfigError
 from services.generation import ROLES, SAMPLING_DEFAULTS, adapter_label, model_size_bytes
+from services.library import human_bytes, list_datasets, list_models
 from services.model_service import GenerationStream, ModelError, save_preference
 from services.runs import RunManager, parse_ref
 
@@ -895,9 +895,27 @@ class Playground:
         self.refresh_adapters(keep=adapter)
         return self.adapter_select.value == adapter
 
+    def preselect_model(self, value: str) -> bool:
+        """Pick a model folder (relative to the workspace, e.g. ``published/NAME``) without adapter."""
+        ws = self.services.workspace
+        p = Path(value).expanduser()
+        found = next((c.resolve() for c in ([p] if p.is_absolute() else [ws.root / p, ws.models / p])
+                      if (c / "config.json").is_file()), None)
+        if found is None:
+            self.message_label.set_text(f"model {value!r}: no model folder with config.json in {ws.root}")
+            self.message_label.classes(replace="text-negative")
+            return False
+        if str(found) not in self.model_select.options:
+            self.model_select.set_options({**self.model_select.options, str(found): found.name})
+        self.model_select.set_value(str(found))
+        self.refresh_adapters(keep=NO_ADAPTER)
+        return True
 
-def playground_page(services: Services, run: str | None = None, iteration: str | None = None) -> None:
-    """Build the Playground page; ``run`` (``RUN`` or ``RUN@N``) and ``iteration`` preselect and load an adapter."""
+
+def playground_page(services: Services, run: str | None = None, iteration: str | None = None,
+                    model: str | None = None) -> None:
+    """Build the Playground page; ``run`` (``RUN`` or ``RUN@N``) and ``iteration`` preselect and load an adapter,
+    ``model`` (``published/NAME``, a name under ``models/`` or a path) a model without adapter."""
     with ui.column().classes("w-full gap-3"):
         pg = Playground(services)
         ui.label("Playground").classes("text-2xl font-semibold")
@@ -920,4 +938,8 @@ def playground_page(services: Services, run: str | None = None, iteration: str |
         st = services.models.status
         if pg.preselect(run, iteration) and (st.get("model"), st.get("adapter")) != (pg.model_path(),
                                                                                      pg.adapter_path()):
+            ui.timer(0.05, pg.load, once=True)
+    elif model:
+        st = services.models.status
+        if pg.preselect_model(model) and (st.get("model"), st.get("adapter")) != (pg.model_path(), None):
             ui.timer(0.05, pg.load, once=True)

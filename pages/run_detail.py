@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, ui
 
-from app.ui_config import MODES, human_bytes
+from app.ui_config import MODES
 from pages.monitor import CHARTS, STATUS_COLORS, _chart, checkpoint_marks, fmt_duration
 from pages.runs import METHODS, fmt_loss, page_column
 from services import run_index
+from services.library import human_bytes
 from services.run_folder import ACTIVE
 
 if TYPE_CHECKING:

@@ -231,6 +231,7 @@ def _build_runs(services: Services) -> None:
         except ValueError as err:
             ui.notify(f"Not deleted: {err}", type="negative")
             return
+        services.watchers.drop(r["id"])
         ui.notify(f"Run {r['name']} deleted")
         refresh()
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from nicegui import events, ui
+from nicegui import events, run, ui
 
 from app.ui_config import (
     MODES,
@@ -21,12 +21,13 @@ from app.ui_config import (
     form_field,
     form_problems,
     form_to_config,
-    list_datasets,
-    list_models,
     list_presets,
     lr_curve,
 )
+from services import preflight
 from services.config import OPTIMIZERS, ConfigError, ConfigProblems, dump_yaml, parse_yaml
+from services.data import DataError
+from services.library import list_datasets, list_models
 from services.run_index import without_defaults
 
 if TYPE_CHECKING:
@@ -221,6 +222,7 @@ def train_page(services: Services) -> None:
                 ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_UPLOAD_BYTES,
                           on_upload=lambda e: upload(e)).props("accept=.yaml,.yml flat bordered dense") \
                     .classes("w-full").mark("upload")
+            preflight_panel(services, lambda: check(read_form()), lambda changes: apply_changes(changes))
 
     # -- behaviour --------------------------------------------------------------------------------
 
@@ -352,6 +354,12 @@ def train_page(services: Services) -> None:
         ui.notify(f"Run {folder.id} started", type="positive")
         ui.navigate.to(f"/monitor/{folder.id}")
 
+    def apply_changes(changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if key in w:
+                w[key].value = _fit(w[key], value)
+        refresh()
+
     def download() -> None:
         cfg = form_to_config(read_form())
         name = (cfg.get("name") or "forgellm-config").replace("/", "-")
@@ -384,3 +392,147 @@ def train_page(services: Services) -> None:
     source = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query).get("from")
     if source:
         clone_run(source[0])
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+
+def _gb(x: float | None) -> str:
+    if x is None:
+        return "?"
+    return f"{x * 1000:.1f} MB" if x < 1 else f"{x:.2f} GB" if x < 10 else f"{x:.1f} GB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min" if seconds >= 3600 else \
+        f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def preflight_lines(est: dict[str, Any]) -> list[str]:
+    """The estimate in a few lines of text."""
+    parts = " · ".join(f"{k} {_gb(v)}" for k, v in est["parts_gb"].items() if v >= 0.00005)
+    verdict = "fits" if est["fits"] else "DOES NOT FIT"
+    data = est["data"]
+    lines = [f"Peak memory ≈ {_gb(est['peak_gb'])} (MLX), {_gb(est['process_gb'])} with the runtime; "
+             f"{_gb(est['free_gb'])} free: {verdict}",
+             parts,
+             f"Trainable {est['trainable']:,} of {est['parameters']:,} parameters "
+             f"({est['trained_layers']} of {est['layers']} layers); widest batch {est['batch_size']} × {est['seq']}",
+             f"Data: {data['samples']:,} training samples ({data['format']}) → {est['steps_per_epoch']:,} steps/epoch; "
+             f"{est['iters']:,} iterations",
+             f"Time ≈ {_duration(est['seconds'])} at ~{est['tokens_per_second']:,.0f} tok/s "
+             "(rough; the probe measures it)"]
+    if est.get("warning"):
+        lines.append(f"⚠ {est['warning']}")
+    if data.get("bad_lines"):
+        lines.append(f"⚠ {data['bad_lines']} bad line(s) in the data: see the Datasets page")
+    return lines
+
+
+def preflight_panel(services: Services, current, apply) -> None:
+    """Estimate peak memory and time for the form's config; optionally probe a few real steps.
+
+    ``current()`` gives ``(config, problems)`` of the form, ``apply(changes)`` writes suggested values into it.
+    """
+    st: dict[str, Any] = {"est": None, "probe": None, "suggestion": None, "version": -1}
+    with ui.card().classes("w-full").mark("preflight"):
+        ui.label("Preflight").classes("text-sm font-semibold text-grey-7")
+        with ui.row().classes("gap-2"):
+            est_btn = ui.button("Estimate memory and time", icon="speed", on_click=lambda: run_estimate()) \
+                .props("outline dense no-caps").mark("preflight-estimate")
+            probe_btn = ui.button("Probe 3 steps", icon="science", on_click=lambda: run_probe()) \
+                .props("outline dense no-caps").mark("preflight-probe")
+            probe_btn.tooltip("Run three real training steps in a temporary folder and measure tokens/s and memory")
+        text = ui.label("").classes("whitespace-pre-line text-xs").mark("preflight-text")
+        probe_text = ui.label("").classes("whitespace-pre-line text-xs").mark("preflight-probe-text")
+        with ui.row().classes("items-center gap-2") as advice_row:
+            advice = ui.label("").classes("text-xs text-warning").mark("preflight-suggestion")
+            ui.button("Apply", on_click=lambda: apply_suggestion()).props("flat dense no-caps") \
+                .mark("preflight-apply")
+    advice_row.set_visibility(False)
+
+    def resolved() -> dict[str, Any] | None:
+        cfg, errors = current()
+        if errors:
+            ui.notify("Fix the config's problems first", type="warning")
+            return None
+        try:
+            return services.manager.prepare_config(cfg)
+        except (ConfigError, ConfigProblems) as e:
+            ui.notify(str(e), type="negative", multi_line=True)
+            return None
+
+    def show_suggestion(sugg: dict[str, Any] | None) -> None:
+        st["suggestion"] = sugg
+        advice.set_text(f"Suggestion: {sugg['text']}" if sugg else "")
+        advice_row.set_visibility(bool(sugg))
+
+    def apply_suggestion() -> None:
+        if st["suggestion"]:
+            apply({k: v for k, v in st["suggestion"].items() if k != "text"})
+            show_suggestion(None)
+
+    async def run_estimate() -> dict[str, Any] | None:
+        cfg = resolved()
+        if cfg is None:
+            return None
+        est_btn.props("loading")
+        try:
+            est = await run.io_bound(preflight.estimate, cfg)
+        except (preflight.PreflightError, DataError, ValueError, OSError) as e:
+            text.set_text(f"Cannot estimate: {e}")
+            text.classes(replace="whitespace-pre-line text-xs text-negative")
+            return None
+        finally:
+            est_btn.props(remove="loading")
+        st["est"] = est
+        text.set_text("\n".join(preflight_lines(est)))
+        text.classes(replace="whitespace-pre-line text-xs" + ("" if est["fits"] else " text-negative"))
+        show_suggestion(est["suggestion"])
+        return est
+
+    async def run_probe() -> None:
+        probe = st["probe"]
+        if probe is not None and probe.state == "running":
+            probe.cancel()
+            return
+        est = await run_estimate()
+        cfg = resolved() if est is not None else None
+        if cfg is None:
+            return
+        st["probe"] = preflight.Probe(cfg, root=services.workspace.root / ".forgellm" / "probes").start()
+        probe_btn.set_text("Cancel probe")
+
+    def poll() -> None:
+        probe = st["probe"]
+        if probe is None or probe.version == st["version"]:
+            return
+        st["version"] = probe.version
+        if probe.state == "running":
+            probe_text.set_text(probe.message)
+            return
+        probe_btn.set_text("Probe 3 steps")
+        if probe.state != "done" or not probe.result:
+            probe_text.set_text(probe.message)
+            return
+        r = probe.result
+        lines = [f"Probe: {r['tokens_per_second'] or 0:,.0f} tok/s, MLX peak {_gb(r['peak_gb'])}, "
+                 f"RSS {_gb(r['rss_gb'])}"]
+        est = st["est"]
+        if est:
+            adv = preflight.probe_advice(r, est)
+            if adv["estimate_error"] is not None:
+                lines.append(f"The estimate was {_gb(est['peak_gb'])} ({adv['estimate_error']:+.0%} of the measured "
+                             "peak)")
+            if adv.get("seconds") is not None:
+                lines.append(f"Time at the measured speed ≈ {_duration(adv['seconds'])}")
+            if adv["suggestion"]:
+                show_suggestion(adv["suggestion"] if "batch_size" in adv["suggestion"] else None)
+                if "batch_size" not in adv["suggestion"]:
+                    lines.append(adv["suggestion"]["text"])
+        probe_text.set_text("\n".join(lines))
+
+    ui.timer(0.5, poll)

@@ -68,25 +68,27 @@ def read_jsonl_lenient(path: str | Path) -> tuple[list[tuple[int, dict]], list[s
     rows: list[tuple[int, dict]] = []
     bad: list[str] = []
     try:
-        fh = path.open(encoding="utf-8")
+        fh = path.open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     with fh:
-        try:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.append(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(obj, dict):
-                    bad.append(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-                    continue
-                rows.append((n, obj))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"{path}:{n}: invalid JSON, column {e.colno}: {e.msg}")
+                continue
+            if not isinstance(obj, dict):
+                bad.append(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            rows.append((n, obj))
     return rows, bad
 
 

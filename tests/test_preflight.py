@@ -1,0 +1,98 @@
+"""Preflight: trainable parameters as the trainer counts them, data facts as the pipeline prepares them, the
+memory estimate against a real probe run, and suggestions when the estimate does not fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import base_config
+
+from services import preflight
+from services.dataset_check import load_tokenizer
+from services.runs import RunManager
+
+
+@pytest.fixture
+def resolved(workspace, tiny_model, chat_data):
+    manager = RunManager(workspace)
+    return lambda **over: manager.prepare_config(base_config(tiny_model, chat_data, mode="ift", **over))
+
+
+@pytest.mark.parametrize("fine, layers", [("lora", 1), ("lora", -1), ("dora", 2), ("full", 1)])
+def test_trainable_parameters_match_the_trainer(tiny_model, fine, layers):
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from services.trainer import apply_fine_tune_type
+
+    cfg = {"fine_tune_type": fine, "num_layers": layers, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
+    model, _ = load(str(tiny_model))
+    apply_fine_tune_type(model, cfg)
+    facts = preflight.model_facts(tiny_model, cfg)
+    assert facts["trainable"] == sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    assert facts["params"] == sum(v.size for _, v in tree_flatten(load(str(tiny_model))[0].parameters()))
+
+
+def test_data_facts_match_the_prepared_data(tiny_model, chat_data, cpt_corpus, workspace):
+    from services.data import prepare
+
+    manager = RunManager(workspace)
+    tok = load_tokenizer(str(tiny_model))
+    for data, mode in ((chat_data, "ift"), (cpt_corpus, "cpt")):
+        cfg = manager.prepare_config(base_config(tiny_model, data, mode=mode, max_seq_length=64))
+        est = preflight.estimate(cfg, tok, free_bytes=64e9)
+        prepared = prepare(cfg, tok)
+        assert est["steps_per_epoch"] == pytest.approx(prepared.stats["steps_per_epoch"], rel=0.2, abs=1), mode
+        assert est["seq"] <= 63 and est["fits"] and est["suggestion"] is None
+        assert est["seconds"] > 0 and est["iters"] == 30
+    widest = max(len(s.tokens) for s in prepare(manager.prepare_config(
+        base_config(tiny_model, chat_data, mode="ift", max_seq_length=512)), tok).train)
+    est = preflight.estimate(manager.prepare_config(base_config(tiny_model, chat_data, mode="ift",
+                                                                max_seq_length=512)), tok)
+    assert est["seq"] == min(1 + 32 * math.ceil(est["data"]["max_length"] / 32), 512) - 1
+    assert est["data"]["max_length"] >= widest - 1
+
+
+def test_suggestions_fit_when_the_estimate_does_not(resolved, tiny_model):
+    cfg = resolved(batch_size=16, max_seq_length=1024)
+    est = preflight.estimate(cfg, free_bytes=64e9)
+    need = est["process_gb"] * 1e9
+    short = preflight.estimate(cfg, free_bytes=need - 1)
+    sugg = short["suggestion"]
+    assert not short["fits"] and sugg["batch_size"] < 16
+    assert sugg["batch_size"] * sugg["grad_accumulation_steps"] >= 16
+    facts = preflight.model_facts(cfg["model"], cfg)
+    fitted = preflight.peak_bytes(facts, sugg["batch_size"], est["seq"])["peak"] + preflight.RUNTIME_GB * 1e9
+    assert fitted <= need - 1
+    nothing = preflight.estimate(cfg, free_bytes=1e6)
+    assert not nothing["fits"] and nothing["suggestion"] is None
+
+
+def test_probe_measures_a_few_real_steps_and_the_estimate_is_close(resolved, tmp_path):
+    cfg = resolved(batch_size=4, max_seq_length=128)
+    est = preflight.estimate(cfg)
+    probe = preflight.Probe(cfg, root=tmp_path / "probes").start()
+    assert probe.wait(180) is not None, probe.message
+    r = probe.result
+    assert probe.state == "done" and r["iterations"] == preflight.PROBE_ITERS and r["tokens_per_second"] > 0
+    assert r["peak_gb"] > 0 and r["rss_gb"] > r["peak_gb"]
+    assert abs(est["peak_gb"] - r["peak_gb"]) / r["peak_gb"] <= 0.3
+    assert not any((tmp_path / "probes").iterdir())  # the temporary workspace is gone
+    advice = preflight.probe_advice(r, est, free_bytes=1e12)
+    assert advice["fits"] and advice["seconds"] > 0 and abs(advice["estimate_error"]) <= 0.3
+    tight = preflight.probe_advice(r, est, free_bytes=(r["rss_gb"] + 0.001) * 1e9 * 0.5 + 0.2e9)
+    assert not tight["fits"] and "batch_size" in tight["suggestion"]["text"]
+
+
+def test_probe_reports_a_failing_run(workspace, tiny_model, tmp_path):
+    import random
+
+    from conftest import chat_row, write_jsonl
+
+    rng = random.Random(0)
+    data = write_jsonl(tmp_path / "two" / "train.jsonl", [chat_row(rng) for _ in range(2)]).parent
+    cfg = RunManager(workspace).prepare_config(base_config(tiny_model, data, mode="ift", batch_size=4))
+    probe = preflight.Probe(cfg, root=tmp_path / "probes").start()
+    probe.wait(120)
+    assert probe.state == "failed" and "fewer than batch_size=4" in probe.message
