@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -179,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--out", metavar="DIR", help="output folder (default: the run's dashboard/ folder)")
     ed.add_argument("--no-png", action="store_true", help="skip the PNG screenshot (needs Chromium)")
     ed.set_defaults(func=cmd_export_dashboard)
+    up = sub.add_parser("upload", help="upload a published model to the Hugging Face Hub")
+    up.add_argument("name", help="a model in workspace/published")
+    up.add_argument("--repo", required=True, metavar="OWNER/NAME", help="Hub repository (created if missing)")
+    up.add_argument("--token", help="Hub token (default: $HF_TOKEN or the cached login)")
+    up.add_argument("--public", action="store_true", help="make a new repository public (default: private)")
+    up.set_defaults(func=cmd_upload)
     mo = sub.add_parser("models", help="list the models: workspace, published and the Hugging Face cache")
     mo.set_defaults(func=cmd_models)
     im = sub.add_parser("import", help="import a model: a Hub repo id, a model folder or a GGUF file")
@@ -432,6 +439,26 @@ def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
             print(f"screenshot: {render_png(html_path, out / 'dashboard.png')}")
         except DashboardError as e:
             print(f"warning: {e}", file=sys.stderr)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.publisher import UploadError, upload
+
+    path = manager.workspace.published / args.name
+    try:
+        inside = manager.workspace.inside(path).parent == manager.workspace.published.resolve()
+    except ValueError:
+        inside = False
+    if "/" in args.name or not inside or not path.is_dir():
+        print(f"error: no published model {args.name!r} in {manager.workspace.published}", file=sys.stderr)
+        return 2
+    try:
+        url = upload(path, args.repo, args.token or os.environ.get("HF_TOKEN"), private=not args.public)
+    except UploadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"uploaded {path} to {url}")
     return 0
 
 

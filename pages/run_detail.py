@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from nicegui import events, ui
+from nicegui import events, run, ui
 
 from app.ui_config import MODES
 from pages.monitor import CHARTS, STATUS_COLORS, _chart, checkpoint_marks, fmt_duration
 from pages.runs import METHODS, fmt_loss, page_column
 from services import run_index
+from services.dashboard import DashboardError, export_dashboard
 from services.library import human_bytes
 from services.run_folder import ACTIVE
 
@@ -103,13 +104,31 @@ def _build_detail(services: Services, run_id: str) -> None:
         clone_btn = ui.button("Clone config into Train", icon="content_copy",
                               on_click=lambda: ui.navigate.to(f"/train?from={run_id}")).props("outline") \
             .mark("detail-clone")
+        export_btn = ui.button("Export dashboard", icon="ios_share", on_click=lambda: export()).props("outline") \
+            .tooltip("A self-contained HTML file (renders offline) and a PNG of the charts").mark("export-dashboard")
+
+    async def export() -> None:
+        folder = manager.folder(run_id)
+        try:
+            result = await run.io_bound(export_dashboard, folder, folder.path / "dashboard")
+        except DashboardError as e:
+            ui.notify(str(e), type="negative")
+            return
+        if result is None:  # cancelled: the app is shutting down
+            return
+        html_path, png_path = result
+        ui.download.file(html_path)
+        if png_path is not None:
+            ui.download.file(png_path)
+        ui.notify(f"Dashboard written to {html_path.parent}", type="positive")
+
     try:
         folder = manager.folder(run_id)
         info = manager.get(run_id)
         watcher = services.watcher(run_id)
     except ValueError as e:
         ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
-        for b in (monitor_btn, clone_btn, status, label):
+        for b in (monitor_btn, clone_btn, export_btn, status, label):
             b.set_visibility(False)
         return
     ui.label(_info_line(info)).classes("text-sm text-grey-7").mark("detail-info")
