@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,13 @@ from conftest import chat_row
 from nicegui import ui
 from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
+from uihelpers import el, els
+from uihelpers import wait_for as _wait_for
 
 from app.main import build_services, make_root
 from pages.datasets import tokens_html
+
+wait_for = partial(_wait_for, timeout=20.0)
 
 
 @pytest.fixture
@@ -32,31 +36,6 @@ def services(workspace, tmp_path, monkeypatch):
 async def ui_user(services) -> User:
     async with user_simulation(make_root(services)) as user:
         yield user
-
-
-def el(user: User, marker: str):
-    with user:
-        found = user.find(marker=marker).elements
-    assert len(found) == 1, f"{marker}: {found}"
-    return next(iter(found))
-
-
-def els(user: User, marker: str) -> list:
-    with user:
-        try:
-            return list(user.find(marker=marker).elements)
-        except AssertionError:
-            return []
-
-
-async def wait_for(cond, timeout: float = 20.0, step: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def bad_upload() -> bytes:
@@ -108,7 +87,8 @@ async def test_hub_import_offline_says_why_quickly(ui_user: User, monkeypatch):
     el(ui_user, "import-source").value = "HuggingFaceTB/SmolLM2-135M-Instruct"
     t0 = time.perf_counter()
     ui_user.find(marker="import-start").click()
-    found = await wait_for(lambda: [m for m in els(ui_user, "import-message") if "cannot download" in m.text], 5)
+    found = await wait_for(lambda: [m for m in els(ui_user, "import-message") if "cannot download" in m.text],
+                           timeout=5)
     assert time.perf_counter() - t0 < 5 and "HF_HUB_OFFLINE" in found[0].text
 
 

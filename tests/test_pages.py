@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,11 +16,17 @@ import yaml
 from nicegui import ui
 from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
+from uihelpers import el, set_value
+from uihelpers import wait_for as _wait_for
 
 from app.main import _status_texts, build_services, make_root, persisted_secret
 from app.ui_config import config_to_form, form_to_config, list_presets, lr_curve
 from services.config import parse_yaml, schedule
 from services.run_folder import RunFolder
+
+wait_for = partial(_wait_for, timeout=10.0)
+
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,32 +55,6 @@ def services(workspace):
 async def ui_user(services) -> User:
     async with user_simulation(make_root(services)) as user:
         yield user
-
-
-def el(user: User, marker: str):
-    with user:
-        found = user.find(marker=marker).elements
-    assert len(found) == 1, f"{marker}: {found}"
-    return next(iter(found))
-
-
-def set_value(user: User, marker: str, value) -> None:
-    """Set a widget's value as a person would (a select with typed input accepts new values)."""
-    with user:
-        element = el(user, marker)
-        if isinstance(element, ui.select) and value not in element.options:
-            element.set_options({**element.options, value: value})
-        element.value = value
-
-
-async def wait_for(cond, timeout: float = 10.0, step: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 # ------------------------------------------------------------------------------------------ shell

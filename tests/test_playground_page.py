@@ -5,22 +5,24 @@ One model worker and one tiny trained run (checkpoints 10 and 20) are shared by 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
+from functools import partial
 
 import pytest
 from conftest import base_config
-from nicegui import ui
 from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
 from nicegui.testing.user_interaction import UserInteraction
+from uihelpers import el, els, set_value
+from uihelpers import wait_for as _wait_for
 
 from app.main import build_services, make_root
 from pages.playground import parse_chat, split_think, stats_text
 from services.runs import RunManager
 from services.workspace import Workspace
+
+wait_for = partial(_wait_for, timeout=30.0)
 
 pytestmark = pytest.mark.slow
 
@@ -59,41 +61,8 @@ async def ui_user(services) -> User:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def els(user: User, marker: str) -> list:
-    """Elements with ``marker`` in page order (oldest first)."""
-    try:
-        with user:
-            return sorted(user.find(marker=marker).elements, key=lambda e: e.id)
-    except AssertionError:
-        return []
-
-
-def el(user: User, marker: str):
-    found = els(user, marker)
-    assert len(found) == 1, f"{marker}: {found}"
-    return found[0]
-
-
-def set_value(user: User, marker: str, value) -> None:
-    with user:
-        element = el(user, marker)
-        if isinstance(element, ui.select) and not element.multiple and value not in element.options:
-            element.set_options({**element.options, value: value})
-        element.value = value
-
-
 def click(user: User, element) -> None:
     UserInteraction(user, {element}, None).click()
-
-
-async def wait_for(cond, timeout: float = 30.0, step: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def texts(user: User, marker: str) -> list[str]:

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 from conftest import base_config
 from nicegui import ui
 from nicegui.testing import User, user_simulation
+from uihelpers import el
+from uihelpers import wait_for as _wait_for
 
 from app.main import build_services, make_root
 from services.publish_rules import PublishError
 from services.runs import RunManager
 from services.workspace import Workspace
+
+wait_for = partial(_wait_for, timeout=120.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +49,6 @@ def services(trained, tmp_path):
 async def user(services) -> User:
     async with user_simulation(make_root(services)) as u:
         yield u
-
-
-def el(user: User, marker: str):
-    with user:
-        found = user.find(marker=marker).elements
-    assert len(found) == 1, f"{marker}: {found}"
-    return next(iter(found))
-
-
-async def wait_for(predicate, timeout: float = 120.0) -> None:
-    for _ in range(int(timeout / 0.2)):
-        if predicate():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 async def test_publish_from_the_page_shows_parity_pass_and_the_model_card(user: User, services, trained):

@@ -5,10 +5,10 @@ Two tiny runs are trained once per module in real workers; each test works on it
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -16,11 +16,15 @@ import pytest
 from conftest import base_config
 from nicegui import ui
 from nicegui.testing import User, user_simulation
+from uihelpers import el
+from uihelpers import wait_for as _wait_for
 
 from app.main import build_services, make_root
 from services.run_folder import RunFolder
 from services.runs import RunManager
 from services.workspace import Workspace
+
+wait_for = partial(_wait_for, timeout=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +62,6 @@ async def user(services) -> User:
         yield u
 
 
-def el(user: User, marker: str):
-    with user:
-        found = user.find(marker=marker).elements
-    assert len(found) == 1, f"{marker}: {found}"
-    return next(iter(found))
-
-
 def rows(user: User, marker: str = "runs-table") -> list[dict]:
     return list(el(user, marker).rows)
 
@@ -82,16 +79,6 @@ def record_navigation(user: User) -> list[str]:
     targets: list[str] = []
     user.navigate.to = targets.append
     return targets
-
-
-async def wait_for(cond, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 # ------------------------------------------------------------------------------------------ Runs page
