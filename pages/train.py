@@ -165,22 +165,23 @@ def train_page(services: Services) -> None:
                     toggle("mode", MODES)
                     ui.label("Fine-tuning").classes("text-sm text-grey-7 ml-4")
                     toggle("fine_tune_type", {"lora": "LoRA", "dora": "DoRA", "full": "Full"})
-            with section("Length and optimisation"), ui.row().classes("w-full items-end gap-3"):
-                toggle("length_mode", {"iters": "iterations", "epochs": "epochs"})
-                number("iters", "Iterations")
-                number("epochs", "Epochs")
-                number("batch_size", "Batch size")
-                number("grad_accumulation_steps", "Grad accumulation")
-                el = ui.select(list(OPTIMIZERS), label="Optimizer", on_change=changed) \
-                    .props("dense outlined").classes("w-32")
-                w["optimizer"] = el.mark("field-optimizer")
-                el.tooltip(TIPS["optimizer"])
-            with ui.row().classes("w-full items-end gap-3"):
-                number("learning_rate", "Learning rate", step=1e-5)
-                toggle("schedule", dict(SCHEDULE_KINDS))
-                number("warmup", "Warm-up iterations")
-                number("final_lr", "Final learning rate", step=1e-6)
-                number("schedule_steps", "Schedule length")
+            with section("Length and optimisation"):
+                with ui.row().classes("w-full items-end gap-3"):
+                    toggle("length_mode", {"iters": "iterations", "epochs": "epochs"})
+                    number("iters", "Iterations")
+                    number("epochs", "Epochs")
+                    number("batch_size", "Batch size")
+                    number("grad_accumulation_steps", "Grad accumulation")
+                    el = ui.select(list(OPTIMIZERS), label="Optimizer", on_change=changed) \
+                        .props("dense outlined").classes("w-32")
+                    w["optimizer"] = el.mark("field-optimizer")
+                    el.tooltip(TIPS["optimizer"])
+                with ui.row().classes("w-full items-end gap-3"):
+                    number("learning_rate", "Learning rate", step=1e-5)
+                    toggle("schedule", dict(SCHEDULE_KINDS))
+                    number("warmup", "Warm-up iterations")
+                    number("final_lr", "Final learning rate", step=1e-6)
+                    number("schedule_steps", "Schedule length")
             with section("Trainable weights"), ui.row().classes("w-full items-end gap-3"):
                 number("num_layers", "Layers (-1 = all)")
                 number("rank", "LoRA rank")
@@ -194,17 +195,18 @@ def train_page(services: Services) -> None:
                 number("seed", "Seed")
                 switch("packing", "Pack documents")
                 switch("mask_all_turns", "Loss on all assistant turns")
-            with section("Evaluation and checkpoints"), ui.row().classes("w-full items-end gap-3"):
-                number("steps_per_report", "Report every")
-                number("steps_per_eval", "Evaluate every")
-                number("save_every", "Checkpoint every")
-                number("val_batches", "Validation batches (-1 = all)")
-                number("keep_checkpoints", "Keep checkpoints")
-            with ui.row().classes("w-full items-end gap-3"):
-                switch("early_stopping", "Early stopping")
-                number("patience", "Patience")
-                number("min_delta", "Min delta", step=0.001)
-                number("overfit_threshold", "Overfit threshold", step=0.05)
+            with section("Evaluation and checkpoints"):
+                with ui.row().classes("w-full items-end gap-3"):
+                    number("steps_per_report", "Report every")
+                    number("steps_per_eval", "Evaluate every")
+                    number("save_every", "Checkpoint every")
+                    number("val_batches", "Validation batches (-1 = all)")
+                    number("keep_checkpoints", "Keep checkpoints")
+                with ui.row().classes("w-full items-end gap-3"):
+                    switch("early_stopping", "Early stopping")
+                    number("patience", "Patience")
+                    number("min_delta", "Min delta", step=0.001)
+                    number("overfit_threshold", "Overfit threshold", step=0.05)
 
         with ui.column().classes("w-[420px] max-lg:w-full gap-3 shrink-0"):
             with ui.card().classes("w-full"):
