@@ -8,6 +8,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from services.config import ConfigError, ConfigProblems, load_yaml
 from services.data import DataError
@@ -279,22 +281,31 @@ def _stats_line(r: dict) -> str:
             f"{r.get('generation_tps') or 0:.1f} tok/s, context {ctx}, {r.get('finish_reason')}]")
 
 
-def cmd_generate(args: argparse.Namespace, manager: RunManager) -> int:
+def _with_model(args: argparse.Namespace, manager: RunManager, body: Callable[[Any], int]) -> int:
+    """Open the model named by ``args``, run ``body(service)``, unload; a ModelError exits 2 with its message."""
     from services.model_service import ModelError
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     svc = None
     try:
         svc = _open_model(args, manager)
-        _, result = _stream_reply(svc, {**_sampling(args), "prompt": prompt}, stream_text=args.stream)
-        print(_stats_line(result), file=sys.stderr)
-        return 0
+        return body(svc)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if svc is not None:
             svc.unload()
+
+
+def cmd_generate(args: argparse.Namespace, manager: RunManager) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
+    def body(svc: Any) -> int:
+        _, result = _stream_reply(svc, {**_sampling(args), "prompt": prompt}, stream_text=args.stream)
+        print(_stats_line(result), file=sys.stderr)
+        return 0
+
+    return _with_model(args, manager, body)
 
 
 def _chat_command(line: str, history: list[dict], args: argparse.Namespace) -> bool:
@@ -315,13 +326,10 @@ def _chat_command(line: str, history: list[dict], args: argparse.Namespace) -> b
 
 
 def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.model_service import ModelError
-
     tty = sys.stdin.isatty()
     history: list[dict] = []
-    svc = None
-    try:
-        svc = _open_model(args, manager)
+
+    def body(svc: Any) -> int:
         st = svc.status
         print(f"chatting with {st['model']}" + (f" + {st['adapter_label']}" if st["adapter"] else "")
               + ("" if st["has_chat_template"] else " (no chat template: plain completion)")
@@ -333,15 +341,15 @@ def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
                 line = sys.stdin.readline()
             except KeyboardInterrupt:
                 print()
-                break
+                return 0
             if not line:
-                break
+                return 0
             line = line.strip()
             if not line:
                 continue
             if line.startswith("/"):
                 if not _chat_command(line, history, args):
-                    break
+                    return 0
                 continue
             history.append({"role": "user", "content": line})
             print("assistant> ", end="", flush=True)
@@ -349,13 +357,8 @@ def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
             history.append({"role": "assistant", "content": text})
             if tty:
                 print(_stats_line(result), file=sys.stderr)
-        return 0
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if svc is not None:
-            svc.unload()
+
+    return _with_model(args, manager, body)
 
 
 def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
