@@ -1,7 +1,8 @@
 """Compare page: overlay the loss and perplexity of two or more runs against iterations, epochs or trained tokens,
 with a summary sorted by best validation loss and a table of the config keys that differ.
 
-Everything is read once from the run folders when the page opens (``Refresh`` reads again); series are bounded.
+Everything is read from the run folders; a run whose metrics file grows (it is still training) is read again
+every couple of seconds, so the charts and the summary follow it live. Series are bounded.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from app.ui_config import MODES
 from pages.monitor import STATUS_COLORS, _chart, fmt_duration
 from pages.runs import METHODS, fmt_loss, page_column
 from services import run_index
+from services.run_folder import ACTIVE, RunFolder
 
 if TYPE_CHECKING:
     from app.main import Services
 
 MAX_RUNS = 8
+FOLLOW_SECONDS = 2.0
 PALETTE = ("#5470c6", "#ee6666", "#91cc75", "#fac858", "#73c0de", "#9a60b4", "#fc8452", "#3ba272")
 # chart marker → (title, train metric, val metric, y-axis type)
 COMPARE_CHARTS = {"loss": ("Loss", "train_loss", "val_loss", "value"),
@@ -86,18 +89,20 @@ def _build_compare(services: Services, runs: str | None) -> None:
             return
         ui.navigate.to("/compare?runs=" + ",".join(ids[:MAX_RUNS]))
 
+    def load(run_id: str) -> dict[str, Any]:
+        folder = manager.folder(run_id)
+        info, cfg = manager.get(run_id), folder.config()
+        records = run_index.run_records(folder)
+        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": metrics_stamp(folder),
+                "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}}
+
     loaded: list[dict[str, Any]] = []
     missing: list[str] = []
     for run_id in wanted:
         try:
-            folder = manager.folder(run_id)
-            info, cfg = manager.get(run_id), folder.config()
+            loaded.append(load(run_id))
         except (ValueError, OSError):
             missing.append(run_id)
-            continue
-        records = run_index.run_records(folder)
-        loaded.append({"id": run_id, "info": info, "cfg": cfg,
-                       "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}})
     if missing:
         ui.label(f"Not in the workspace: {', '.join(missing)}").classes("text-warning").mark("compare-missing")
     if len(loaded) < 2:
@@ -136,25 +141,28 @@ def _build_compare(services: Services, runs: str | None) -> None:
 
     show_axis(axis.value)
 
+    def summary_rows() -> list[dict[str, Any]]:
+        rows = []
+        for r in loaded:
+            row = run_index.run_row(r["info"])
+            train = r["series"]["train_loss"]
+            tokens = train[-1].get("tokens") if train else None
+            best = fmt_loss(row["best_val_loss"]) + (f" @ {row['best_iteration']}"
+                                                     if row["best_val_loss"] is not None else "")
+            rows.append({**row, "name": names[r["id"]], "best_text": best,
+                         "final_text": fmt_loss(train[-1]["y"] if train else None),
+                         "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
+                         "duration_text": fmt_duration(row["duration"]) if row["duration"] is not None else "–",
+                         "mode_text": MODES.get(row["mode"], row["mode"]),
+                         "method_text": METHODS.get(row["method"], row["method"]),
+                         "status_color": STATUS_COLORS.get(row["status"], "grey")})
+        rows = run_index.by_best_val_loss(rows)
+        for i, row in enumerate(rows, 1):
+            row["rank"] = i
+        return rows
+
     ui.label("Summary (best validation loss first)").classes("text-sm font-semibold text-grey-7 mt-2")
-    rows = []
-    for r in loaded:
-        row = run_index.run_row(r["info"])
-        train = r["series"]["train_loss"]
-        tokens = train[-1].get("tokens") if train else None
-        best = fmt_loss(row["best_val_loss"]) + (f" @ {row['best_iteration']}" if row["best_val_loss"] is not None
-                                                 else "")
-        rows.append({**row, "name": names[r["id"]], "best_text": best,
-                     "final_text": fmt_loss(train[-1]["y"] if train else None),
-                     "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
-                     "duration_text": fmt_duration(row["duration"]) if row["duration"] is not None else "–",
-                     "mode_text": MODES.get(row["mode"], row["mode"]),
-                     "method_text": METHODS.get(row["method"], row["method"]),
-                     "status_color": STATUS_COLORS.get(row["status"], "grey")})
-    rows = run_index.by_best_val_loss(rows)
-    for i, row in enumerate(rows, 1):
-        row["rank"] = i
-    summary = ui.table(columns=SUMMARY_COLUMNS, rows=rows, row_key="id").classes("w-full") \
+    summary = ui.table(columns=SUMMARY_COLUMNS, rows=summary_rows(), row_key="id").classes("w-full") \
         .props("flat bordered dense").mark("compare-summary")
     summary.add_slot("body-cell-name", '<q-td :props="props"><a class="text-primary cursor-pointer" '
                      "@click=\"$parent.$emit('open_run', props.row.id)\">{{ props.value }}</a></q-td>")
@@ -171,3 +179,32 @@ def _build_compare(services: Services, runs: str | None) -> None:
                  for d in diff]
     ui.table(columns=columns, rows=diff_rows, row_key="key").classes("w-full").props("flat bordered dense wrap-cells") \
         .mark("compare-diff")
+
+    def follow() -> None:
+        """Read again the runs that reported since (still training, or resumed meanwhile); tick active durations."""
+        grew = active = False
+        for i, r in enumerate(loaded):
+            try:
+                if metrics_stamp(r["folder"]) != r["stamp"]:
+                    loaded[i] = load(r["id"])
+                    grew = True
+                elif r["info"].get("status") in ACTIVE:
+                    r["info"] = manager.get(r["id"])  # also notices a worker that died
+                    active = True
+            except (ValueError, OSError):
+                continue  # deleted meanwhile: keep what is shown
+        if grew:
+            show_axis(axis.value)
+        if grew or active:
+            summary.rows = summary_rows()
+
+    ui.timer(FOLLOW_SECONDS, follow)
+
+
+def metrics_stamp(folder: RunFolder) -> tuple[int, int]:
+    """Size and mtime of a run's metrics file: changes whenever the run reports."""
+    try:
+        st = folder.metrics_path.stat()
+        return st.st_size, st.st_mtime_ns
+    except FileNotFoundError:
+        return 0, 0

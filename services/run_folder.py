@@ -3,7 +3,7 @@
 ::
 
     RUN/config.yaml          resolved config (mlx-lm keys + ForgeLLM keys)
-    RUN/run.json             status, reason, timestamps, versions, pid, checkpoints, best
+    RUN/run.json             status, reason, timestamps, trained_seconds, versions, pid, checkpoints, best
     RUN/metrics.jsonl        append-only reports: train, val, checkpoint, resume, status
     RUN/dataset_stats.json   what the data preparation measured
     RUN/checkpoints/NNNNNNN/ adapters, optimizer state, RNG and trainer state
@@ -67,6 +67,19 @@ class RunFolder:
             write_json(self.run_json, info)
             return info
 
+    def end_session(self, status: str, reason: str | None, ended: float | None = None) -> dict[str, Any]:
+        """Close the worker's session with its outcome and add its length to ``trained_seconds``."""
+        with self._lock:
+            info = self.info()
+            ended = time.time() if ended is None else ended
+            total = info.get("trained_seconds") or 0.0
+            if info.get("started") is not None and info.get("ended") is None:
+                total += max(0.0, ended - info["started"])
+            info.update(status=status, reason=reason, ended=ended, trained_seconds=round(total, 3), pid=None,
+                        pid_created=None, updated=time.time())
+            write_json(self.run_json, info)
+            return info
+
     def append_metric(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, {**record, "time": round(time.time(), 3)})
 
@@ -87,6 +100,15 @@ class RunFolder:
             return float(self.heartbeat_path.read_text().split()[0])
         except (FileNotFoundError, ValueError, IndexError):
             return None
+
+    def last_sign_of_life(self) -> float | None:
+        """When the worker was last seen alive: its heartbeat or its last metric, whichever is later."""
+        try:
+            metric = self.metrics_path.stat().st_mtime
+        except FileNotFoundError:
+            metric = None
+        seen = [t for t in (self.heartbeat(), metric) if t is not None]
+        return max(seen) if seen else None
 
     def log(self, message: str) -> None:
         with open(self.log_path, "a") as f:

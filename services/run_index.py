@@ -50,13 +50,15 @@ def dataset_name(data: Any) -> str:
 
 
 def run_duration(info: dict[str, Any], now: float | None = None) -> float | None:
-    """Seconds the worker trained in its last session (up to now while it is active)."""
-    start = info.get("started")
+    """Seconds the worker trained, summed over its sessions (the open one counted up to now)."""
+    start, total = info.get("started"), info.get("trained_seconds")
     if start is None:
-        return None
-    end = info.get("ended")
-    if end is None:
-        end = (now or time.time()) if info.get("status") in ACTIVE else info.get("updated")
+        return total
+    if info.get("ended") is None and info.get("status") in ACTIVE:
+        return (total or 0.0) + max(0.0, (now or time.time()) - start)
+    if total is not None:
+        return total
+    end = info.get("ended") or info.get("updated")  # a run.json from before trained_seconds
     return max(0.0, end - start) if end is not None else None
 
 

@@ -250,9 +250,10 @@ class RunManager:
                 return info
             its = folder.checkpoint_iterations()
             last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
-            info = folder.update(status="interrupted", pid=None, ended=time.time(),
-                                 reason=f"the worker process ended unexpectedly (killed or out of memory) "
-                                        f"at iteration {_last_iteration(folder)}{last}")
+            info = folder.end_session(
+                "interrupted", f"the worker process ended unexpectedly (killed or out of memory) "
+                               f"at iteration {_last_iteration(folder)}{last}",
+                ended=folder.last_sign_of_life() or time.time())
             folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
                                   "reason": info["reason"]})
             self.version += 1

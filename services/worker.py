@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Outcome("failed", f"{type(e).__name__}: {e}", folder.info().get("iteration") or 0)
         folder.log("crashed: " + traceback.format_exc())
     done.set()
-    folder.update(status=outcome.status, reason=outcome.reason, ended=time.time(), pid=None, pid_created=None)
+    folder.end_session(outcome.status, outcome.reason)
     folder.append_metric({"type": "status", "step": outcome.iteration, "status": outcome.status,
                           "reason": outcome.reason})
     folder.log(f"{outcome.status}: {outcome.reason}")

@@ -143,6 +143,8 @@ def test_kill_9_marks_interrupted_and_resumes_exactly(manager, uninterrupted):
     info = manager.get(folder.id)
     assert info["status"] == "interrupted"
     assert "ended unexpectedly" in info["reason"] and "resume from checkpoint" in info["reason"]
+    first_session = info["trained_seconds"]
+    assert 0 < first_session <= info["ended"] - info["started"] + 1e-3  # closed when last seen alive
     # no file is left corrupt: everything parses and loads
     json.loads(folder.run_json.read_text())
     for line in folder.metrics_path.read_text().splitlines()[:-1]:
@@ -154,6 +156,7 @@ def test_kill_9_marks_interrupted_and_resumes_exactly(manager, uninterrupted):
     manager.resume(folder.id)
     info = manager.wait(folder.id)
     assert info["status"] == "completed", info
+    assert info["trained_seconds"] > first_session + (info["ended"] - info["started"]) - 1e-3  # both sessions
     tensors_equal(folder.checkpoint_dir(300) / "adapters.safetensors", ref.checkpoint_dir(300) / "adapters.safetensors")
     assert [r["train_loss"] for r in reports(folder, "train")] == [r["train_loss"] for r in reports(ref, "train")]
 

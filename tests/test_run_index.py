@@ -61,6 +61,20 @@ def test_active_duration_counts_up_to_now():
     assert run_index.run_row(info("q", status="queued", started=None))["duration"] is None
 
 
+def test_duration_sums_every_session_of_a_resumed_run(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.update(**info("run", status="running", started=100.0, ended=None))
+    folder.end_session("stopped", "stopped by the user", ended=160.0)
+    assert run_index.run_duration(folder.info()) == 60.0
+    folder.update(status="running", started=1000.0, ended=None)  # what the worker writes when it resumes
+    assert run_index.run_duration(folder.info(), now=1030.0) == 90.0
+    folder.heartbeat_path.write_text("1040.0\n")
+    folder.end_session("interrupted", "killed", ended=folder.heartbeat())
+    folder.end_session("interrupted", "killed", ended=2000.0)  # a second close adds nothing
+    assert run_index.run_duration(folder.info()) == 100.0 and folder.info()["status"] == "interrupted"
+
+
 def test_series_alignment_by_iteration_epoch_tokens():
     records = [
         {"type": "val", "step": 0, "iteration": 0, "epoch": 0.0, "val_loss": 5.0, "val_perplexity": math.exp(5)},

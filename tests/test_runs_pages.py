@@ -253,6 +253,23 @@ async def test_compare_overlays_series_and_diffs_configs(user: User, services, i
     assert val[0][0] == 0 and val[-1][0] > 0
 
 
+async def test_compare_follows_a_run_that_reports_again(user: User, services, ids):
+    await user.open(f"/compare?runs={ids['ift']},{ids['cpt']}")
+    await user.should_see(marker="compare-summary")
+    folder = services.manager.folder(ids["cpt"])
+    last = [r for r in folder.metrics()[0] if r.get("type") == "train"][-1]
+    # what a resumed worker appends: one more report, further on
+    folder.append_metric({**last, "step": last["step"] + 5, "iteration": last["iteration"] + 5, "train_loss": 0.125,
+                          "trained_tokens": last["trained_tokens"] + 100})
+
+    def cpt_train() -> list:
+        return next(s["data"] for s in el(user, "compare-loss").options["series"] if s["name"] == "cpt-run train")
+
+    await wait_for(lambda: tuple(cpt_train()[-1]) == (last["iteration"] + 5, 0.125))
+    await wait_for(lambda: next(r for r in rows(user, "compare-summary") if r["id"] == ids["cpt"])["final_text"]
+                   == "0.1250")
+
+
 async def test_compare_needs_two_runs(user: User, ids):
     await user.open(f"/compare?runs={ids['ift']},missing")
     await user.should_see("Not in the workspace: missing")
