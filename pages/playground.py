@@ -29,7 +29,7 @@ from nicegui import events, ui
 from services.config import ConfigError
 from services.generation import ROLES, SAMPLING_DEFAULTS, adapter_label, model_size_bytes
 from services.library import human_bytes, list_datasets, list_models
-from services.model_service import GenerationStream, ModelError, save_preference
+from services.model_service import CancelHandle, GenerationStream, ModelError, save_preference
 from services.runs import RunManager, parse_ref
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ class Playground:
         self.seen_version = -1
         self.mode = "chat"
         self.comparing = False
+        self.cmp_cancel = CancelHandle()
         self.cmp_pending: collections.deque[dict[str, Any]] = collections.deque()
         self.cmp_cols: dict[int, ui.column] = {}
         self.cmp_titles: dict[int, ui.label] = {}
@@ -680,9 +681,9 @@ class Playground:
                 .classes("w-56").mark("preference-dataset")
             self.pref_name.set_visibility(False)
             self.cmp_btn = ui.button("Compare", icon="compare_arrows", on_click=self.compare).mark("compare")
-            self.cmp_stop = ui.button("Stop", icon="stop", on_click=self.models.cancel) \
+            self.cmp_stop = ui.button("Stop", icon="stop", on_click=lambda: self.cmp_cancel.cancel()) \
                 .props("outline color=negative").mark("compare-stop")
-            self.cmp_stop.tooltip("Cancels every running request of the model worker")
+            self.cmp_stop.tooltip("Stops this comparison (the answers so far stay)")
             self.cmp_stop.disable()
         self.cmp_note = ui.label("").classes("text-sm").mark("compare-note")
         self.cmp_columns = ui.row().classes("w-full gap-3 no-wrap items-stretch overflow-x-auto p-1") \
@@ -715,6 +716,7 @@ class Playground:
             ui.notify("Pick a model first", type="warning")
             return
         self.comparing = True
+        self.cmp_cancel = CancelHandle()  # Stop while the base loads still stops this compare
         self.cmp_btn.disable()
         self.cmp_stop.enable()
         self.ab, self.cmp_pending = None, collections.deque()
@@ -731,7 +733,8 @@ class Playground:
             self.show_columns(targets, order, blind)
             self.cmp_note.set_text(f"generating {len(targets)} answers one after the other…")
             self.ticker.active = True
-            results = await self.models.acompare(prompt, targets, request, on_result=self.cmp_pending.append)
+            results = await self.models.acompare(prompt, targets, request, on_result=self.cmp_pending.append,
+                                                 cancel=self.cmp_cancel)
             self.cmp_pending.extend(results)
             self.drain_compare()
             cancelled = len(results) < len(targets)

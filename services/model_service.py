@@ -254,6 +254,28 @@ class GenerationStream:
         return "".join(c["text"] for c in self if c["type"] == "token")
 
 
+class CancelHandle:
+    """Cancels the one request it is handed to (e.g. one Compare); raising it before the request starts also works."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fn: Callable[[], None] | None = None
+        self.cancelled = False
+
+    def _bind(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._fn = fn
+            now = self.cancelled
+        if now:
+            fn()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled, fn = True, self._fn
+        if fn is not None:
+            fn()
+
+
 class _Call:
     """A blocking request: collects intermediate messages and waits for the final one."""
 
@@ -526,13 +548,15 @@ class ModelService:
 
     def compare(self, prompt: str | list[dict[str, str]], targets: list[str | os.PathLike | None],
                 sampling: dict[str, Any] | None = None, *,
-                on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                on_result: Callable[[dict[str, Any]], None] | None = None,
+                cancel: CancelHandle | None = None) -> list[dict[str, Any]]:
         """Generate for several adapters of the loaded base, one after the other, in one worker.
 
         ``targets``: ``None`` for the base, else run/checkpoint/adapter folders of the same LoRA layout.
         The base weights are shared; switching swaps only adapter tensors. Use greedy sampling or a
         ``seed`` so the outputs are comparable. ``on_result`` gets each target's result as it finishes.
-        Full fine-tune checkpoints are refused (they cannot share the base).
+        Full fine-tune checkpoints are refused (they cannot share the base). ``cancel`` stops this compare
+        alone (the results so far are returned); other requests go on.
         """
         if not targets:
             raise ModelError("compare: give at least one target (None for the base model)")
@@ -543,15 +567,18 @@ class ModelService:
         request = {**(sampling or {}), **({"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt})}
         req = self._normalize(request)
         call = _Call(on_message=lambda m: on_result(_item(m)) if on_result and m.get("type") == "item" else None)
-        self._submit("compare", {"cmd": "compare", "targets": resolved, "request": req}, call)
+        worker, rid = self._submit("compare", {"cmd": "compare", "targets": resolved, "request": req}, call)
+        if cancel is not None:
+            cancel._bind(lambda: worker.cancel([rid]))
         reply = call.wait()
         return [_item(r) for r in reply["results"]]
 
     async def acompare(self, prompt: str | list[dict[str, str]], targets: list[str | os.PathLike | None],
                        sampling: dict[str, Any] | None = None, *,
-                       on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                       on_result: Callable[[dict[str, Any]], None] | None = None,
+                       cancel: CancelHandle | None = None) -> list[dict[str, Any]]:
         """:meth:`compare` for an event loop (runs in a thread; ``on_result`` is called from that thread)."""
-        return await asyncio.to_thread(self.compare, prompt, targets, sampling, on_result=on_result)
+        return await asyncio.to_thread(self.compare, prompt, targets, sampling, on_result=on_result, cancel=cancel)
 
     def perplexity(self, model: str | os.PathLike, adapter: str | os.PathLike | None,
                    dataset_path: str | os.PathLike, max_seq_length: int = 2048, batch_size: int = 4,

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -38,7 +39,7 @@ from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset  # noqa: E402
 from mlx_lm.tuner.trainer import evaluate  # noqa: E402
 
 from services.generation import model_size_bytes  # noqa: E402
-from services.model_service import ModelError, ModelService, save_preference  # noqa: E402
+from services.model_service import CancelHandle, ModelError, ModelService, save_preference  # noqa: E402
 from services.run_folder import RunFolder  # noqa: E402
 from services.runs import RunManager  # noqa: E402
 from services.tiny_model import build_tiny_model  # noqa: E402
@@ -298,6 +299,34 @@ def test_compare_dora_checkpoints_and_base(service, ws, tiny_model, chat_data, t
     for target, r in zip(targets, results, strict=True):
         assert r["tokens"] == reference(tiny_model, as_mlx_adapter(target, tmp_path), PROMPT, 10)[0], target
     assert service.status["adapter"] == str(targets[0])  # compare puts the Playground's adapter back
+
+
+def test_stopping_a_compare_leaves_other_requests_running(service, tiny_model, run):
+    service.load(tiny_model)
+    long = {"format": "completion", "max_tokens": 20000, "ignore_eos": True}
+    # a chat answer is streaming while a compare waits behind it; stopping the compare must not touch the chat
+    stream = service.generate({"prompt": PROMPT, "format": "completion", "max_tokens": 1000, "ignore_eos": True})
+    queued, box = CancelHandle(), {}
+    waiter = threading.Thread(target=lambda: box.update(r=service.compare(PROMPT, [None, run.path], long,
+                                                                          cancel=queued)))
+    waiter.start()
+    next(iter(stream))
+    queued.cancel()
+    assert stream.result is None or stream.result["finish_reason"] == "length"
+    stream.text()
+    assert stream.result["finish_reason"] == "length" and stream.result["generation_tokens"] == 1000
+    waiter.join(30)
+    assert box["r"] == []  # cancelled before it started: nothing generated
+    # a running compare stops within a token step and returns what it has
+    running = CancelHandle()
+    threading.Timer(0.5, running.cancel).start()
+    results = service.compare(PROMPT, [None, run.path], long, cancel=running)
+    assert len(results) == 1 and results[0]["finish_reason"] == "cancelled"
+    assert results[0]["generation_tokens"] < 20000 and service.status["state"] == "ready"
+    early = CancelHandle()
+    early.cancel()  # raised before the request exists: it is cancelled as soon as it is submitted
+    assert all(r["finish_reason"] == "cancelled" and not r["tokens"]
+               for r in service.compare(PROMPT, [None, run.path], long, cancel=early))
 
 
 def test_perplexity_equals_exp_of_mlx_lm_evaluate(service, tiny_model, run, chat_data):
