@@ -543,9 +543,16 @@ def _hub_total(repo: str, revision: str | None, patterns: list[str]) -> int | No
         return None
 
 
+def hub_partial_dir(ws: Workspace, repo: str, revision: str | None = None) -> Path:
+    """Where a Hub download of ``repo`` at ``revision`` collects its files until it is complete."""
+    rev = re.sub(r"[^A-Za-z0-9._-]", "_", revision or "main")  # a branch name may hold "/": keep one path part
+    return ws.models / f".{repo.replace('/', '--')}@{rev}.download"
+
+
 def import_hub(ws: Workspace, repo: str, name: str | None = None, revision: str | None = None,
                progress: Progress | None = None, offline_timeout: float = HUB_TIMEOUT) -> Path:
-    """Download a Hub repo into ``models/NAME``; a partial download in ``models/.NAME.download`` is resumed.
+    """Download a Hub repo into ``models/NAME``; an earlier, cut-off download of the same repo and revision
+    (kept in a hidden ``models/.ORG--REPO@REVISION.download`` folder) is resumed, whatever name it was given.
 
     Offline (``HF_HUB_OFFLINE`` or no connection within ``offline_timeout`` s) a repo in the local HF cache is
     copied from there; otherwise it fails at once with the reason.
@@ -573,7 +580,7 @@ def import_hub(ws: Workspace, repo: str, name: str | None = None, revision: str 
         if progress:
             progress("copy", None, f"offline: copying {repo} from the HF cache")
         return import_folder(ws, cached, target.name, progress=progress)
-    partial = ws.models / f".{target.name}.download"
+    partial = hub_partial_dir(ws, repo, revision)
     partial.mkdir(parents=True, exist_ok=True)
     total = _hub_total(repo, revision, HUB_PATTERNS)
     stop = threading.Event()
@@ -593,6 +600,7 @@ def import_hub(ws: Workspace, repo: str, name: str | None = None, revision: str 
     except OfflineModeIsEnabled:
         raise LibraryError(f"cannot download {repo}: HF_HUB_OFFLINE was set when the Hub library loaded") from None
     except RepositoryNotFoundError:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing was fetched: leave nothing behind
         raise LibraryError(f"{repo}: no such model repo on the Hub (or it is private/gated: log in with "
                            "`hf auth login`)") from None
     except (HfHubHTTPError, OSError) as e:
@@ -623,7 +631,7 @@ class ImportJob:
     """A model import running in a child process; plain attributes for the UI to poll, ``cancel`` kills it.
 
     ``state``: running | done | failed | cancelled. A cancelled Hub download keeps its partial folder, so
-    importing the same repo under the same name again resumes it.
+    importing the same repo again (under any name) resumes it.
     """
 
     def __init__(self, ws: Workspace, source: str, name: str | None = None, *, link: bool = False,

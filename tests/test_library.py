@@ -135,6 +135,50 @@ def test_hub_import_job_offline_fails_in_under_5_s(workspace, hub_cache, monkeyp
     assert "HF_HUB_OFFLINE" in job.error
 
 
+def test_hub_download_shows_progress_cancels_and_resumes_under_another_name(workspace, hub_cache, monkeypatch,
+                                                                             tmp_path):
+    """The real client (snapshot_download) against a local stand-in for the Hub's HTTP API.
+
+    huggingface_hub 2.x writes each file in 10 MB chunks and drops a cut file, so progress needs a model over
+    10 MB, and resuming means: the files finished before the cancel are not fetched again.
+    """
+    import huggingface_hub.constants
+    from fake_hub import FakeHub
+
+    from services.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", hidden=384, layers=4, intermediate=1024, heads=6, kv_heads=2)
+    weights = (model / "model.safetensors").stat().st_size
+    assert weights > 20e6
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with FakeHub("org/tiny", model, throttle=weights / 6) as hub:  # about 6 s for the weights
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        job = ImportJob(workspace, "org/tiny", "first").start()
+        deadline = time.time() + 60
+        while not (job.phase == "download" and (job.fraction or 0) > 0.2) and job.state == "running" \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.phase == "download" and 0.2 < job.fraction < 1 and " of " in job.message, job.snapshot()
+        job.cancel()
+        assert job.wait(30) == "cancelled" and "again to resume" in job.message
+        partial = library.hub_partial_dir(workspace, "org/tiny")
+        assert 0 < hub.served < weights and partial.is_dir() and not (workspace.models / "first").exists()
+        small = sorted(f.name for f in model.iterdir() if f.name != "model.safetensors")
+        assert sorted(hub.gets) == sorted([*small, "model.safetensors"])
+
+        hub.throttle, hub.gets = None, []
+        path = import_hub(workspace, "org/tiny", "second")  # the user retries under another name
+        with pytest.raises(LibraryError, match="org/nope: no such model repo on the Hub"):
+            import_hub(workspace, "org/nope")
+        assert not library.hub_partial_dir(workspace, "org/nope").exists()
+    assert hub.gets == ["model.safetensors"]  # the files finished before the cancel were kept
+    assert path == workspace.models / "second" and not partial.exists() and not (path / ".cache").exists()
+    for f in model.iterdir():
+        assert (path / f.name).read_bytes() == f.read_bytes(), f.name
+    assert [m["name"] for m in list_models(workspace) if m["source"] == "workspace"] == ["second"]
+
+
 def test_hub_import_offline_from_the_cache(tiny_model, workspace, hub_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(hub_cache, "org/tiny-hub", tiny_model)
