@@ -57,6 +57,16 @@ ERROR_FIELDS = {
 }
 
 
+# A dataset's format (as services.library.dataset_format describes it) → the modes it is meant for.
+MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
+
+
+def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
+    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
+    kinds = MODE_FORMATS.get(mode, ())
+    return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
+
+
 def form_field(error_field: str) -> str:
     """The form field that shows a config error for ``error_field`` (``lora_parameters.rank`` → ``rank``)."""
     return ERROR_FIELDS.get(error_field, error_field)

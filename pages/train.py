@@ -23,6 +23,7 @@ from app.ui_config import (
     form_to_config,
     list_presets,
     lr_curve,
+    suggested_dataset,
 )
 from services import preflight
 from services.config import OPTIMIZERS, ConfigError, ConfigProblems, dump_yaml, parse_yaml
@@ -108,7 +109,8 @@ def train_page(services: Services) -> None:
     manager, ws = services.manager, services.workspace
     presets = list_presets(services.configs_dir)
     models = {m["key"]: m["label"] for m in list_models(ws)}
-    datasets = {d["key"]: d["label"] for d in list_datasets(ws)}
+    dataset_list = list_datasets(ws)
+    datasets = {d["key"]: d["label"] for d in dataset_list}
     w: dict[str, Any] = {}
     hidden: dict[str, Any] = {"custom_schedule": None, "extra": {}, "extra_lora": {}}
     state = {"filling": False, "errors": [], "cfg": {}, "curve": None}
@@ -390,8 +392,19 @@ def train_page(services: Services) -> None:
         fill(form)
         ui.notify(f"Config of run {run_id} loaded")
 
-    fill(default_form())
+    def follow_mode(mode: str) -> None:
+        """A dataset the page picked (not the user) follows the mode: documents for CPT, chats for IFT."""
+        if not state["filling"] and w["data"].value == state.get("picked_data"):
+            state["picked_data"] = suggested_dataset(dataset_list, mode) or w["data"].value
+            w["data"].value = state["picked_data"]
+
+    w["mode"].on_value_change(lambda e: follow_mode(e.value))
     source = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query).get("from")
+    form = default_form()
+    if not source:  # a fresh form starts on the first model and a dataset that fits the mode
+        state["picked_data"] = suggested_dataset(dataset_list, form["mode"])
+        form.update(model=next(iter(models), None), data=state["picked_data"])
+    fill(form)
     if source:
         clone_run(source[0])
 

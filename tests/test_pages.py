@@ -112,6 +112,24 @@ async def test_validation_inline_and_nothing_starts(ui_user: User, services):
     await ui_user.should_not_see("Config is valid.")
 
 
+async def test_a_fresh_form_starts_on_a_model_and_a_dataset_that_fits_the_mode(ui_user: User, services, tiny_model,
+                                                                                chat_data, cpt_corpus):
+    ws = services.workspace
+    os.symlink(tiny_model, ws.models / "tiny")
+    os.symlink(chat_data, ws.datasets / "a-chats")  # sorts first, but is no CPT corpus
+    os.symlink(cpt_corpus, ws.datasets / "b-corpus")
+    await ui_user.open("/train")
+    assert el(ui_user, "field-model").value == "tiny" and el(ui_user, "field-mode").value == "cpt"
+    assert el(ui_user, "field-data").value == "b-corpus"
+    assert el(ui_user, "field-model").error is None and el(ui_user, "field-data").error is None
+    set_value(ui_user, "field-mode", "ift")
+    assert el(ui_user, "field-data").value == "a-chats"  # the page's own pick follows the mode
+    set_value(ui_user, "field-data", "b-corpus")
+    set_value(ui_user, "field-mode", "cpt")
+    set_value(ui_user, "field-mode", "ift")
+    assert el(ui_user, "field-data").value == "b-corpus"  # the user's pick stays
+
+
 async def test_presets_fill_fields(ui_user: User, services):
     presets = list_presets(services.configs_dir)
     assert "cpt-lora" in presets
