@@ -13,7 +13,7 @@ from typing import Any
 
 from services.config import ConfigError, ConfigProblems, load_yaml
 from services.data import DataError
-from services.run_folder import ACTIVE, RunFolder
+from services.run_folder import ACTIVE, WAITING, RunFolder
 from services.runs import RunManager, parse_ref
 from services.workspace import Workspace
 
@@ -75,8 +75,11 @@ def cmd_train(args: argparse.Namespace, manager: RunManager) -> int:
     else:
         if not args.config:
             raise ConfigError("config", None, "give a YAML config, or --resume RUN[@ITER]")
-        folder = manager.launch(load_yaml(args.config))
+        folder = manager.enqueue(load_yaml(args.config)) if args.queue else manager.launch(load_yaml(args.config))
     print(f"run {folder.id}  ({folder.path})")
+    if folder.info().get("status") == WAITING:
+        print(f"waiting in the training queue ({len(manager.waiting())} waiting); it starts when the runs ahead end")
+        return 0
     if args.detach:
         return 0
     info = follow(manager, folder)
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config; with --resume, keys that change the run (a fork)")
     t.add_argument("--resume", metavar="RUN[@ITER]", help="resume a run exactly, or fork it from checkpoint ITER")
     t.add_argument("--detach", action="store_true", help="start and return; the run keeps training")
+    t.add_argument("--queue", action="store_true",
+                   help="start when no other run is training (queued runs start one after another) and return")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("runs", help="list the runs in the workspace")
     r.add_argument("-v", "--verbose", action="store_true", help="show each run's status reason")

@@ -32,6 +32,7 @@ from pages.train import train_page
 from services.library import ImportJob
 from services.model_service import ModelService
 from services.publish_jobs import PublishJobs
+from services.run_folder import ACTIVE, WAITING
 from services.run_watch import RunWatcher, WatcherPool
 from services.runs import RunManager
 from services.system import system_status
@@ -64,14 +65,16 @@ class Services:
         return self.watchers.get(run_id)
 
     def status(self) -> dict[str, Any]:
-        """``{"active": run.json of the running run or None, "system": system_status}``, cached for all clients."""
+        """``{"active": run.json of the running run or None, "waiting": runs in the queue, "system":
+        system_status}``, cached for all clients."""
         with self._status_lock:
             stamp, value = self._status
             if time.monotonic() - stamp < STATUS_SECONDS and value:
                 return value
-            active = self.manager.active()
-            run = active[0] if active else None
-            value = {"active": run, "system": system_status(self.workspace, run or {})}
+            runs = self.manager.list()  # also finds a dead worker, which moves the queue on
+            run = next((r for r in runs if r.get("status") in ACTIVE), None)
+            value = {"active": run, "waiting": sum(r.get("status") == WAITING for r in runs),
+                     "system": system_status(self.workspace, run or {})}
             self._status = (time.monotonic(), value)
             return value
 
@@ -93,6 +96,9 @@ def _status_texts(status: dict[str, Any]) -> tuple[str, str | None, str]:
         link = f"/monitor/{run['id']}"
     else:
         run_text, link = "no run active", None
+    if status.get("waiting"):
+        run_text += f" · {status['waiting']} waiting"
+        link = link or "/runs"
     parts = [f"CPU {sysd.get('cpu_percent', 0):.0f}%",
              f"RAM {sysd.get('ram_used_gb', 0):.1f}/{sysd.get('ram_total_gb', 0):.1f} GB"]
     if sysd.get("swap_used_gb"):

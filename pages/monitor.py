@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from services.config import ConfigError
-from services.run_folder import ACTIVE
+from services.run_folder import ACTIVE, WAITING
 
 if TYPE_CHECKING:
     from app.main import Services
     from services.run_watch import RunWatcher
 
-STATUS_COLORS = {"queued": "grey", "running": "primary", "completed": "positive", "stopped": "warning",
-                 "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
+STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
+                 "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
 # chart marker → (title, [(series, label)], y-axis type)
 CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
@@ -218,16 +218,19 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
         progress_label.set_text(progress_text(latest))
         for key, text in card_texts(latest).items():
             cards[key].set_text(text)
-        active = st in ACTIVE
-        stop_btn.set_enabled(active)
-        resume_btn.set_enabled(not active and st != "completed" and bool(watcher.checkpoints()))
+        active, waiting = st in ACTIVE, st == WAITING
+        stop_btn.set_enabled(active or waiting)
+        resume_btn.set_enabled(waiting or (not active and st != "completed" and bool(watcher.checkpoints())))
+        resume_btn.set_text("Start now" if waiting else "Resume")
         view.push_series()
         view.push_log()
 
     def stop() -> None:
         try:
+            waiting = manager.get(run_id).get("status") == WAITING
             manager.stop(run_id)
-            ui.notify("Stop requested: the run writes a final checkpoint and ends")
+            ui.notify("Taken off the queue" if waiting
+                      else "Stop requested: the run writes a final checkpoint and ends")
         except ConfigError as e:
             ui.notify(str(e), type="negative")
 

@@ -29,6 +29,7 @@ from services import preflight
 from services.config import OPTIMIZERS, ConfigError, ConfigProblems, dump_yaml, parse_yaml
 from services.data import DataError
 from services.library import list_datasets, list_models
+from services.run_folder import WAITING
 from services.run_index import without_defaults
 
 if TYPE_CHECKING:
@@ -221,6 +222,10 @@ def train_page(services: Services) -> None:
                 with ui.row().classes("gap-2"):
                     start_btn = ui.button("Start training", icon="play_arrow", on_click=lambda: start()) \
                         .mark("start")
+                    queue_btn = ui.button("Queue", icon="queue", on_click=lambda: start(queue=True)) \
+                        .props("outline").mark("queue")
+                    queue_btn.tooltip("Start when no other run is training; queued runs start one after another, "
+                                      "even with the app closed")
                     ui.button("Download YAML", icon="download", on_click=lambda: download()) \
                         .props("outline").mark("download")
                 ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_UPLOAD_BYTES,
@@ -340,21 +345,31 @@ def train_page(services: Services) -> None:
             state["curve"] = curve
             chart.options["series"][0]["data"] = curve
 
-    def start() -> None:
+    def start(queue: bool = False) -> None:
         cfg, errors = check(read_form())
         if errors:
             refresh()
             ui.notify(f"Fix {len(errors)} problem(s) before starting", type="warning")
             return
         start_btn.disable()
+        queue_btn.disable()
         try:
-            folder = manager.create(cfg)
-            manager.start(folder.id)
+            if queue:
+                folder = manager.enqueue(cfg)
+            else:
+                folder = manager.create(cfg)
+                manager.start(folder.id)
         except (ConfigError, ConfigProblems) as e:
             ui.notify(f"Could not start: {e}", type="negative", multi_line=True)
             return
         finally:
             start_btn.enable()
+            queue_btn.enable()
+        if queue and folder.info().get("status") == WAITING:
+            ahead = len(manager.waiting()) - 1
+            ui.notify(f"Run {folder.id} queued: it starts after the active run"
+                      + (f" and {ahead} waiting before it" if ahead else ""), type="positive")
+            return
         ui.notify(f"Run {folder.id} started", type="positive")
         ui.navigate.to(f"/monitor/{folder.id}")
 

@@ -26,6 +26,7 @@ import yaml
 from services.workspace import append_jsonl, read_json, read_jsonl_tail, write_atomic, write_json
 
 ACTIVE = ("queued", "running")
+WAITING = "waiting"  # in the training queue: starts when no run is active (RunManager.start_next)
 FINISHED = ("completed", "stopped", "early-stopped", "failed", "interrupted")
 
 

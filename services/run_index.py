@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS
-from services.run_folder import ACTIVE, RunFolder, history
+from services.run_folder import ACTIVE, WAITING, RunFolder, history
 from services.workspace import read_json
 
 AXES = {"iteration": "iteration", "epoch": "epoch", "tokens": "trained tokens"}
@@ -265,6 +265,8 @@ def resume_refusal(info: dict[str, Any], checkpoint_iterations: list[int]) -> st
     status = info.get("status")
     if status in ACTIVE:
         return f"it is {status}; stop it before resuming"
+    if status == WAITING:
+        return None  # it starts now instead of waiting its turn
     if status == "completed":
         return "it has completed; fork it from a checkpoint to train further"
     if not checkpoint_iterations:

@@ -3,10 +3,16 @@
 Runs live in ``workspace/runs/ID``; this class holds no state that the folders do not. Each run trains
 in its own detached worker process; a worker that died (kill -9, out of memory) is recognised by its
 pid and marked ``interrupted``. Thread-safe; ``version`` grows whenever something it reports changes.
+
+The training queue: :meth:`RunManager.enqueue` makes a run that is ``waiting``; whenever no run is
+active, :meth:`RunManager.start_next` starts the oldest waiting one. A worker calls it as it ends, and so
+does whoever finds a worker dead, so the queue moves on with no app open. A file lock keeps two
+processes from starting the same run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -24,7 +30,7 @@ import psutil
 from services import __version__
 from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
-from services.run_folder import ACTIVE, RunFolder
+from services.run_folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, read_json
 
 # Keys a fork may not change: the checkpoint's weights would not fit the new model or layers.
@@ -49,6 +55,7 @@ class RunManager:
         self._lock = threading.RLock()
         self.version = 0
         self._procs: dict[str, subprocess.Popen] = {}
+        self._starting_next = False
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -96,8 +103,10 @@ class RunManager:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def create(self, user_cfg: dict[str, Any], parent: dict[str, Any] | None = None) -> RunFolder:
-        """Validate a config and make its run folder (status ``queued``); nothing is made if it is invalid."""
+    def create(self, user_cfg: dict[str, Any], parent: dict[str, Any] | None = None,
+               status: str = "queued") -> RunFolder:
+        """Validate a config and make its run folder (status ``queued``, or ``waiting`` for the queue);
+        nothing is made if it is invalid."""
         cfg = self.prepare_config(user_cfg)
         with self._lock:
             base = time.strftime("%Y%m%d-%H%M%S")
@@ -109,7 +118,7 @@ class RunManager:
             folder = RunFolder(self.workspace.runs / run_id)
             folder.path.mkdir(parents=True)
             folder.write_config(cfg)
-            folder.update(id=run_id, name=cfg.get("name") or run_id, status="queued", reason=None,
+            folder.update(id=run_id, name=cfg.get("name") or run_id, status=status, reason=None,
                           created=time.time(), mode=cfg.get("mode") or "mlx-lm", fine_tune_type=cfg["fine_tune_type"],
                           model=cfg["model"], data=cfg["data"], seed=cfg["seed"], parent=parent,
                           forgellm=__version__, checkpoints=[], best=None, iteration=0)
@@ -149,12 +158,49 @@ class RunManager:
         self.start(folder.id)
         return folder
 
+    def enqueue(self, user_cfg: dict[str, Any]) -> RunFolder:
+        """A new run that waits for the runs ahead of it; it starts at once when no run is active."""
+        folder = self.create(user_cfg, status=WAITING)
+        self.start_next()
+        return folder
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """The waiting runs, first in line first."""
+        runs = [r for r in self.list() if r.get("status") == WAITING]
+        return sorted(runs, key=lambda r: (r.get("created") or 0, r["id"]))
+
+    def start_next(self) -> str | None:
+        """Start the oldest waiting run if no run is active; returns its id (None: nothing started)."""
+        with self._lock:
+            if self._starting_next:  # re-entered through refresh() below: the outer call decides
+                return None
+            self._starting_next = True
+            try:
+                with _queue_lock(self.workspace):
+                    runs = self.list()
+                    if any(r.get("status") in ACTIVE for r in runs):
+                        return None
+                    waiting = sorted((r for r in runs if r.get("status") == WAITING),
+                                     key=lambda r: (r.get("created") or 0, r["id"]))
+                    if not waiting:
+                        return None
+                    self.start(waiting[0]["id"])
+                    return waiting[0]["id"]
+            finally:
+                self._starting_next = False
+
     def stop(self, run_id: str) -> None:
-        """Ask the worker to stop after its current step; it writes a final checkpoint."""
+        """Ask the worker to stop after its current step (it writes a final checkpoint); a waiting run
+        leaves the queue."""
         folder = self.folder(run_id)
-        folder.stop_path.write_text(f"{time.time()}\n")
+        with self._lock:
+            if folder.info().get("status") == WAITING:
+                folder.update(status="stopped", reason="taken off the queue before it started")
+                self.version += 1
+                return
+        folder.stop_path.write_text(f"{time.time()}\n")  # a worker still starting up finds it
         info = folder.info()
-        if self.is_alive(info):
+        if info.get("pid") and self.is_alive(info):
             try:
                 os.kill(info["pid"], signal.SIGTERM)
             except ProcessLookupError:
@@ -167,6 +213,9 @@ class RunManager:
         info = self.refresh(folder)
         if info.get("status") in ACTIVE:
             raise ConfigError("run", run_id, f"is {info['status']}; stop it before resuming")
+        if info.get("status") == WAITING and iteration is None and not overrides:
+            self.start(run_id)  # start a waiting run now, next to the active one
+            return folder
         its = folder.checkpoint_iterations()
         if not its:
             raise ConfigError("run", run_id, "has no checkpoint to resume from")
@@ -257,6 +306,7 @@ class RunManager:
             folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
                                   "reason": info["reason"]})
             self.version += 1
+            self.start_next()  # the worker could not hand over to the queue itself
             return info
 
     def list(self) -> list[dict[str, Any]]:
@@ -283,6 +333,22 @@ class RunManager:
                 return info
             time.sleep(poll)
         raise TimeoutError(f"run {run_id} still {self.get(run_id).get('status')} after {timeout} s")
+
+
+class _queue_lock:  # noqa: N801 (used as a plain `with` block)
+    """An exclusive lock on ``.forgellm/queue.lock`` across processes (the app, the CLI and the workers)."""
+
+    def __init__(self, workspace: Workspace):
+        self.path = workspace.root / ".forgellm" / "queue.lock"
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
 
 
 def _last_iteration(folder: RunFolder) -> int:

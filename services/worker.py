@@ -26,7 +26,7 @@ from services.config import ConfigProblems  # noqa: E402
 from services.data import DataError  # noqa: E402
 from services.run_folder import RunFolder  # noqa: E402
 from services.trainer import Outcome, Trainer, TrainingFailed  # noqa: E402
-from services.workspace import write_atomic  # noqa: E402
+from services.workspace import Workspace, write_atomic  # noqa: E402
 
 HEARTBEAT_SECONDS = 2.0
 
@@ -90,7 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     folder.append_metric({"type": "status", "step": outcome.iteration, "status": outcome.status,
                           "reason": outcome.reason})
     folder.log(f"{outcome.status}: {outcome.reason}")
+    _hand_over(folder)
     return 0 if outcome.status != "failed" else 1
+
+
+def _hand_over(folder: RunFolder) -> None:
+    """Start the next run waiting in the workspace's training queue, if any."""
+    from services.runs import RunManager  # noqa: PLC0415 (only as the worker ends)
+
+    if folder.path.parent.name != "runs":  # not a workspace's run folder: no queue to serve
+        return
+    try:
+        started = RunManager(Workspace(folder.path.parent.parent.resolve())).start_next()
+    except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
+        folder.log("could not start the next waiting run: " + traceback.format_exc())
+        return
+    if started:
+        folder.log(f"started the next run in the queue: {started}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def test_status_texts():
                                                                    "ram_total_gb": 16.0, "blas": "mkl"}})
     assert text == "▶ demo · running · 50/200 (25%)" and link == "/monitor/r"
     assert "CPU 12%" in machine and "BLAS mkl" in machine
+    text, link, _ = _status_texts({"active": None, "waiting": 2, "system": {}})
+    assert text == "no run active · 2 waiting" and link == "/runs"
 
 
 def test_persisted_secret(tmp_path):
@@ -227,21 +229,26 @@ def test_lr_preview_matches_mlx(kind, warmup, accum):
 # ------------------------------------------------------------------------------------------ Monitor + real run
 
 
+async def fill_tiny_run(user: User, **changes) -> None:
+    """A valid IFT-LoRA config for the tiny model, through the form."""
+    values = {"field-model": "tiny", "field-data": "chat", "field-mode": "ift", "field-fine_tune_type": "lora",
+              "field-name": "ui-tiny", "field-length_mode": "iters", "field-iters": 20, "field-batch_size": 4,
+              "field-learning_rate": 1e-3, "field-schedule": "cosine", "field-warmup": 2, "field-final_lr": 1e-4,
+              "field-num_layers": 2, "field-rank": 4, "field-max_seq_length": 128, "field-steps_per_report": 5,
+              "field-steps_per_eval": 10, "field-save_every": 10, "field-val_batches": 2,
+              "field-early_stopping": False, **changes}
+    for marker, value in values.items():
+        set_value(user, marker, value)
+    await user.should_see("Config is valid.")
+
+
 @pytest.mark.slow
 async def test_train_to_monitor_real_run(ui_user: User, services, tiny_model, chat_data):
     ws = services.workspace
     os.symlink(tiny_model, ws.models / "tiny")
     os.symlink(chat_data, ws.datasets / "chat")
     await ui_user.open("/train")
-    values = {"field-model": "tiny", "field-data": "chat", "field-mode": "ift", "field-fine_tune_type": "lora",
-              "field-name": "ui-tiny", "field-length_mode": "iters", "field-iters": 20, "field-batch_size": 4,
-              "field-learning_rate": 1e-3, "field-schedule": "cosine", "field-warmup": 2, "field-final_lr": 1e-4,
-              "field-num_layers": 2, "field-rank": 4, "field-max_seq_length": 128, "field-steps_per_report": 5,
-              "field-steps_per_eval": 10, "field-save_every": 10, "field-val_batches": 2,
-              "field-early_stopping": False}
-    for marker, value in values.items():
-        set_value(ui_user, marker, value)
-    await ui_user.should_see("Config is valid.")
+    await fill_tiny_run(ui_user)
     ui_user.find(marker="start").click()
     runs = await wait_for(lambda: services.manager.list(), timeout=5)
     run_id = runs[0]["id"]
@@ -303,3 +310,32 @@ async def test_stop_and_resume_buttons(ui_user: User, services):
     assert el(ui_user, "chart-loss").options["series"][0]["markPoint"]["data"][0]["coord"] == [10, 2.0]
     with ui_user:
         assert isinstance(el(ui_user, "log"), ui.log)
+
+
+@pytest.mark.slow
+async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, services, tiny_model, chat_data):
+    ws = services.workspace
+    os.symlink(tiny_model, ws.models / "tiny")
+    os.symlink(chat_data, ws.datasets / "chat")
+    await ui_user.open("/train")
+    await fill_tiny_run(ui_user, **{"field-name": "long", "field-iters": 2000, "field-save_every": 1000,
+                                    "field-steps_per_eval": 1000})
+    ui_user.find(marker="queue").click()  # nothing is running: it starts at once
+    first = (await wait_for(lambda: services.manager.list(), timeout=5))[0]["id"]
+    await wait_for(lambda: ui_user.back_history[-1] == f"/monitor/{first}", timeout=5)
+    await ui_user.open("/train")
+    await fill_tiny_run(ui_user, **{"field-name": "later"})
+    ui_user.find(marker="queue").click()
+    await ui_user.should_see("queued: it starts after the active run")
+    second = services.manager.waiting()[0]["id"]
+    await ui_user.open(f"/monitor/{second}")
+    await wait_for(lambda: _text(ui_user, "status") == "waiting")
+    assert el(ui_user, "resume").text == "Start now" and el(ui_user, "resume").enabled and el(ui_user, "stop").enabled
+    services._status = (0.0, {})  # noqa: SLF001 (skip the status cache)
+    assert "1 waiting" in _status_texts(services.status())[0]
+    ui_user.find(marker="stop").click()
+    await wait_for(lambda: _text(ui_user, "status") == "stopped")
+    assert "off the queue" in services.manager.get(second)["reason"] and not el(ui_user, "stop").enabled
+    services.manager.stop(first)
+    assert services.manager.wait(first, timeout=120)["status"] == "stopped"
+    assert services.manager.get(second)["status"] == "stopped"  # it left the queue: it did not start
