@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace, manager: RunManager) -> int:
     if folder.info().get("status") == WAITING:
         print(f"waiting in the training queue ({len(manager.waiting())} waiting); it starts when the runs ahead end")
         return 0
-    if args.detach:
+    if args.detach or args.queue:
         return 0
     info = follow(manager, folder)
     print(f"{info['status']}: {info.get('reason') or ''}")
