@@ -262,8 +262,10 @@ def _replay_pieces(replay: list[list[int]], target_tokens: int, seed: int) -> li
     return pieces
 
 
-def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path) -> Prepared:
-    """Tokenize, split by document, optionally mix in a replay corpus, and pack into windows."""
+def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequence[str] = SPLITS) -> Prepared:
+    """Tokenize, split by document, optionally mix in a replay corpus, and pack into windows.
+
+    Only the ``splits`` asked for are tokenized (the split itself does not depend on it)."""
     seq_len, seed = cfg["max_seq_length"], cfg["seed"]
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
@@ -273,11 +275,11 @@ def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path) -> Prepared:
         valid_docs = read_documents(files["valid"]) if "valid" in files else []
     else:
         train_docs, valid_docs = _split_docs(read_documents(data), cfg["valid_fraction"], seed)
-    train_tok = [_encode(tokenizer, d.text) for d in train_docs]
-    valid_tok = [_encode(tokenizer, d.text) for d in valid_docs]
+    train_tok = [_encode(tokenizer, d.text) for d in train_docs] if "train" in splits else []
+    valid_tok = [_encode(tokenizer, d.text) for d in valid_docs] if "valid" in splits else []
     domain_tokens = sum(len(t) + 1 for t in train_tok)
     stats: dict[str, Any] = {"format": "text", "mode": "cpt", "packing": bool(cfg["packing"])}
-    mix = cfg.get("mixture")
+    mix = cfg.get("mixture") if "train" in splits else None
     if mix:
         replay_docs = read_documents(Path(mix["data"]))
         replay_tok = [_encode(tokenizer, d.text) for d in replay_docs]
@@ -352,26 +354,29 @@ def render_row(tokenizer: Any, row: dict, fmt: str, cfg: dict[str, Any], where: 
     return render_chat(tokenizer, messages, row.get("tools"), bool(cfg.get("mask_all_turns")), where)
 
 
-def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path) -> Prepared:
-    """Render every row with the chat template; split a single file by ``valid_fraction``."""
+def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequence[str] = SPLITS) -> Prepared:
+    """Render every row with the chat template; split a single file by ``valid_fraction``.
+
+    Every row is read and checked; only the ``splits`` asked for are rendered."""
     if data.is_dir():
         files = split_files(data)
         if "train" not in files:
             raise DataError(f"{data}: an IFT folder needs train.jsonl (and optionally valid.jsonl, test.jsonl)")
         parsed = {s: read_rows(p, cfg) for s, p in files.items()}
         fmt = parsed["train"][0]
-        splits = {s: rows for s, (_, rows) in parsed.items()}
+        rows_of = {s: rows for s, (_, rows) in parsed.items()}
     else:
         fmt, rows = read_rows(data, cfg)
         order = np.random.RandomState(cfg["seed"]).permutation(len(rows))
         n_valid = round(len(rows) * cfg["valid_fraction"]) if len(rows) > 1 else 0
         n_valid = min(n_valid, len(rows) - 1)
         valid_idx = set(order[:n_valid].tolist())
-        splits = {"train": [r for i, r in enumerate(rows) if i not in valid_idx],
-                  "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
+        rows_of = {"train": [r for i, r in enumerate(rows) if i not in valid_idx],
+                   "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
     if fmt == "text" and cfg.get("mask_prompt"):
         raise DataError(f"{data}: mask_prompt needs chat or completions rows, these are text rows")
-    out = {s: [render_row(tokenizer, row, fmt, cfg, where) for where, row in splits.get(s, [])] for s in SPLITS}
+    out = {s: [render_row(tokenizer, row, fmt, cfg, where) for where, row in rows_of.get(s, [])]
+           if s in splits else [] for s in SPLITS}
     stats = {"format": fmt, "mode": "ift", "mask_all_turns": bool(cfg.get("mask_all_turns"))}
     for s in ("train", "valid"):
         stats[s] = _split_stats(out[s], documents=len(out[s]), max_len=cfg["max_seq_length"])
@@ -394,14 +399,18 @@ def _split_stats(samples: list[Sample], documents: int, max_len: int | None = No
     return st
 
 
-def prepare(cfg: dict[str, Any], tokenizer: Any) -> Prepared:
-    """Prepare the data of a ForgeLLM-mode config (``mode: cpt`` or ``ift``) and check it can train."""
+def prepare(cfg: dict[str, Any], tokenizer: Any, splits: Sequence[str] = SPLITS) -> Prepared:
+    """Prepare the data of a ForgeLLM-mode config (``mode: cpt`` or ``ift``) and check it can train.
+
+    ``splits``: the ones to tokenize (e.g. only ``valid`` to evaluate); the others come back empty."""
     data = Path(cfg["data"])
     if not data.exists():
         raise DataError(f"{data}: no such file or folder (field 'data')")
-    prepared = prepare_cpt(cfg, tokenizer, data) if cfg["mode"] == "cpt" else prepare_ift(cfg, tokenizer, data)
-    check_trainable(prepared.train, prepared.valid, cfg["batch_size"], str(data))
-    prepared.stats["steps_per_epoch"] = len(prepared.train) // cfg["batch_size"]
+    prep = prepare_cpt if cfg["mode"] == "cpt" else prepare_ift
+    prepared = prep(cfg, tokenizer, data, splits)
+    if "train" in splits:
+        check_trainable(prepared.train, prepared.valid, cfg["batch_size"], str(data))
+        prepared.stats["steps_per_epoch"] = len(prepared.train) // cfg["batch_size"]
     prepared.stats["fingerprint"] = fingerprint([data] + ([Path(cfg["mixture"]["data"])] if cfg.get("mixture") else []))
     return prepared
 

@@ -236,7 +236,7 @@ def _probe(cfg: dict[str, Any], stats: dict[str, Any], tokenizer: Any, batches: 
 
     note = None
     try:
-        _, valid, _, _ = load_datasets(cfg, tokenizer)
+        _, valid, _, _ = load_datasets(cfg, tokenizer, splits=("valid",))
     except (DataError, FileNotFoundError, ValueError) as e:
         valid, note = [], f"validation data unavailable ({e}); loss not compared"
     if not len(valid) and note is None:

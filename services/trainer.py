@@ -56,8 +56,10 @@ class Outcome:
 # ----------------------------------------------------------------------------------------- set-up
 
 
-def load_datasets(cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Train/valid/test datasets and their stats. Plain mlx-lm configs use mlx-lm's own datasets."""
+def load_datasets(cfg: dict[str, Any], tokenizer: Any,
+                  splits: tuple[str, ...] = data_mod.SPLITS) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Train/valid/test datasets and their stats. Plain mlx-lm configs use mlx-lm's own datasets (which
+    tokenize lazily); ForgeLLM modes tokenize only ``splits``."""
     if cfg.get("mode") is None:
         folder = Path(cfg["data"])
         if not folder.is_dir():
@@ -79,7 +81,7 @@ def load_datasets(cfg: dict[str, Any], tokenizer: Any) -> tuple[Any, Any, Any, d
                  "steps_per_epoch": len(sets["train"]) // cfg["batch_size"],
                  "fingerprint": data_mod.fingerprint([folder])}
         return sets["train"], sets["valid"], sets["test"], stats
-    prepared = data_mod.prepare(cfg, tokenizer)
+    prepared = data_mod.prepare(cfg, tokenizer, splits)
     return prepared.train, prepared.valid, prepared.test, prepared.stats
 
 

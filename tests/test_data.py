@@ -92,6 +92,8 @@ def test_replay_mixture_ratio_holds_within_one_percent(tokenizer, tiny_model, cp
         trained = sum(s.trained for s in prepared.train)
         domain = prepared.stats["train"]["corpus_tokens"]
         assert abs((trained - domain) / trained - ratio) < 0.01
+        only_valid = data_mod.prepare(cfg, tokenizer, splits=("valid",))  # what the publisher evaluates on
+        assert only_valid.valid == prepared.valid and only_valid.valid and only_valid.train == []
 
 
 def test_ift_single_file_is_split_without_overlap(tokenizer, tiny_model, tmp_path):
@@ -103,6 +105,8 @@ def test_ift_single_file_is_split_without_overlap(tokenizer, tiny_model, tmp_pat
     assert (len(prepared.train), len(prepared.valid)) == (32, 8)
     assert not {tuple(s.tokens) for s in prepared.train} & {tuple(s.tokens) for s in prepared.valid}
     assert prepared.stats["steps_per_epoch"] == 8
+    only_valid = data_mod.prepare(cfg, tokenizer, splits=("valid",))
+    assert only_valid.valid == prepared.valid and only_valid.train == []
 
 
 # ------------------------------------------------------------------------------------------ bad input
