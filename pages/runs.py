@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
 POLL_SECONDS = 2.0
 ACTIONS = (("open", "open_in_new", "Open"), ("label", "sell", "Edit label"), ("clone", "content_copy",
-           "Clone config into Train"), ("resume", "play_arrow", "Resume"), ("fork", "call_split",
+           "Clone config into Train"), ("resume", "play_arrow", "{{ props.row.status === 'waiting' ? "
+           "'Start now (it is waiting in the queue)' : 'Resume' }}"), ("fork", "call_split",
            "Fork from a checkpoint"), ("delete", "delete", "Delete"))
 COLUMNS: list[dict[str, Any]] = [
     {"name": "name", "label": "Run", "field": "name", "sortable": True, "align": "left"},
