@@ -131,8 +131,44 @@ def tokens_per_second(facts: dict[str, Any], seq: int, blas: str) -> float:
 # ----------------------------------------------------------------------------------------- data facts
 
 
+DATA_KEYS = ("model", "max_seq_length", "mode", "packing", "valid_fraction", "mask_all_turns", "mask_prompt")
+_facts_cache: dict[tuple, dict[str, Any]] = {}
+_facts_lock = threading.Lock()
+FACTS_CACHED = 16
+
+
+def _files_stamp(path: Path) -> tuple:
+    """Names, sizes and modification times of a dataset's files: changes when any file does."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def data_facts(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, Any]:
-    """Training samples, their token lengths and the widest batch, from the dataset and the model's tokenizer."""
+    """Training samples, their token lengths and the widest batch, from the dataset and the model's tokenizer.
+
+    Counting tokens reads the whole dataset, so the facts are kept (per dataset and model files and the config
+    keys they depend on): estimating again after changing the batch size or the learning rate is instant."""
+    data = Path(cfg["data"])
+    key = (_files_stamp(data), _files_stamp(Path(cfg["model"])), *(str(cfg.get(k)) for k in DATA_KEYS))
+    with _facts_lock:
+        if key in _facts_cache:
+            return dict(_facts_cache[key])
+    facts = _count_data(cfg, tokenizer)
+    with _facts_lock:
+        while len(_facts_cache) >= FACTS_CACHED:
+            _facts_cache.pop(next(iter(_facts_cache)))
+        _facts_cache[key] = facts
+    return dict(facts)
+
+
+def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, Any]:
     from services.dataset_check import DatasetCheck, check_dataset, load_tokenizer, token_stats  # noqa: PLC0415
 
     data = Path(cfg["data"])

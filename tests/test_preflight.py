@@ -54,6 +54,26 @@ def test_data_facts_match_the_prepared_data(tiny_model, chat_data, cpt_corpus, w
     assert est["data"]["max_length"] >= widest - 1
 
 
+def test_data_facts_are_counted_once_per_dataset_and_again_when_it_changes(tiny_model, chat_data, tmp_path,
+                                                                          workspace, monkeypatch):
+    import shutil
+
+    from services import dataset_check
+
+    data = shutil.copytree(chat_data, tmp_path / "chats")
+    calls = []
+    real = dataset_check.token_stats
+    monkeypatch.setattr(dataset_check, "token_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    manager = RunManager(workspace)
+    cfg = manager.prepare_config(base_config(tiny_model, data, mode="ift", max_seq_length=64))
+    first = preflight.data_facts(cfg)
+    assert preflight.data_facts({**cfg, "batch_size": 1, "learning_rate": 0.5}) == first and len(calls) == 1
+    assert preflight.data_facts({**cfg, "max_seq_length": 32}) != first and len(calls) == 2
+    with open(data / "train.jsonl", "a") as f:  # the dataset grows: counted again
+        f.write((data / "train.jsonl").read_text().splitlines()[0] + "\n")
+    assert preflight.data_facts(cfg)["samples"] == first["samples"] + 1 and len(calls) == 3
+
+
 def test_suggestions_fit_when_the_estimate_does_not(resolved, tiny_model):
     cfg = resolved(batch_size=16, max_seq_length=1024)
     est = preflight.estimate(cfg, free_bytes=64e9)
