@@ -542,6 +542,9 @@ def cmd_dataset(args: argparse.Namespace, manager: RunManager) -> int:
         else:
             print(f"truncated at {args.max_seq_length:,}: {st['truncated_samples']:,} samples "
                   f"({st['truncated_tokens']:,} tokens)")
+            if st["untrainable"]:
+                print(f"nothing to train: {st['untrainable']:,} samples have no trained token within "
+                      f"{args.max_seq_length:,} (a run leaves them out)")
         print(f"duplicates: {st['duplicates']:,}")
         for err in st["errors"]:
             print(f"not renderable: {err}")

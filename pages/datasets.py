@@ -79,6 +79,9 @@ def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
         rows += [("Trained tokens", f"{st['trained_tokens']:,} (loss targets within max_seq_length)"),
                  ("Truncated", f"{st['truncated_samples']:,} samples longer than {st['max_seq_length']:,} "
                                f"({st['truncated_tokens']:,} tokens dropped)")]
+        if st.get("untrainable"):
+            rows.append(("Nothing to train", f"{st['untrainable']:,} samples have no trained token within "
+                                             f"{st['max_seq_length']:,} (a run leaves them out)"))
     rows.append(("Duplicates", f"{st['duplicates']:,} exact duplicate samples"))
     if st["errors"]:
         rows.append(("Not renderable", f"{len(st['errors'])}: {st['errors'][0]}"))

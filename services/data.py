@@ -375,11 +375,22 @@ def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequenc
                    "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
     if fmt == "text" and cfg.get("mask_prompt"):
         raise DataError(f"{data}: mask_prompt needs chat or completions rows, these are text rows")
-    out = {s: [render_row(tokenizer, row, fmt, cfg, where) for where, row in rows_of.get(s, [])]
-           if s in splits else [] for s in SPLITS}
+    rendered = {s: [(where, render_row(tokenizer, row, fmt, cfg, where)) for where, row in rows_of.get(s, [])]
+                if s in splits else [] for s in SPLITS}
+    # A sample whose trained tokens all lie past max_seq_length teaches nothing, and a batch of only such
+    # samples has no target at all (a 0/0 loss): leave them out and say which.
+    seq = cfg["max_seq_length"]
+    out = {s: [x for _, x in rendered[s] if any(x.mask[1:seq])] for s in SPLITS}
+    left_out = {s: [w for w, x in rendered[s] if not any(x.mask[1:seq])] for s in SPLITS}
+    if rendered["train"] and not out["train"]:
+        raise DataError(f"{data}: no training sample has a trained (assistant) token within max_seq_length={seq}; "
+                        f"the prompts are longer: raise max_seq_length")
     stats = {"format": fmt, "mode": "ift", "mask_all_turns": bool(cfg.get("mask_all_turns"))}
     for s in ("train", "valid"):
-        stats[s] = _split_stats(out[s], documents=len(out[s]), max_len=cfg["max_seq_length"])
+        stats[s] = _split_stats(out[s], documents=len(out[s]), max_len=seq)
+        if left_out[s]:
+            stats[s]["left_out"] = len(left_out[s])
+            stats[s]["left_out_examples"] = left_out[s][:5]
     return Prepared(out["train"], out["valid"], out["test"], stats)
 
 

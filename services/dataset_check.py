@@ -349,7 +349,7 @@ def token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, cfg: d
     """Samples, tokens (as the run renders them), trained tokens, length spread and histogram, truncation at
     ``max_seq_length`` and exact duplicates. Documents are packed in CPT, so they report windows instead."""
     lengths: list[int] = []
-    trained, errors, seen, dups = 0, [], set(), 0
+    trained, errors, seen, dups, untrainable = 0, [], set(), 0, 0
     for where, _, _, sample in check.samples():
         key = sample.text if isinstance(sample, Document) else json.dumps(sample, sort_keys=True)
         digest = hashlib.sha1(key.encode()).digest()
@@ -363,13 +363,15 @@ def token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, cfg: d
             continue
         lengths.append(len(toks))
         trained += sum(mask[:max_seq_length]) if check.fmt != "documents" else len(toks)
+        untrainable += check.fmt != "documents" and not any(mask[1:max_seq_length])  # a run leaves these out
     srt = sorted(lengths)
     pct = (lambda q: srt[min(int(q * len(srt)), len(srt) - 1)]) if srt else (lambda q: 0)
     out: dict[str, Any] = {
         "samples": len(lengths), "tokens": sum(lengths), "trained_tokens": trained,
         "min": srt[0] if srt else 0, "max": srt[-1] if srt else 0,
         "mean": round(sum(srt) / len(srt), 1) if srt else 0, "p50": pct(0.5), "p95": pct(0.95),
-        "duplicates": dups, "max_seq_length": max_seq_length, "histogram": _histogram(lengths, bins),
+        "duplicates": dups, "untrainable": untrainable, "max_seq_length": max_seq_length,
+        "histogram": _histogram(lengths, bins),
         "errors": errors,
     }
     if check.fmt == "documents":  # bos d1 eos d2 eos … cut into windows overlapping by one token

@@ -273,6 +273,11 @@ class Trainer:
         self.steps_per_epoch = self.stats["steps_per_epoch"]
         self.iters = (math.ceil(cfg["epochs"] * self.steps_per_epoch) if cfg.get("epochs") else cfg["iters"])
         write_json(self.folder.stats_path, self.stats)
+        for split in ("train", "valid"):
+            n = (self.stats.get(split) or {}).get("left_out")
+            if n:
+                self.folder.log(f"{n} {split} sample(s) left out: no trained token within max_seq_length="
+                                f"{cfg['max_seq_length']} (e.g. {', '.join(self.stats[split]['left_out_examples'])})")
         mx.random.seed(cfg["seed"])
         apply_fine_tune_type(self.model, cfg)
         write_json(self.folder.path / "adapter_config.json", adapter_config(cfg, self.folder.path))
@@ -340,11 +345,11 @@ class Trainer:
             train_time += time.perf_counter() - tic
             if not math.isfinite(lvalue.item()):
                 last = saved_at if saved_at >= 1 else None
-                raise TrainingFailed(
-                    f"training loss became {lvalue.item()} at iteration {it}; "
-                    + (f"last good checkpoint is {last}. " if last else "")
-                    + f"Lower the learning rate (now {cfg['learning_rate']}) or raise grad_accumulation_steps."
-                )
+                cure = (f"no token of batch {it} is trained: its prompts are longer than max_seq_length="
+                        f"{cfg['max_seq_length']}; raise it" if toks.item() == 0 else
+                        f"Lower the learning rate (now {cfg['learning_rate']}) or raise grad_accumulation_steps.")
+                raise TrainingFailed(f"training loss became {lvalue.item()} at iteration {it}; "
+                                     + (f"last good checkpoint is {last}. " if last else "") + cure)
             if it % report_every == 0 or it == iters:
                 self._report_train(it, train_time, wall0, start)
                 train_time = 0.0

@@ -109,6 +109,31 @@ def test_ift_single_file_is_split_without_overlap(tokenizer, tiny_model, tmp_pat
     assert only_valid.valid == prepared.valid and only_valid.train == []
 
 
+def test_samples_with_no_trained_token_inside_the_window_are_left_out_and_named(tokenizer, tiny_model, tmp_path):
+    rng = random.Random(5)
+    rows = [chat_row(rng) for _ in range(12)]
+    for i in (3, 7):  # a prompt far longer than the window: the answer starts past max_seq_length
+        rows[i]["messages"][0]["content"] = " ".join(sentence(rng) for _ in range(30))
+    folder = tmp_path / "chats"
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "valid.jsonl", rows[:4])
+    cfg = resolve(base_config(tiny_model, folder, mode="ift", max_seq_length=96))
+    prepared = data_mod.prepare(cfg, tokenizer)
+    assert len(prepared.train) == 10 and len(prepared.valid) == 3
+    assert all(any(s.mask[1:96]) for s in prepared.train + prepared.valid)  # every batch has targets
+    train = prepared.stats["train"]
+    assert train["left_out"] == 2 and train["left_out_examples"] == [f"{folder / 'train.jsonl'}:{i + 1}"
+                                                                      for i in (3, 7)]
+    assert prepared.stats["valid"]["left_out"] == 1
+    from services import dataset_check as dc  # what the Datasets page and `dataset check` warn about
+
+    masks = {k: cfg[k] for k in ("mask_all_turns", "mask_prompt")}
+    assert dc.token_stats(dc.check_dataset(folder / "train.jsonl"), tokenizer, 96, masks)["untrainable"] == 2
+    with pytest.raises(DataError, match="no training sample has a trained .assistant. token within "
+                                        "max_seq_length=8"):
+        data_mod.prepare(resolve(base_config(tiny_model, folder, mode="ift", max_seq_length=8)), tokenizer)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

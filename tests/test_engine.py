@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import yaml
-from conftest import base_config
+from conftest import base_config, sentence, write_jsonl
 
 from services.run_folder import RunFolder, history
 
@@ -216,6 +217,19 @@ def test_nan_loss_fails_the_run_with_an_actionable_reason(manager, tiny_model, c
     assert info["status"] == "failed"
     assert "loss became nan at iteration 1" in info["reason"] and "Lower the learning rate" in info["reason"]
     assert folder.checkpoint_iterations() == []  # a NaN state is never saved as a checkpoint
+
+
+def test_a_batch_with_nothing_to_train_names_max_seq_length_not_the_learning_rate(manager, tiny_model, tmp_path):
+    """Plain mlx-lm mode keeps mlx-lm's data handling: prompts longer than the window leave a batch with no
+    target (0/0); the reason says so. ForgeLLM modes leave such samples out (tests/test_data.py)."""
+    rng = random.Random(2)
+    rows = [{"prompt": " ".join(sentence(rng) for _ in range(12)), "completion": sentence(rng)} for _ in range(8)]
+    write_jsonl(tmp_path / "long" / "train.jsonl", rows)
+    folder = manager.launch(base_config(tiny_model, tmp_path / "long", iters=5, steps_per_eval=100,
+                                        mask_prompt=True, max_seq_length=16))
+    info = manager.wait(folder.id, timeout=120)
+    assert info["status"] == "failed" and "max_seq_length=16" in info["reason"], info["reason"]
+    assert "learning rate" not in info["reason"]
 
 
 def test_run_records_versions_hardware_and_blas(manager, tiny_model, chat_data):

@@ -113,3 +113,16 @@ def shot(page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def pick(page, label: str, option: str) -> None:
+    """Choose ``option`` in the select labelled ``label``."""
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+
+
+def fill(page, label: str, value: str) -> None:
+    """Type ``value`` into the input labelled ``label`` and leave it (as a person tabbing on)."""
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.blur()

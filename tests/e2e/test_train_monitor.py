@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import shot
+from conftest import fill, pick, shot
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
@@ -26,17 +26,6 @@ def wait_iteration_above(page: Page, n: int, timeout: float = 60_000) -> int:
         deadline -= 250
     assert iteration(page) > n
     return iteration(page)
-
-
-def pick(page: Page, label: str, option: str) -> None:
-    page.get_by_label(label, exact=True).click()
-    page.get_by_role("option").filter(has_text=option).first.click()
-
-
-def fill(page: Page, label: str, value: str) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(value)
-    box.blur()
 
 
 def test_train_watch_stop_resume_second_browser_and_restart(page: Page, app_server, browser):
