@@ -229,6 +229,13 @@ def test_lr_preview_matches_mlx(kind, warmup, accum):
 # ------------------------------------------------------------------------------------------ Monitor + real run
 
 
+@pytest.fixture
+def tiny_in_workspace(services, tiny_model, chat_data) -> None:
+    """The tiny model as ``models/tiny`` and the chat set as ``datasets/chat`` (links)."""
+    os.symlink(tiny_model, services.workspace.models / "tiny")
+    os.symlink(chat_data, services.workspace.datasets / "chat")
+
+
 async def fill_tiny_run(user: User, **changes) -> None:
     """A valid IFT-LoRA config for the tiny model, through the form."""
     values = {"field-model": "tiny", "field-data": "chat", "field-mode": "ift", "field-fine_tune_type": "lora",
@@ -243,10 +250,7 @@ async def fill_tiny_run(user: User, **changes) -> None:
 
 
 @pytest.mark.slow
-async def test_train_to_monitor_real_run(ui_user: User, services, tiny_model, chat_data):
-    ws = services.workspace
-    os.symlink(tiny_model, ws.models / "tiny")
-    os.symlink(chat_data, ws.datasets / "chat")
+async def test_train_to_monitor_real_run(ui_user: User, services, tiny_in_workspace):
     await ui_user.open("/train")
     await fill_tiny_run(ui_user)
     ui_user.find(marker="start").click()
@@ -313,10 +317,7 @@ async def test_stop_and_resume_buttons(ui_user: User, services):
 
 
 @pytest.mark.slow
-async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, services, tiny_model, chat_data):
-    ws = services.workspace
-    os.symlink(tiny_model, ws.models / "tiny")
-    os.symlink(chat_data, ws.datasets / "chat")
+async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, services, tiny_in_workspace):
     await ui_user.open("/train")
     await fill_tiny_run(ui_user, **{"field-name": "long", "field-iters": 2000, "field-save_every": 1000,
                                     "field-steps_per_eval": 1000})
