@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
                  "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
+WAITING_TEXT = "in the training queue: it starts when no run is training (runs queued before it go first)"
 # chart marker → (title, [(series, label)], y-axis type)
 CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
@@ -213,7 +214,7 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
             picker.set_options(options, value=run_id)
         status.set_text(st)
         status.props["color"] = STATUS_COLORS.get(st, "grey")
-        reason.set_text(why)
+        reason.set_text(WAITING_TEXT if st == WAITING else why)
         progress.set_value(round(latest.get("progress") or 0.0, 4))
         progress_label.set_text(progress_text(latest))
         for key, text in card_texts(latest).items():

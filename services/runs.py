@@ -121,7 +121,8 @@ class RunManager:
             folder.update(id=run_id, name=cfg.get("name") or run_id, status=status, reason=None,
                           created=time.time(), mode=cfg.get("mode") or "mlx-lm", fine_tune_type=cfg["fine_tune_type"],
                           model=cfg["model"], data=cfg["data"], seed=cfg["seed"], parent=parent,
-                          forgellm=__version__, checkpoints=[], best=None, iteration=0)
+                          forgellm=__version__, checkpoints=[], best=None, iteration=0,
+                          iters=None if cfg.get("epochs") else cfg.get("iters"))  # by epochs: the worker counts
             self.version += 1
         return folder
 

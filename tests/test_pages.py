@@ -331,6 +331,7 @@ async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, se
     second = services.manager.waiting()[0]["id"]
     await ui_user.open(f"/monitor/{second}")
     await wait_for(lambda: _text(ui_user, "status") == "waiting")
+    await ui_user.should_see("in the training queue")
     assert el(ui_user, "resume").text == "Start now" and el(ui_user, "resume").enabled and el(ui_user, "stop").enabled
     services._status = (0.0, {})  # noqa: SLF001 (skip the status cache)
     assert "1 waiting" in _status_texts(services.status())[0]
