@@ -187,7 +187,8 @@ def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, 
         width = seq_cap if cfg.get("packing", True) else min(st["max"] + 2, seq_cap)
         mean = min(st["mean"] + 2, seq_cap) if not cfg.get("packing", True) else seq_cap
     else:
-        samples, width, mean = st["samples"], min(1 + 32 * math.ceil(st["max"] / 32), seq_cap), min(st["mean"], seq_cap)
+        samples = st["samples"] - st.get("untrainable", 0)  # a run leaves out those with nothing to train
+        width, mean = min(1 + 32 * math.ceil(st["max"] / 32), seq_cap), min(st["mean"], seq_cap)
     n_train = samples - (min(max(1, round(samples * held_out)), samples - 1) if held_out and samples > 1 else 0)
     return {"samples": n_train, "tokens": st["tokens"], "mean_length": mean, "max_length": st["max"],
             "seq": max(width - 1, 1), "bad_lines": len(check.bad), "truncated": st["truncated_samples"],

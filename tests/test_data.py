@@ -129,6 +129,9 @@ def test_samples_with_no_trained_token_inside_the_window_are_left_out_and_named(
 
     masks = {k: cfg[k] for k in ("mask_all_turns", "mask_prompt")}
     assert dc.token_stats(dc.check_dataset(folder / "train.jsonl"), tokenizer, 96, masks)["untrainable"] == 2
+    from services import preflight
+
+    assert preflight.data_facts(cfg, tokenizer)["samples"] == len(prepared.train)  # the estimate counts the same
     with pytest.raises(DataError, match="no training sample has a trained .assistant. token within "
                                         "max_seq_length=8"):
         data_mod.prepare(resolve(base_config(tiny_model, folder, mode="ift", max_seq_length=8)), tokenizer)
