@@ -350,6 +350,12 @@ def compare(reference: dict[str, Any], published: dict[str, Any], base: dict[str
             need = math.ceil(len(greedy) / 2)
             checks.append({"check": "greedy text", "ok": matches >= need,
                            "detail": f"{matches}/{len(greedy)} greedy continuations identical (need {need})"})
+        gs = int(quantization.get("group_size", 64))
+        advice = ("try 8 bits" + (" or group size 32" if gs > 32 else "") if bits < 8 else
+                  "try group size 32, or publish unquantized" if gs > 32 else "publish unquantized")
+        for c in checks:
+            if not c["ok"]:
+                c["detail"] += f"; {advice}"
         result["criteria"] = (f"{bits}-bit: validation perplexity at most {tol:.0%} above base + checkpoint, and at "
                               f"least {MIN_RETAINED:.0%} of the fine-tune's gain over the base kept; greedy text is "
                               "reported, not required (quantization may flip near ties)")

@@ -193,6 +193,24 @@ def test_quantized_exports_report_their_loss_delta(trained):
     assert 4.5 < q4.parity["bits_per_weight"] < 5.5
 
 
+def test_a_failed_quantized_export_says_what_to_try():
+    from services.publisher import compare
+
+    def measured(loss: float) -> dict:
+        return {"loss": loss, "tokens": 100, "greedy": [{"tokens": [1, 2], "text": "a b"}], "logits": []}
+
+    ref, base = measured(3.0), measured(3.6)
+    for bits, gs, advice in ((4, 64, "try 8 bits or group size 32"), (8, 64, "try group size 32, or publish "
+                             "unquantized"), (8, 32, "publish unquantized")):
+        result = compare(ref, measured(3.4), base, dtype="float32", quantization={"bits": bits, "group_size": gs},
+                         prompts=["p"])
+        failed = [c for c in result["checks"] if not c["ok"]]
+        assert failed and all(c["detail"].endswith(advice) for c in failed), failed
+    passed = compare(ref, measured(3.001), base, dtype="float32", quantization={"bits": 4, "group_size": 64},
+                     prompts=["p"])
+    assert passed["passed"] and not any("try" in c["detail"] for c in passed["checks"])
+
+
 def test_gguf_export_on_tiny_llama_round_trips(trained):
     import gguf
 
