@@ -127,15 +127,21 @@ class PublishResult:
 
 
 class _Reporter:
-    """Calls ``progress(phase, fraction, message)`` with a fraction that never goes back."""
+    """Calls ``progress(phase, fraction, message)`` with a fraction that never goes back; the steps within one
+    task (messages ``TASK: step``) at most every ``interval`` seconds."""
 
-    def __init__(self, callback: Progress | None):
-        self.callback, self.last = callback, 0.0
+    def __init__(self, callback: Progress | None, interval: float = 0.5):
+        self.callback, self.last, self.interval = callback, 0.0, interval
+        self.task, self.sent = None, 0.0
 
     def __call__(self, phase: str, fraction: float, message: str) -> None:
         self.last = max(self.last, min(fraction, 1.0))
-        if self.callback is not None:
-            self.callback(phase, round(self.last, 3), message)
+        task = (phase, message.split(": ", 1)[0])
+        now = time.monotonic()
+        if self.callback is None or (task == self.task and now - self.sent < self.interval):
+            return
+        self.task, self.sent = task, now
+        self.callback(phase, round(self.last, 3), message)
 
 
 # ----------------------------------------------------------------------------------------- names and sources
@@ -253,17 +259,24 @@ def _prompt_ids(cfg: dict[str, Any], stats: dict[str, Any], tokenizer: Any) -> l
             else list(tokenizer.encode(p)) for p in PARITY_PROMPTS]
 
 
-def measure(model: nn.Module, tokenizer: Any, probe: _Probe) -> dict[str, Any]:
-    """Validation loss (mlx-lm ``evaluate``, fixed batch order), greedy continuations and prompt logits."""
+def measure(model: nn.Module, tokenizer: Any, probe: _Probe,
+            progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Validation loss (mlx-lm ``evaluate``, fixed batch order), greedy continuations and prompt logits.
+
+    ``progress(fraction, message)`` hears of every validation batch and prompt."""
     out: dict[str, Any] = {"loss": None, "perplexity": None, "tokens": 0}
+    tell = progress or (lambda fraction, message: None)
     if len(probe.valid):
         counts: list[mx.array] = []
         compat = probe.cfg.get("mode") is None
         base_loss = default_loss if compat else masked_loss
+        n = max(1, math.ceil(len(probe.valid) / probe.cfg["batch_size"]))
+        n = n if probe.batches < 0 else min(probe.batches, n)
 
         def loss(m: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
             value, ntoks = base_loss(m, *batch)
             counts.append(ntoks)
+            tell(0.8 * min(len(counts) / n, 1.0), f"validation batch {len(counts)} of {n}")
             return value, ntoks
 
         state = np.random.get_state()
@@ -277,7 +290,8 @@ def measure(model: nn.Module, tokenizer: Any, probe: _Probe) -> dict[str, Any]:
         out.update(loss=value, perplexity=math.exp(value) if value < 700 else math.inf,
                    tokens=int(sum(c.item() for c in counts)))
     logits, greedy = [], []
-    for ids in probe.prompt_ids:
+    for k, ids in enumerate(probe.prompt_ids):
+        tell(0.8 + 0.2 * k / len(probe.prompt_ids), f"greedy prompt {k + 1} of {len(probe.prompt_ids)}")
         logits.append(model(mx.array(ids)[None]).astype(mx.float32)[0])
         tokens, text = [], []
         for r in stream_generate(model, tokenizer, ids, max_tokens=PARITY_MAX_TOKENS):
@@ -287,6 +301,12 @@ def measure(model: nn.Module, tokenizer: Any, probe: _Probe) -> dict[str, Any]:
     mx.eval(logits)
     out.update(logits=logits, greedy=greedy)
     return out
+
+
+def measuring(report: Progress, lo: float, hi: float,
+              what: str) -> Callable[[float, str], None]:
+    """A :func:`measure` progress callback that reports within ``lo``..``hi`` of the whole job."""
+    return lambda f, message: report("parity", lo + (hi - lo) * f, f"measuring {what}: {message}")
 
 
 def compare(reference: dict[str, Any], published: dict[str, Any], base: dict[str, Any] | None, *,
@@ -735,12 +755,11 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
         with contextlib.redirect_stdout(io.StringIO()):
             model, tokenizer, config = load(str(base), return_config=True)
         probe = _probe(cfg, read_json(folder.stats_path, {}) or {}, tokenizer, parity_batches)
-        report("parity", 0.12, "measuring the base model")
-        base_m = measure(model, tokenizer, probe)
+        base_m = measure(model, tokenizer, probe, measuring(report, 0.12, 0.2, "the base model"))
         report("loading", 0.2, f"applying checkpoint {it}")
         acfg = apply_checkpoint(model, ckpt)
-        report("parity", 0.25, f"measuring base + checkpoint {it} (the reference)")
-        ref_m = measure(model, tokenizer, probe)
+        ref_m = measure(model, tokenizer, probe,
+                        measuring(report, 0.25, 0.35, f"base + checkpoint {it} (the reference)"))
         report("fusing", 0.35, f"fusing {acfg.get('fine_tune_type', 'lora')} checkpoint {it}")
         n_fused = fuse(model, dequantize)
         if dequantize:
@@ -770,8 +789,7 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
         with contextlib.redirect_stdout(io.StringIO()):
             pub_model, pub_tok = load(str(tmp))
         tok_match = _prompt_ids(probe.cfg, probe.stats, pub_tok) == probe.prompt_ids
-        report("parity", 0.75, "measuring the published model")
-        pub_m = measure(pub_model, pub_tok, probe)
+        pub_m = measure(pub_model, pub_tok, probe, measuring(report, 0.75, 0.9, "the published model"))
         del pub_model
         _free()
         parity = compare(ref_m, pub_m, base_m, dtype=dtype, quantization=quantization, prompts=probe.prompts,
@@ -827,17 +845,15 @@ def parity_check(workspace: Workspace, name: str, *, parity_batches: int | None 
     with contextlib.redirect_stdout(io.StringIO()):
         model, tokenizer = load(str(base))
     probe = _probe(cfg, read_json(folder.stats_path, {}) or {}, tokenizer, parity_batches)
-    report("parity", 0.15, "measuring the base model")
-    base_m = measure(model, tokenizer, probe)
+    base_m = measure(model, tokenizer, probe, measuring(report, 0.15, 0.4, "the base model"))
     apply_checkpoint(model, folder.checkpoint_dir(it))
-    report("parity", 0.4, "measuring base + checkpoint (the reference)")
-    ref_m = measure(model, tokenizer, probe)
+    ref_m = measure(model, tokenizer, probe, measuring(report, 0.4, 0.6, "base + checkpoint (the reference)"))
     del model
     _free()
     report("parity", 0.6, "measuring the published model")
     with contextlib.redirect_stdout(io.StringIO()):
         pub_model, pub_tok = load(str(dst))
-    pub_m = measure(pub_model, pub_tok, probe)
+    pub_m = measure(pub_model, pub_tok, probe, measuring(report, 0.6, 0.9, "the published model"))
     tok_match = _prompt_ids(probe.cfg, probe.stats, pub_tok) == probe.prompt_ids
     dtype = _float_dtype(pub_model)
     del pub_model

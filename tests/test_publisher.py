@@ -267,6 +267,7 @@ def test_cli_publish_prints_progress_and_parity(trained, capsys):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "] quantizing: quantizing to 8 bits" in out and "[100%] card" in out
+    assert "measuring the published model: validation batch 1 of" in out  # steps within a task, throttled
     assert "parity check: PASSED (quantized" in out and "ok   perplexity increase" in out
     assert cli_main(["--workspace", str(ws.root), "publish", folder.id, "--name", "../x"]) == 2
     assert "give a plain folder name" in capsys.readouterr().err
