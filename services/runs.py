@@ -167,8 +167,7 @@ class RunManager:
 
     def waiting(self) -> list[dict[str, Any]]:
         """The waiting runs, first in line first."""
-        runs = [r for r in self.list() if r.get("status") == WAITING]
-        return sorted(runs, key=lambda r: (r.get("created") or 0, r["id"]))
+        return _in_line(self.list())
 
     def start_next(self) -> str | None:
         """Start the oldest waiting run if no run is active; returns its id (None: nothing started)."""
@@ -181,8 +180,7 @@ class RunManager:
                     runs = self.list()
                     if any(r.get("status") in ACTIVE for r in runs):
                         return None
-                    waiting = sorted((r for r in runs if r.get("status") == WAITING),
-                                     key=lambda r: (r.get("created") or 0, r["id"]))
+                    waiting = _in_line(runs)
                     if not waiting:
                         return None
                     self.start(waiting[0]["id"])
@@ -194,7 +192,7 @@ class RunManager:
         """Ask the worker to stop after its current step (it writes a final checkpoint); a waiting run
         leaves the queue."""
         folder = self.folder(run_id)
-        with self._lock:
+        with self._lock, _queue_lock(self.workspace):  # not while another process starts it
             if folder.info().get("status") == WAITING:
                 folder.update(status="stopped", reason="taken off the queue before it started")
                 self.version += 1
@@ -215,7 +213,9 @@ class RunManager:
         if info.get("status") in ACTIVE:
             raise ConfigError("run", run_id, f"is {info['status']}; stop it before resuming")
         if info.get("status") == WAITING and iteration is None and not overrides:
-            self.start(run_id)  # start a waiting run now, next to the active one
+            with self._lock, _queue_lock(self.workspace):
+                if folder.info().get("status") == WAITING:  # not started by the queue meanwhile
+                    self.start(run_id)  # start it now, next to the active one
             return folder
         its = folder.checkpoint_iterations()
         if not its:
@@ -334,6 +334,11 @@ class RunManager:
                 return info
             time.sleep(poll)
         raise TimeoutError(f"run {run_id} still {self.get(run_id).get('status')} after {timeout} s")
+
+
+def _in_line(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The waiting runs among ``runs``, oldest first."""
+    return sorted((r for r in runs if r.get("status") == WAITING), key=lambda r: (r.get("created") or 0, r["id"]))
 
 
 class _queue_lock:  # noqa: N801 (used as a plain `with` block)
