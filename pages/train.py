@@ -226,6 +226,13 @@ def train_page(services: Services) -> None:
                         .props("outline").mark("queue")
                     queue_btn.tooltip("Start when no other run is training; queued runs start one after another, "
                                       "even with the app closed")
+                with ui.dialog() as busy_dialog, ui.card().mark("busy-dialog"):
+                    busy_text = ui.label("").classes("text-sm")
+                    with ui.row().classes("gap-2"):
+                        ui.button("Queue it", icon="queue", on_click=lambda: start(queue=True)).mark("busy-queue")
+                        ui.button("Start anyway", on_click=lambda: start(side_by_side=True)) \
+                            .props("outline").mark("busy-start")
+                        ui.button("Cancel", on_click=lambda: busy_dialog.close()).props("flat")
                     ui.button("Download YAML", icon="download", on_click=lambda: download()) \
                         .props("outline").mark("download")
                 ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_UPLOAD_BYTES,
@@ -345,12 +352,19 @@ def train_page(services: Services) -> None:
             state["curve"] = curve
             chart.options["series"][0]["data"] = curve
 
-    def start(queue: bool = False) -> None:
+    def start(queue: bool = False, side_by_side: bool = False) -> None:
         cfg, errors = check(read_form())
         if errors:
             refresh()
             ui.notify(f"Fix {len(errors)} problem(s) before starting", type="warning")
             return
+        busy = [] if queue or side_by_side else manager.active()
+        if busy:  # two runs at once share the CPU/GPU and memory: ask first
+            busy_text.set_text(f"{busy[0].get('name') or busy[0]['id']} is training. Two runs at once share the "
+                               "processor and memory and both slow down.")
+            busy_dialog.open()
+            return
+        busy_dialog.close()
         start_btn.disable()
         queue_btn.disable()
         try:

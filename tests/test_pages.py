@@ -326,7 +326,10 @@ async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, se
     await wait_for(lambda: ui_user.back_history[-1] == f"/monitor/{first}", timeout=5)
     await ui_user.open("/train")
     await fill_tiny_run(ui_user, **{"field-name": "later"})
-    ui_user.find(marker="queue").click()
+    ui_user.find(marker="start").click()  # a run is training: Start asks first
+    await ui_user.should_see("long is training")
+    assert len(services.manager.list()) == 1
+    ui_user.find(marker="busy-queue").click()
     await ui_user.should_see("queued: it starts after the active run")
     second = services.manager.waiting()[0]["id"]
     await ui_user.open(f"/monitor/{second}")
@@ -338,6 +341,17 @@ async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, se
     ui_user.find(marker="stop").click()
     await wait_for(lambda: _text(ui_user, "status") == "stopped")
     assert "off the queue" in services.manager.get(second)["reason"] and not el(ui_user, "stop").enabled
-    services.manager.stop(first)
-    assert services.manager.wait(first, timeout=120)["status"] == "stopped"
+    await ui_user.open("/train")
+    await fill_tiny_run(ui_user, **{"field-name": "beside", "field-iters": 2000, "field-save_every": 1000,
+                                    "field-steps_per_eval": 1000})
+    ui_user.find(marker="start").click()
+    await ui_user.should_see("long is training")
+    ui_user.find(marker="busy-start").click()  # the person insists: side by side
+    await wait_for(lambda: ui_user.back_history[-1].startswith("/monitor/") and first not in ui_user.back_history[-1],
+                   timeout=5)
+    third = ui_user.back_history[-1].rsplit("/", 1)[1]
+    assert services.manager.get(third)["status"] in ("queued", "running")
+    for run_id in (third, first):
+        services.manager.stop(run_id)
+        assert services.manager.wait(run_id, timeout=120)["status"] == "stopped"
     assert services.manager.get(second)["status"] == "stopped"  # it left the queue: it did not start
