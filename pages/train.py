@@ -226,6 +226,8 @@ def train_page(services: Services) -> None:
                         .props("outline").mark("queue")
                     queue_btn.tooltip("Start when no other run is training; queued runs start one after another, "
                                       "even with the app closed")
+                    ui.button("Download YAML", icon="download", on_click=lambda: download()) \
+                        .props("outline").mark("download")
                 with ui.dialog() as busy_dialog, ui.card().mark("busy-dialog"):
                     busy_text = ui.label("").classes("text-sm")
                     with ui.row().classes("gap-2"):
@@ -233,8 +235,6 @@ def train_page(services: Services) -> None:
                         ui.button("Start anyway", on_click=lambda: start(side_by_side=True)) \
                             .props("outline").mark("busy-start")
                         ui.button("Cancel", on_click=lambda: busy_dialog.close()).props("flat")
-                    ui.button("Download YAML", icon="download", on_click=lambda: download()) \
-                        .props("outline").mark("download")
                 ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_UPLOAD_BYTES,
                           on_upload=lambda e: upload(e)).props("accept=.yaml,.yml flat bordered dense") \
                     .classes("w-full").mark("upload")
