@@ -74,6 +74,19 @@ def human_count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def files_stamp(*paths: Path) -> tuple:
+    """Names, sizes and modification times of the files at ``paths`` (files or folders): changes when any does."""
+    out = []
+    for path in map(Path, paths):
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def disk_size(path: Path) -> int:
     """Bytes on disk of a file or folder (links followed, each file counted once)."""
     path = Path(path)
@@ -162,9 +175,8 @@ def parameter_facts(folder: Path, cfg: dict | None = None) -> tuple[int | None, 
         return None, "?"
     cfg = cfg if cfg is not None else (read_json(Path(folder) / "config.json") or {})
     quant = cfg.get("quantization") or cfg.get("quantization_config")
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     try:
-        return _param_facts(str(folder), stamp, json.dumps(quant if isinstance(quant, dict) else None))
+        return _param_facts(str(folder), files_stamp(*files), json.dumps(quant if isinstance(quant, dict) else None))
     except (LibraryError, OSError, KeyError, TypeError):
         return None, "?"
 
@@ -510,7 +522,7 @@ def hub_offline_reason(timeout: float = HUB_TIMEOUT) -> str | None:
     hub_constants = sys.modules.get("huggingface_hub.constants")  # read once, when huggingface_hub was imported
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true") \
             or getattr(hub_constants, "HF_HUB_OFFLINE", False):
-        return "HF_HUB_OFFLINE is set (offline mode)"
+        return "offline mode: HF_HUB_OFFLINE is set"
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     result: list[str | None] = []
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import psutil
 
-from services.library import tensor_shapes, text_config, weight_files
+from services.library import files_stamp, tensor_shapes, text_config, weight_files
+from services.run_folder import ACTIVE
 from services.workspace import Workspace, read_json
 
 GB = 1e9
@@ -137,26 +138,13 @@ _facts_lock = threading.Lock()
 FACTS_CACHED = 16
 
 
-def _files_stamp(path: Path) -> tuple:
-    """Names, sizes and modification times of a dataset's files: changes when any file does."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-        except OSError:
-            continue
-        out.append((str(f), st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 def data_facts(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, Any]:
     """Training samples, their token lengths and the widest batch, from the dataset and the model's tokenizer.
 
     Counting tokens reads the whole dataset, so the facts are kept (per dataset and model files and the config
     keys they depend on): estimating again after changing the batch size or the learning rate is instant."""
     data = Path(cfg["data"])
-    key = (_files_stamp(data), _files_stamp(Path(cfg["model"])), *(str(cfg.get(k)) for k in DATA_KEYS))
+    key = (files_stamp(data, Path(cfg["model"])), *(str(cfg.get(k)) for k in DATA_KEYS))
     with _facts_lock:
         if key in _facts_cache:
             return dict(_facts_cache[key])
@@ -314,7 +302,7 @@ class Probe:
             t0 = time.time()
             while True:
                 info = manager.get(folder.id)
-                if info.get("status") not in ("queued", "running"):
+                if info.get("status") not in ACTIVE:
                     break
                 if self._cancel.is_set():
                     manager.stop(folder.id)

@@ -38,9 +38,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -48,7 +46,6 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-from urllib.parse import urlparse  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -66,6 +63,7 @@ from services.batching import eval_batches, masked_loss  # noqa: E402
 from services.config import ConfigError  # noqa: E402
 from services.data import DataError, _chat_tokens  # noqa: E402
 from services.generation import RequestError, adapter_files  # noqa: E402
+from services.library import disk_size, hub_offline_reason  # noqa: E402
 from services.model_service import resolve_adapter  # noqa: E402
 from services.publish_rules import (  # noqa: E402,F401 (re-exported: the rules need no MLX)
     GGUF_MODEL_TYPES,
@@ -814,7 +812,7 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    size = disk_size(target)
     report("card", 1.0, f"published {target}")
     return PublishResult(name=target.name, path=target, run_id=folder.id, iteration=it, reason=why,
                          fine_tune_type=prov["source"]["fine_tune_type"], dtype=dtype, quantization=quantization,
@@ -880,38 +878,11 @@ def list_published(workspace: Workspace) -> list[dict[str, Any]]:
         out.append({"name": p.name, "path": str(p), "source": prov.get("source"), "dtype": prov.get("dtype"),
                     "quantization": prov.get("quantization"), "passed": parity.get("passed"),
                     "summary": parity_summary(parity) if "checks" in parity else None,
-                    "bytes": sum(f.stat().st_size for f in p.rglob("*") if f.is_file())})
+                    "bytes": disk_size(p)})
     return out
 
 
 # ----------------------------------------------------------------------------------------- upload
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _reachable(endpoint: str, timeout: float) -> None:
-    """Raise :class:`UploadError` unless a TCP connection to ``endpoint`` opens within ``timeout`` seconds."""
-    url = urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        raise UploadError(f"Hub endpoint {endpoint!r} is not a URL")
-    box: dict[str, BaseException | None] = {"error": None}
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e:
-            box["error"] = e
-
-    t = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise UploadError(f"cannot reach {endpoint} within {timeout:.0f} s: no network? Upload later")
-    if box["error"] is not None:
-        raise UploadError(f"cannot reach {endpoint} ({box['error']}): no network? Upload later")
 
 
 def upload(published_path: str | os.PathLike, repo_id: str, token: str | None = None, *, private: bool = True,
@@ -926,15 +897,13 @@ def upload(published_path: str | os.PathLike, repo_id: str, token: str | None = 
         raise UploadError(f"{path} is not a published model folder (config.json and README.md expected)")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo_id or ""):
         raise UploadError(f"repo_id {repo_id!r}: expected OWNER/NAME (letters, digits, '.', '_', '-')")
-    if _offline():
-        raise UploadError("offline mode: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it and retry when "
-                          "online")
-    from huggingface_hub import HfApi, constants
+    reason = hub_offline_reason(timeout)
+    if reason:
+        raise UploadError(f"{reason}: nothing can be uploaded; retry when online")
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    _reachable(endpoint, timeout)
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
     try:
         url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
         api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model",

@@ -33,7 +33,7 @@ FINISHED = ("completed", "stopped", "early-stopped", "failed", "interrupted")
 class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def id(self) -> str:
@@ -76,10 +76,8 @@ class RunFolder:
             total = info.get("trained_seconds") or 0.0
             if info.get("started") is not None and info.get("ended") is None:
                 total += max(0.0, ended - info["started"])
-            info.update(status=status, reason=reason, ended=ended, trained_seconds=round(total, 3), pid=None,
-                        pid_created=None, updated=time.time())
-            write_json(self.run_json, info)
-            return info
+            return self.update(status=status, reason=reason, ended=ended, trained_seconds=round(total, 3), pid=None,
+                               pid_created=None)
 
     def append_metric(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, {**record, "time": round(time.time(), 3)})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS
+from services.library import disk_size
 from services.run_folder import ACTIVE, WAITING, RunFolder, history
 from services.workspace import read_json
 
@@ -124,13 +125,6 @@ def by_best_val_loss(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def _dir_bytes(path: Path) -> int | None:
-    try:
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    except OSError:
-        return None
-
-
 def checkpoint_rows(folder: RunFolder, info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Checkpoints on disk, oldest first: iteration, epoch, train/val loss, val perplexity, bytes, ``best``."""
     info = folder.info() if info is None else info
@@ -144,7 +138,7 @@ def checkpoint_rows(folder: RunFolder, info: dict[str, Any] | None = None) -> li
         rows.append({"iteration": it, "epoch": c.get("epoch"), "train_loss": _finite(c.get("train_loss")),
                      "val_loss": val, "perplexity": math.exp(val) if val is not None and val < 700 else None,
                      "trained_tokens": c.get("trained_tokens"),
-                     "bytes": size if size is not None else _dir_bytes(folder.checkpoint_dir(it)),
+                     "bytes": size if size is not None else disk_size(folder.checkpoint_dir(it)),
                      "best": it == best})
     return rows
 

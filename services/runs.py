@@ -12,6 +12,7 @@ processes from starting the same run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -341,20 +343,14 @@ def _in_line(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((r for r in runs if r.get("status") == WAITING), key=lambda r: (r.get("created") or 0, r["id"]))
 
 
-class _queue_lock:  # noqa: N801 (used as a plain `with` block)
+@contextlib.contextmanager
+def _queue_lock(workspace: Workspace) -> Iterator[None]:
     """An exclusive lock on ``.forgellm/queue.lock`` across processes (the app, the CLI and the workers)."""
-
-    def __init__(self, workspace: Workspace):
-        self.path = workspace.root / ".forgellm" / "queue.lock"
-
-    def __enter__(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+    path = workspace.root / ".forgellm" / "queue.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _last_iteration(folder: RunFolder) -> int:

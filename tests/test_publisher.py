@@ -250,7 +250,10 @@ def test_upload_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(UploadError, match="offline mode: HF_HUB_OFFLINE"):
         upload(folder, "someone/model", token="hf_x")
+    import huggingface_hub.constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read when the library was imported
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: like having no network
     with pytest.raises(UploadError, match="cannot reach http://127.0.0.1:9"):
         upload(folder, "someone/model", token="hf_x")
