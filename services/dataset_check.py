@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,13 +24,15 @@ from services.data import (
     CPT_SUFFIXES,
     DataError,
     Document,
+    _encode,
     check_row,
     read_jsonl_lenient,
     render_row,
     row_format,
     split_files,
 )
-from services.workspace import write_atomic
+from services.library import unique_path
+from services.workspace import staged, write_atomic
 
 FORMATS = {"text": "text rows", "completions": "prompt/completion rows", "chat": "chat rows",
            "tools": "chat rows with tools", "documents": "raw text documents (CPT)"}
@@ -182,15 +183,6 @@ def check_dataset(path: str | os.PathLike, cfg: dict[str, Any] | None = None) ->
 # ----------------------------------------------------------------------------------------- writing
 
 
-def _unique(path: Path) -> Path:
-    stem, suffix = (path.stem, path.suffix) if path.is_file() or path.suffix else (path.name, "")
-    n, p = 1, path
-    while p.exists() or p.is_symlink():
-        n += 1
-        p = path.with_name(f"{stem}-{n}{suffix}")
-    return p
-
-
 def _kept_lines(fc: FileCheck) -> bytes:
     bad = set(fc.bad_lines)
     with fc.path.open("rb") as fh:
@@ -209,18 +201,16 @@ def write_clean_copy(check: DatasetCheck) -> Path:
         raise DataError(f"{check.path}: every line is bad; nothing would be left")
     src = check.path
     if src.is_file():
-        target = _unique(src.with_name(f"{src.stem}-clean{src.suffix}"))
+        target = unique_path(src.parent, f"{src.stem}-clean{src.suffix}")
         write_atomic(target, _kept_lines(check.files[0]))
         return target
-    target = _unique(src.with_name(f"{src.name}-clean"))
+    target = unique_path(src.parent, f"{src.name}-clean")
     by_path = {f.path: f for f in check.files}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=src.parent))
-    try:
-        staged = tmp / "data"
+    with staged(target) as tmp:
         for p in sorted(src.rglob("*")):
             if not p.is_file():
                 continue
-            out = staged / p.relative_to(src)
+            out = tmp / p.relative_to(src)
             out.parent.mkdir(parents=True, exist_ok=True)
             fc = by_path.get(p)
             if fc is None:
@@ -229,9 +219,6 @@ def write_clean_copy(check: DatasetCheck) -> Path:
                 out.write_bytes(_kept_lines(fc))
             elif fc.document is not None:
                 shutil.copy2(p, out)
-        os.rename(staged, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -260,18 +247,13 @@ def make_split(check: DatasetCheck, valid_fraction: float = 0.1, seed: int = 0, 
     n_valid = min(max(1, round(len(lines) * valid_fraction)), len(lines) - 1)
     valid_idx = set(order[:n_valid].tolist())
     src = check.path
-    target = target or _unique(src.with_name(f"{src.stem if src.is_file() else src.name}-split"))
+    target = target or unique_path(src.parent, f"{src.stem if src.is_file() else src.name}-split")
     if target.exists():
         raise DataError(f"{target}: already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        staged = tmp / "data"
-        staged.mkdir()
-        (staged / "train.jsonl").write_bytes(b"".join(ln for i, ln in enumerate(lines) if i not in valid_idx))
-        (staged / "valid.jsonl").write_bytes(b"".join(ln for i, ln in enumerate(lines) if i in valid_idx))
-        os.rename(staged, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged(target) as tmp:
+        tmp.mkdir()
+        (tmp / "train.jsonl").write_bytes(b"".join(ln for i, ln in enumerate(lines) if i not in valid_idx))
+        (tmp / "valid.jsonl").write_bytes(b"".join(ln for i, ln in enumerate(lines) if i in valid_idx))
     return target
 
 
@@ -318,10 +300,6 @@ def load_tokenizer(model_path: str) -> Any:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as e:
         raise DataError(f"{model_path}: cannot load the tokenizer ({e})") from None
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def render(tokenizer: Any, sample: Any, fmt: str, where: str, cfg: dict[str, Any] | None = None) -> tuple[list, list]:

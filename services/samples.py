@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from services.workspace import staged
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "configs" / "samples"
 SAMPLE_DATASETS = {"cpt": "sample-cpt", "ift": "sample-ift"}
@@ -22,17 +22,12 @@ def _install_one(src: Path, dst: Path) -> None:
         raise ValueError(f"cannot install sample dataset: {dst} exists and is not a folder")
     if not src.is_dir():
         raise FileNotFoundError(f"sample data folder {src} is missing; is the repository checkout complete?")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        staged = tmp / "data"
-        shutil.copytree(src, staged)
-        try:
-            os.rename(staged, dst)
-        except OSError:
-            if not dst.is_dir():  # not merely a concurrent install that got there first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged(dst) as tmp:
+            shutil.copytree(src, tmp)
+    except OSError:
+        if not dst.is_dir():  # not merely a concurrent install that got there first
+            raise
 
 
 def install_samples(datasets_dir: Path) -> dict[str, Path]:

@@ -7,9 +7,12 @@ goes through :func:`write_atomic` (temp file + fsync + rename) or :func:`append_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,19 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged(target: str | os.PathLike) -> Iterator[Path]:
+    """A hidden path next to ``target`` to build a file or folder in; it becomes ``target`` by one rename when
+    the block ends without error, and nothing is left behind when it does not."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp / "data"
+        os.rename(tmp / "data", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
