@@ -16,7 +16,7 @@ from app.ui_config import MODES
 from pages.monitor import STATUS_COLORS, _chart, fmt_duration
 from pages.runs import METHODS, fmt_loss, page_column
 from services import run_index
-from services.run_folder import ACTIVE, RunFolder
+from services.run_folder import ACTIVE
 
 if TYPE_CHECKING:
     from app.main import Services
@@ -93,7 +93,7 @@ def _build_compare(services: Services, runs: str | None) -> None:
         folder = manager.folder(run_id)
         info, cfg = manager.get(run_id), folder.config()
         records = run_index.run_records(folder)
-        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": metrics_stamp(folder),
+        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": run_index.metrics_stamp(folder),
                 "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}}
 
     loaded: list[dict[str, Any]] = []
@@ -185,7 +185,7 @@ def _build_compare(services: Services, runs: str | None) -> None:
         grew = active = False
         for i, r in enumerate(loaded):
             try:
-                if metrics_stamp(r["folder"]) != r["stamp"]:
+                if run_index.metrics_stamp(r["folder"]) != r["stamp"]:
                     loaded[i] = load(r["id"])
                     grew = True
                 elif r["info"].get("status") in ACTIVE:
@@ -199,12 +199,3 @@ def _build_compare(services: Services, runs: str | None) -> None:
             summary.rows = summary_rows()
 
     ui.timer(FOLLOW_SECONDS, follow)
-
-
-def metrics_stamp(folder: RunFolder) -> tuple[int, int]:
-    """Size and mtime of a run's metrics file: changes whenever the run reports."""
-    try:
-        st = folder.metrics_path.stat()
-        return st.st_size, st.st_mtime_ns
-    except FileNotFoundError:
-        return 0, 0

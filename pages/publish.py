@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from nicegui import ui
 
 from pages.runs import fmt_loss, page_column
@@ -27,6 +26,7 @@ from services.publish_rules import (
     check_options,
     choose_checkpoint,
     published_path,
+    split_front_matter,
 )
 from services.workspace import Workspace, read_json
 
@@ -71,18 +71,6 @@ def name_problem(workspace: Workspace, name: str | None, overwrite: bool = False
     if target.exists() and not overwrite:
         return f"published/{name} already exists: choose another name, or tick “Replace” to overwrite it"
     return None
-
-
-def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
-    """(YAML front matter, the rest) of a model card."""
-    m = re.match(r"---\n(.*?)\n---\n?", text, re.S)
-    if not m:
-        return {}, text
-    try:
-        front = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        return {}, text
-    return (front if isinstance(front, dict) else {}), text[m.end():]
 
 
 def inline_images(markdown: str, folder: Path) -> str:

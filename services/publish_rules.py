@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from services.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -103,3 +105,15 @@ def check_options(base: Path, base_cfg: dict[str, Any], *, dequantize: bool, qua
         if base_quantized and not dequantize:
             raise PublishError(f"GGUF export: the base model {base} is quantized; add dequantize (--dequantize) "
                                "so the fused weights are written as floats")
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """(YAML front matter, the rest) of a model card; ``({}, text)`` when it has none (or it is not a mapping)."""
+    m = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(?:\n|$)", text, re.S)
+    if not m:
+        return {}, text
+    try:
+        front = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}, text
+    return (front if isinstance(front, dict) else {}), text[m.end():]

@@ -73,6 +73,7 @@ from services.publish_rules import (  # noqa: E402,F401 (re-exported: the rules 
     PublishError,
     choose_checkpoint,
     published_path,
+    split_front_matter,
 )
 from services.publish_rules import check_options as _check_options  # noqa: E402
 from services.run_folder import RunFolder, history  # noqa: E402
@@ -450,23 +451,12 @@ def _logit_scale(model: nn.Module, probe: _Probe) -> float:
 # ----------------------------------------------------------------------------------------- model card
 
 
-def _front_matter(text: str) -> dict[str, Any]:
-    m = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
-    if not m:
-        return {}
-    try:
-        data = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def base_model_info(base: Path, base_cfg: dict[str, Any]) -> dict[str, Any]:
     """The base model's Hub id (when it can be known) and license, from its folder, card and config."""
     card = {}
     readme = base / "README.md"
     if readme.is_file():
-        card = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+        card, _ = split_front_matter(readme.read_text(encoding="utf-8", errors="replace"))
     hub_id = None
     for part in base.resolve().parts:
         m = re.fullmatch(r"models--([^/]+?)--(.+)", part)

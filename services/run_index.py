@@ -72,6 +72,15 @@ def listing_stamp(runs_dir: Path) -> tuple[tuple[str, int], ...]:
         return ()
 
 
+def metrics_stamp(folder: RunFolder) -> tuple[int, int]:
+    """Size and modification time of a run's metrics file: changes whenever the run reports."""
+    try:
+        st = folder.metrics_path.stat()
+        return st.st_size, st.st_mtime_ns
+    except FileNotFoundError:
+        return 0, 0
+
+
 def run_row(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """One row of the runs table (plain JSON-able values) for a ``run.json``."""
     best = info.get("best") or {}
