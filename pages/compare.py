@@ -91,9 +91,10 @@ def _build_compare(services: Services, runs: str | None) -> None:
 
     def load(run_id: str) -> dict[str, Any]:
         folder = manager.folder(run_id)
+        stamp = run_index.metrics_stamp(folder)  # before reading: a report that lands meanwhile is read next time
         info, cfg = manager.get(run_id), folder.config()
         records = run_index.run_records(folder)
-        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": run_index.metrics_stamp(folder),
+        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": stamp,
                 "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}}
 
     loaded: list[dict[str, Any]] = []
