@@ -366,6 +366,14 @@ def cmd_chat(args: argparse.Namespace, manager: RunManager) -> int:
     return _with_model(args, manager, body)
 
 
+def _progress_line(line: str, tty: bool) -> None:
+    """A progress line: rewritten in place on a terminal, one line each otherwise (logs, pipes)."""
+    if tty:
+        print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
+    else:
+        print(line, flush=True)
+
+
 def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
     """Publish RUN[@ITER]; exit 0 (parity passed), 2 (refused or failed), 3 (published, parity failed).
 
@@ -388,11 +396,7 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
         if as_json:
             emit({"type": "progress", "phase": phase, "fraction": fraction, "message": message})
             return
-        line = f"[{fraction:4.0%}] {phase}: {message}"
-        if tty:
-            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
-        else:
-            print(line, flush=True)
+        _progress_line(f"[{fraction:4.0%}] {phase}: {message}", tty)
 
     try:
         run_id, iteration = parse_ref(args.run)
@@ -451,14 +455,11 @@ def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, manager: RunManager) -> int:
+    from services.publish_rules import published_folder
     from services.publisher import UploadError, upload
 
-    path = manager.workspace.published / args.name
-    try:
-        inside = manager.workspace.inside(path).parent == manager.workspace.published.resolve()
-    except ValueError:
-        inside = False
-    if "/" in args.name or not inside or not path.is_dir():
+    path = published_folder(manager.workspace, args.name)
+    if path is None:
         print(f"error: no published model {args.name!r} in {manager.workspace.published}", file=sys.stderr)
         return 2
     try:
@@ -492,11 +493,7 @@ def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
     tty = sys.stdout.isatty()
 
     def progress(phase: str, fraction: float | None, message: str) -> None:
-        line = f"[{fraction:4.0%}] {phase}: {message}" if fraction is not None else f"{phase}: {message}"
-        if tty:
-            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(60), end="", flush=True)
-        else:
-            print(line, flush=True)
+        _progress_line(f"[{fraction:4.0%}] {phase}: {message}" if fraction is not None else f"{phase}: {message}", tty)
 
     try:
         path = import_model(manager.workspace, args.source, args.name, link=args.link, dequantize=args.dequantize,

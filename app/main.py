@@ -41,7 +41,6 @@ from services.workspace import Workspace
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAV = (("Train", "/train"), ("Monitor", "/monitor"), ("Playground", "/playground"), ("Runs", "/runs"),
        ("Models", "/models"), ("Datasets", "/datasets"))
-LATER: tuple[str, ...] = ()  # planned pages: shown disabled, no placeholder pages
 STATUS_SECONDS = 1.5
 LAG_LOG_ENV = "FORGELLM_LOOP_LAG_LOG"  # diagnostics: append event-loop lag samples (ms) to this file
 
@@ -125,8 +124,6 @@ def make_root(services: Services):
             for label, path in NAV:
                 ui.button(label, on_click=lambda p=path: ui.navigate.to(p)).props("flat color=white no-caps") \
                     .mark(f"nav-{label.lower()}")
-            for label in LATER:
-                ui.button(label).props("flat color=white no-caps disable").tooltip("not built yet")
             ui.space()
             if services.lan_urls and _is_local_client():
                 with ui.dialog() as lan_dialog, ui.card():

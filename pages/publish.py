@@ -21,10 +21,10 @@ from services.publish_jobs import PublishJobs
 from services.publish_rules import (
     GGUF_MODEL_TYPES,
     GROUP_SIZES,
-    NAME_RE,
     PublishError,
     check_options,
     choose_checkpoint,
+    published_folder,
     published_path,
     split_front_matter,
 )
@@ -90,17 +90,6 @@ def card_markdown(markdown: str, folder: Path) -> str:
     code blocks written as an HTML entity (markdown2 leaves the backslash in)."""
     parts = re.split(r"(```.*?```)", inline_images(markdown, folder), flags=re.S)
     return "".join(p if i % 2 else p.replace("\\|", "&#124;") for i, p in enumerate(parts))
-
-
-def published_folder(workspace: Workspace, name: str) -> Path | None:
-    """``published/NAME`` when NAME is a safe name of an existing published folder."""
-    if not NAME_RE.fullmatch(name or ""):
-        return None
-    try:
-        path = published_path(workspace, name, overwrite=True)
-    except PublishError:
-        return None
-    return path if path.is_dir() and (path / "config.json").is_file() else None
 
 
 def checkpoint_options(info: dict[str, Any], its: list[int]) -> dict[int, str]:

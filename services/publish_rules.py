@@ -57,6 +57,15 @@ def published_path(workspace: Workspace, name: str, *, overwrite: bool = False) 
     return target
 
 
+def published_folder(workspace: Workspace, name: str) -> Path | None:
+    """``published/NAME`` when NAME is a safe name of an existing published folder."""
+    try:
+        path = published_path(workspace, name, overwrite=True)
+    except PublishError:
+        return None
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
 def choose_checkpoint(folder: RunFolder, iteration: int | None = None) -> tuple[int, str]:
     """(iteration, why): the requested one, else the best by validation loss, else the latest."""
     its = folder.checkpoint_iterations()
