@@ -288,18 +288,9 @@ def train_page(services: Services) -> None:
         errors = form_problems(form)
         cfg = form_to_config(form)
         try:
-            manager.prepare_config(cfg)
+            manager.prepare_config(cfg)  # schema and paths, every problem at once
         except ConfigProblems as e:
             errors += e.errors
-            if not any(x.field in ("model", "data") for x in e.errors):  # schema failed before paths were checked
-                for key, kind in (("model", "models"), ("data", "datasets")):
-                    if isinstance(cfg.get(key), str) and cfg[key]:
-                        try:
-                            p = manager.resolve_path(cfg[key], kind, key)
-                            if key == "model" and not (p / "config.json").exists():
-                                errors.append(ConfigError("model", cfg[key], f"{p} has no config.json"))
-                        except ConfigError as pe:
-                            errors.append(pe)
         except ConfigError as e:
             errors.append(e)
         seen, unique = set(), []

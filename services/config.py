@@ -148,14 +148,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return parse_yaml(text, str(path))
 
 
-def resolve(user: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults exactly as ``mlx_lm.lora`` does, then ForgeLLM's own; validate; return the full config."""
+def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``user`` with defaults filled exactly as ``mlx_lm.lora`` does, then ForgeLLM's own."""
     cfg = copy.deepcopy(MLX_LM_DEFAULTS)
     cfg.update(copy.deepcopy(FORGE_DEFAULTS))
     for k, v in user.items():
         if v is not None or k not in cfg:
             cfg[k] = copy.deepcopy(v)
     cfg["train"] = True
+    return cfg
+
+
+def resolve(user: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults (:func:`with_defaults`), validate, and return the full config."""
+    cfg = with_defaults(user)
     validate(cfg, user_keys=set(user))
     return cfg
 

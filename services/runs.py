@@ -78,22 +78,32 @@ class RunManager:
         raise ConfigError(field, value, f"not found (looked in {', '.join(str(c.parent) for c in candidates)})")
 
     def prepare_config(self, user_cfg: dict[str, Any]) -> dict[str, Any]:
-        """Resolve defaults and paths and check everything that can be checked without loading the model."""
-        cfg = config_mod.resolve(user_cfg)
+        """Resolve defaults and paths and check everything that can be checked without loading the model.
+
+        Every problem is reported at once: the model and data paths are checked even when other fields are bad."""
+        cfg = config_mod.with_defaults(user_cfg)
         errors: list[ConfigError] = []
         try:
-            model = self.resolve_path(cfg["model"], "models", "model")
-            model_cfg = read_json(model / "config.json")
-            if model_cfg is None:
-                raise ConfigError("model", cfg["model"], f"{model} has no config.json: not an mlx-lm model folder")
-            cfg["model"] = str(model)
-            config_mod.check_against_model(cfg, model_cfg)
-        except ConfigError as e:
-            errors.append(e)
+            config_mod.validate(cfg, user_keys=set(user_cfg))
         except ConfigProblems as e:
             errors.extend(e.errors)
-        for field, holder in (("data", cfg), ("mixture.data", cfg.get("mixture"))):
-            if not holder or holder.get("data") is None:
+        flagged = {e.field for e in errors}
+        if "model" not in flagged:
+            try:
+                model = self.resolve_path(cfg["model"], "models", "model")
+                model_cfg = read_json(model / "config.json")
+                if model_cfg is None:
+                    raise ConfigError("model", cfg["model"], f"{model} has no config.json: not an mlx-lm model folder")
+                cfg["model"] = str(model)
+                if not errors:  # the checks against the model need a valid config
+                    config_mod.check_against_model(cfg, model_cfg)
+            except ConfigError as e:
+                errors.append(e)
+            except ConfigProblems as e:
+                errors.extend(e.errors)
+        mixture = cfg.get("mixture") if "mixture" not in flagged else None
+        for field, holder in (("data", cfg), ("mixture.data", mixture)):
+            if field in flagged or not holder or holder.get("data") is None:
                 continue
             try:
                 holder["data"] = str(self.resolve_path(holder["data"], "datasets", field))
