@@ -15,7 +15,7 @@ from nicegui import events, ui
 from app.ui_config import MODES
 from pages.monitor import STATUS_COLORS, fmt_duration
 from services import run_index
-from services.config import FINE_TUNE_TYPES, ConfigError
+from services.config import FINE_TUNE_TYPES
 from services.run_folder import ACTIVE
 
 if TYPE_CHECKING:
@@ -238,10 +238,6 @@ def _build_runs(services: Services) -> None:
 
     def resume(r: dict[str, Any]) -> None:
         try:
-            folder = manager.folder(r["id"])
-            why = run_index.resume_refusal(manager.get(r["id"]), folder.checkpoint_iterations())
-            if why:
-                raise ConfigError("run", r["name"], why)
             folder = manager.resume(r["id"])
         except ValueError as err:
             ui.notify(f"Cannot resume: {err}", type="negative")

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from services import __version__
+from services import __version__, run_index
 from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
 from services.run_folder import ACTIVE, WAITING, RunFolder
@@ -219,24 +219,28 @@ class RunManager:
         self.version += 1
 
     def resume(self, run_id: str, iteration: int | None = None, overrides: dict[str, Any] | None = None) -> RunFolder:
-        """Continue a run exactly from its latest checkpoint; an earlier checkpoint or changes make a fork."""
+        """Continue a run exactly from its latest checkpoint (a waiting run: start it now); an earlier checkpoint
+        or changes make a fork."""
         folder = self.folder(run_id)
         info = self.refresh(folder)
-        if info.get("status") in ACTIVE:
-            raise ConfigError("run", run_id, f"is {info['status']}; stop it before resuming")
-        if info.get("status") == WAITING and iteration is None and not overrides:
+        its = folder.checkpoint_iterations()
+        if (iteration is None or (its and iteration == its[-1])) and not overrides:
+            why = run_index.resume_refusal(info, its)
+            if why:
+                raise ConfigError("run", run_id, why)
+            if info.get("status") != WAITING:
+                self.start(run_id, folder.checkpoint_dir(its[-1]))
+                return folder
             with self._lock, _queue_lock(self.workspace):
                 if folder.info().get("status") == WAITING:  # not started by the queue meanwhile
                     self.start(run_id)  # start it now, next to the active one
             return folder
-        its = folder.checkpoint_iterations()
+        if info.get("status") in ACTIVE:
+            raise ConfigError("run", run_id, f"is {info['status']}; stop it before forking it")
         if not its:
-            raise ConfigError("run", run_id, "has no checkpoint to resume from")
+            raise ConfigError("run", run_id, "has no checkpoint to fork from")
         if iteration is not None and iteration not in its:
             raise ConfigError("iteration", iteration, f"run {run_id} has checkpoints {its}")
-        if (iteration is None or iteration == its[-1]) and not overrides:
-            self.start(run_id, folder.checkpoint_dir(its[-1]))
-            return folder
         return self.fork(run_id, iteration or its[-1], overrides or {})
 
     def fork(self, run_id: str, iteration: int, overrides: dict[str, Any]) -> RunFolder:
