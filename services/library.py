@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from services.child import REPO_ROOT, child_env
 from services.workspace import Workspace, read_json, staged, write_atomic
 
 Progress = Callable[[str, float | None, str], None]  # (phase, fraction 0..1 or None, message)
@@ -651,12 +652,9 @@ class ImportJob:
         self._cancelled = False
 
     def start(self) -> ImportJob:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("PYTEST_CURRENT_TEST", None)
-        repo_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
         self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      cwd=repo_root, env=env, start_new_session=True)
+                                      cwd=REPO_ROOT, env=child_env(TOKENIZERS_PARALLELISM="false"),
+                                      start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
         return self
 

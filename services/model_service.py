@@ -40,6 +40,7 @@ from typing import Any
 
 import psutil
 
+from services.child import REPO_ROOT, child_env
 from services.generation import (
     RequestError,
     adapter_files,
@@ -53,7 +54,6 @@ from services.workspace import Workspace, append_jsonl
 
 GB = 1e9
 RAM_HEADROOM = 1.5  # warn when free RAM < model size x this
-REPO_ROOT = Path(__file__).resolve().parent.parent
 END = ("done", "error")
 
 
@@ -68,10 +68,7 @@ class _Worker:
     """One worker process: JSON lines over its stdin/stdout, replies routed to per-request sinks by id."""
 
     def __init__(self, python: str, on_exit: Callable[[_Worker, int, str], None]):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env.pop("PYTEST_CURRENT_TEST", None)
+        env = child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
         self.proc = subprocess.Popen([python, "-m", "services.model_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
                                      text=True, encoding="utf-8", bufsize=1)

@@ -14,20 +14,18 @@ whole model, and two at once would only compete for memory.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import deque
-from pathlib import Path
 from typing import IO, Any
 
+from services.child import REPO_ROOT, child_env
 from services.publish_rules import GROUP_SIZES, QUANT_BITS, PublishError, published_path
 from services.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
 LOG_LINES = 200
 OPTION_KEYS = ("dequantize", "quantize_bits", "group_size", "gguf", "license", "overwrite")
 
@@ -97,11 +95,10 @@ class PublishJobs:
                 raise PublishError(f"another publish is running ({busy['name']} from {busy['run_id']}); wait for it "
                                    "to finish")
             job_id = uuid.uuid4().hex[:12]
-            env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
-            env.pop("PYTEST_CURRENT_TEST", None)
+            env = child_env(**{**(self.env or {}), "PYTHONUNBUFFERED": "1"})
+            cmd = publish_command(self.workspace, run_id, iteration, name, options)
             try:
-                proc = subprocess.Popen(publish_command(self.workspace, run_id, iteration, name, options), cwd=REPO,
-                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
             except OSError as e:
                 raise PublishError(f"cannot start the publisher: {e}") from None

@@ -31,6 +31,7 @@ import psutil
 
 from services import __version__, run_index
 from services import config as config_mod
+from services.child import REPO_ROOT, child_env
 from services.config import ConfigError, ConfigProblems
 from services.run_folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, read_json
@@ -152,15 +153,12 @@ class RunManager:
             cmd = [self.python, "-m", "services.worker", str(folder.path)]
             if checkpoint is not None:
                 cmd += ["--resume", str(checkpoint)]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            env.pop("PYTEST_CURRENT_TEST", None)
-            repo_root = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
+            env = child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             # The worker records its own pid and start time; until it does, `_procs` vouches for it.
             folder.update(status="queued", pid=None, pid_created=None, reason=None, launched=time.time())
             log = open(folder.log_path, "a")  # noqa: SIM115 (handed to the child)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=repo_root, start_new_session=True)
+                                    env=env, cwd=REPO_ROOT, start_new_session=True)
             log.close()
             self._procs[run_id] = proc
             self.version += 1
