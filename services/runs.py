@@ -184,6 +184,8 @@ class RunManager:
         with self._lock:
             if self._starting_next:  # re-entered through refresh() below: the outer call decides
                 return None
+            if not any(f.exists() and f.info().get("status") == WAITING for f in map(RunFolder, self._run_paths())):
+                return None  # no queue here: no lock file, no second listing (every worker asks as it ends)
             self._starting_next = True
             try:
                 with _queue_lock(self.workspace):
@@ -324,10 +326,17 @@ class RunManager:
             self.start_next()  # the worker could not hand over to the queue itself
             return info
 
+    def _run_paths(self) -> list[Path]:
+        """The folders under ``runs/``, newest first (a workspace being removed has none)."""
+        try:
+            return sorted(self.workspace.runs.iterdir(), reverse=True)
+        except FileNotFoundError:
+            return []
+
     def list(self) -> list[dict[str, Any]]:
         """Every run in the workspace, newest first."""
         out = []
-        for path in sorted(self.workspace.runs.iterdir(), reverse=True) if self.workspace.runs.exists() else []:
+        for path in self._run_paths():
             folder = RunFolder(path)
             if folder.exists():
                 out.append(self.refresh(folder))

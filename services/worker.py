@@ -11,6 +11,7 @@ from services import blas
 blas.preload()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
@@ -103,7 +104,8 @@ def _hand_over(folder: RunFolder) -> None:
     try:
         started = RunManager(Workspace(folder.path.parent.parent.resolve())).start_next()
     except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
-        folder.log("could not start the next waiting run: " + traceback.format_exc())
+        with contextlib.suppress(OSError):  # the run folder itself may be gone (a probe's throw-away workspace)
+            folder.log("could not start the next waiting run: " + traceback.format_exc())
         return
     if started:
         folder.log(f"started the next run in the queue: {started}")
