@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -12,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from services.config import ConfigError, ConfigProblems, load_yaml
-from services.data import DataError
-from services.run_folder import ACTIVE, WAITING, RunFolder
-from services.runs import RunManager, parse_ref
+from services.training.data import DataError
+from services.training.folder import ACTIVE, WAITING, RunFolder
+from services.training.manager import RunManager, parse_ref
+from services.units import clock
 from services.workspace import Workspace
 
 
@@ -23,11 +23,6 @@ def _bar(done: int, total: int, width: int = 28) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def _eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def follow(manager: RunManager, folder: RunFolder, out=sys.stdout) -> dict:
@@ -51,7 +46,7 @@ def follow(manager: RunManager, folder: RunFolder, out=sys.stdout) -> dict:
                     f"  loss {last_train.get('train_loss', float('nan')):.4f}"
                     f"  val {last_val.get('val_loss', float('nan')):.4f}"
                     f"  {last_train.get('tokens_per_second') or 0:,.0f} tok/s"
-                    f"  ETA {_eta(last_train.get('eta_seconds'))}")
+                    f"  ETA {clock(last_train.get('eta_seconds'))}")
             if tty:
                 print("\r" + line[: shutil.get_terminal_size().columns - 1], end="", file=out, flush=True)
             elif records and any(r["type"] == "train" for r in records):
@@ -115,8 +110,8 @@ def cmd_stop(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.gguf_import import ensure_demo_model
-    from services.samples import install_samples
+    from services.library.gguf import ensure_demo_model
+    from services.library.samples import install_samples
 
     ws = manager.workspace
     paths = install_samples(ws.datasets)
@@ -248,7 +243,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _open_model(args: argparse.Namespace, manager: RunManager):
     """A ModelService with --model/--adapter loaded; warnings go to stderr."""
-    from services.model_service import ModelService, resolve_adapter, resolve_model
+    from services.inference.service import ModelService, resolve_adapter, resolve_model
 
     model = resolve_model(manager, args.model)
     adapter = resolve_adapter(manager, args.adapter) if args.adapter else None
@@ -288,7 +283,7 @@ def _stats_line(r: dict) -> str:
 
 def _with_model(args: argparse.Namespace, manager: RunManager, body: Callable[[Any], int]) -> int:
     """Open the model named by ``args``, run ``body(service)``, unload; a ModelError exits 2 with its message."""
-    from services.model_service import ModelError
+    from services.inference.service import ModelError
 
     svc = None
     try:
@@ -384,7 +379,7 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
     import json
     import traceback
 
-    from services.publisher import PublishError, parity_summary, publish
+    from services.publishing.publisher import PublishError, parity_summary, publish
 
     as_json = getattr(args, "json", False)
     tty = sys.stdout.isatty() and not as_json
@@ -436,7 +431,7 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
 def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
     from pathlib import Path
 
-    from services.dashboard import DashboardError, export_dashboard, render_png
+    from services.training.dashboard import DashboardError, export_dashboard, render_png
 
     folder = manager.folder(args.run)
     out = Path(args.out) if args.out else folder.path / "dashboard"
@@ -455,8 +450,8 @@ def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.publish_rules import published_folder
-    from services.publisher import UploadError, upload
+    from services.publishing.publisher import UploadError, upload
+    from services.publishing.rules import published_folder
 
     path = published_folder(manager.workspace, args.name)
     if path is None:
@@ -472,7 +467,8 @@ def cmd_upload(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_models(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.library import human_bytes, human_count, list_models
+    from services.library.models import list_models
+    from services.units import human_bytes, human_count
 
     models = list_models(manager.workspace)
     if not models:
@@ -488,7 +484,8 @@ def cmd_models(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.library import LibraryError, import_model
+    from services.library.imports import import_model
+    from services.library.models import LibraryError
 
     tty = sys.stdout.isatty()
 
@@ -513,7 +510,7 @@ def cmd_dataset(args: argparse.Namespace, manager: RunManager) -> int:
     import json
     from pathlib import Path
 
-    from services import dataset_check as dc
+    from services.library import checks as dc
 
     path = Path(args.path).expanduser()
     if not path.exists() and (manager.workspace.datasets / args.path).exists():

@@ -32,28 +32,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import services  # noqa: F401 (loads MKL before anything imports MLX)
+
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from services import blas  # noqa: E402
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from typing import Any
 
-blas.preload()
+import mlx.core as mx
+import mlx_lm
+from mlx_lm import load, stream_generate
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import mlx_lm  # noqa: E402
-from mlx_lm import load, stream_generate  # noqa: E402
-
-from services.model_service import ModelService  # noqa: E402
-from services.tiny_model import build_tiny_model  # noqa: E402
+from services import blas
+from services.inference.service import ModelService
+from services.library.tiny_model import build_tiny_model
 
 RESULTS = ROOT / "bench" / "results"
 SPECS = {

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Preflight: the peak-memory estimate against a measured probe, on the tiny and a 20M-parameter model.
 
-For each case the estimate comes from ``services.preflight.estimate`` (safetensors headers, the dataset's
-token lengths, the memory model); the measurement is ``services.preflight.Probe``: a three-iteration run
+For each case the estimate comes from ``services.training.preflight.estimate`` (safetensors headers, the dataset's
+token lengths, the memory model); the measurement is ``services.training.preflight.Probe``: a three-iteration run
 through ``RunManager`` in a temporary workspace, whose training reports carry MLX's peak memory
 (``mx.get_peak_memory``) and the worker's RSS. Target: the estimate within ±30% of the measured MLX peak.
 
@@ -33,15 +33,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import services  # noqa: F401 (loads MKL before anything imports MLX)
+
 if "--compile" in sys.argv:  # MLX compiles when the variable is absent, whatever its value
     os.environ.pop("MLX_DISABLE_COMPILE", None)
 else:
     os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from services import preflight  # noqa: E402
-from services.runs import RunManager  # noqa: E402
-from services.workspace import Workspace  # noqa: E402
+from services.training import preflight
+from services.training.manager import RunManager
+from services.workspace import Workspace
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = RESULTS / "cache"
@@ -58,7 +60,7 @@ def log(msg: str) -> None:
 
 
 def ensure_model(name: str) -> Path:
-    from services.tiny_model import build_tiny_model
+    from services.library.tiny_model import build_tiny_model
 
     spec = MODELS[name]
     path = CACHE / f"preflight-{name}"

@@ -56,8 +56,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child-mlx-
     elif _blas != "reference":
         sys.exit(f"child: unknown BLAS {_blas!r}")
 
-    import mlx_lm.lora as _lora  # noqa: E402
-    from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
+    import mlx_lm.lora as _lora
+    from mlx_lm.tuner.callbacks import TrainingCallback
 
     _out = open(_events, "a", buffering=1)  # noqa: SIM115
 
@@ -93,21 +93,21 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child-mlx-
 # Driver
 # ----------------------------------------------------------------------------------------------------------
 
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import importlib.metadata as md  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import time
+from pathlib import Path
 
-import psutil  # noqa: E402
-import yaml  # noqa: E402
+import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -156,7 +156,7 @@ def ensure_model(spec: dict, name: str) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     log(f"building model {name} {spec} into {out}")
-    code = ("import json, sys; from services.tiny_model import build_tiny_model; "
+    code = ("import json, sys; from services.library.tiny_model import build_tiny_model; "
             "build_tiny_model(sys.argv[1], **json.loads(sys.argv[2]))")
     subprocess.run([sys.executable, "-c", code, str(out), json.dumps(spec)], cwd=ROOT, check=True,
                    env={**os.environ, **CHILD_ENV})

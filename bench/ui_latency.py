@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.conftest import CHROMIUM, AppProcess  # noqa: E402
+from tests.e2e.conftest import CHROMIUM, AppProcess
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,9 +43,9 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from services.runs import RunManager
-    from services.samples import install_samples
-    from services.tiny_model import build_tiny_model
+    from services.library.samples import install_samples
+    from services.library.tiny_model import build_tiny_model
+    from services.training.manager import RunManager
     from services.workspace import Workspace
 
     tmp = Path(tempfile.mkdtemp(prefix="forgellm-ui-latency-"))

@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from app.ui_config import MODES
-from pages.monitor import STATUS_COLORS, _chart, fmt_duration
-from pages.runs import METHODS, fmt_loss, page_column
-from services import run_index
-from services.run_folder import ACTIVE
+from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, line_chart, page_column
+from services.training import index as run_index
+from services.training.folder import ACTIVE
+from services.units import clock
 
 if TYPE_CHECKING:
-    from app.main import Services
+    from app.composition import Services
 
 MAX_RUNS = 8
 FOLLOW_SECONDS = 2.0
@@ -121,7 +120,7 @@ def _build_compare(services: Services, runs: str | None) -> None:
     charts: dict[str, ui.echart] = {}
     with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
         for key, (title, _, _, ytype) in COMPARE_CHARTS.items():
-            opts = _chart(title, [], ytype)
+            opts = line_chart(title, [], ytype)
             opts["legend"] = {"type": "scroll", "bottom": 0, "textStyle": {"color": "#9e9e9e"}}
             opts["grid"] = {**opts["grid"], "bottom": 64}
             opts["xAxis"]["nameGap"] = 24
@@ -153,7 +152,7 @@ def _build_compare(services: Services, runs: str | None) -> None:
             rows.append({**row, "name": names[r["id"]], "best_text": best,
                          "final_text": fmt_loss(train[-1]["y"] if train else None),
                          "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
-                         "duration_text": fmt_duration(row["duration"]) if row["duration"] is not None else "–",
+                         "duration_text": clock(row["duration"]) if row["duration"] is not None else "–",
                          "mode_text": MODES.get(row["mode"], row["mode"]),
                          "method_text": METHODS.get(row["method"], row["method"]),
                          "status_color": STATUS_COLORS.get(row["status"], "grey")})

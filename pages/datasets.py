@@ -1,7 +1,7 @@
 """Datasets page: import (upload or local path), every bad line listed with the choice to drop them, a paginated
 preview, token statistics with a model's tokenizer, a train/valid split, and what the model sees of a sample.
 
-All data work is :mod:`services.dataset_check` and :mod:`services.library`, run with ``run.io_bound``; this
+All data work is :mod:`services.library.checks` and :mod:`services.library.imports`, run with ``run.io_bound``; this
 module only lays out and formats. Uploads are re-checked on the server (size, name, type): the browser's
 limit is a convenience only.
 """
@@ -16,13 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from nicegui import events, run, ui
 
-from services import dataset_check as dc
-from services import library
-from services.data import DataError
-from services.library import LibraryError, human_bytes
+from services.library import checks as dc
+from services.library.datasets import dataset_path, import_dataset, list_datasets, store_upload
+from services.library.models import LibraryError, list_models
+from services.training.data import DataError
+from services.units import human_bytes
 
 if TYPE_CHECKING:
-    from app.main import Services
+    from app.composition import Services
 
 MAX_UPLOAD_BYTES = 200_000_000
 PAGE_SIZE = 10
@@ -107,9 +108,9 @@ def datasets_page(services: Services) -> None:
     ui.add_css(TOKEN_CSS)
 
     def dataset_options() -> dict[str, str]:
-        return {d["key"]: d["label"] for d in library.list_datasets(ws)}
+        return {d["key"]: d["label"] for d in list_datasets(ws)}
 
-    models = {m["path"]: m["label"] for m in library.list_models(ws)}
+    models = {m["path"]: m["label"] for m in list_models(ws)}
     default_model = next(iter(models), None)
 
     ui.label("Datasets").classes("text-2xl font-semibold")
@@ -248,7 +249,7 @@ def datasets_page(services: Services) -> None:
             return
         st["key"] = key
         try:
-            path = library.dataset_path(ws, key)
+            path = dataset_path(ws, key)
             check = await run.io_bound(dc.check_dataset, path)
         except (DataError, LibraryError, ValueError, OSError) as e:
             show_check(None, f"{key}: {short(str(e), ws.root)}")
@@ -264,7 +265,7 @@ def datasets_page(services: Services) -> None:
             if e.file.size() > MAX_UPLOAD_BYTES:  # the browser's limit can be bypassed: check here too
                 raise LibraryError(f"{e.file.name}: over the upload limit of {human_bytes(MAX_UPLOAD_BYTES)}")
             data = await e.file.read()
-            path = await run.io_bound(library.store_upload, ws, e.file.name, data, MAX_UPLOAD_BYTES)
+            path = await run.io_bound(store_upload, ws, e.file.name, data, MAX_UPLOAD_BYTES)
         except LibraryError as err:
             ui.notify(str(err), type="negative", multi_line=True)
             return
@@ -278,7 +279,7 @@ def datasets_page(services: Services) -> None:
             ui.notify("Enter a file or folder path", type="warning")
             return
         try:
-            path = await run.io_bound(library.import_dataset, ws, local.value.strip(),
+            path = await run.io_bound(import_dataset, ws, local.value.strip(),
                                       (local_name.value or "").strip() or None, bool(link.value))
         except LibraryError as err:
             ui.notify(str(err), type="negative", multi_line=True)

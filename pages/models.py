@@ -2,7 +2,7 @@
 (workspace only, confirmed), and the system panel.
 
 Everything it shows comes from :mod:`services.library` and :mod:`services.system`; imports run in a child
-process (:class:`services.library.ImportJob`) kept on ``services.model_imports`` so they go on while
+process (:class:`services.library.imports.ImportJob`) kept on ``services.model_imports`` so they go on while
 the person browses elsewhere. One ``ui.timer`` polls the job and the machine status.
 """
 
@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
-from services import library
-from services.library import ImportJob, LibraryError, human_bytes, human_count
+from services.library.imports import ImportJob, hub_offline_reason, source_kind
+from services.library.models import LibraryError, delete_model, hub_cached_models, list_models
 from services.system import mlx_device, mlx_processes
+from services.units import human_bytes, human_count
 
 if TYPE_CHECKING:
-    from app.main import Services
+    from app.composition import Services
 
 SOURCES = {"hub": "Hugging Face Hub", "folder": "Local folder", "gguf": "GGUF file"}
 SOURCE_HINTS = {"hub": "repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -45,7 +46,7 @@ SLOTS = {
 
 
 def model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows for :func:`services.library.list_models` entries."""
+    """Table rows for :func:`services.library.models.list_models` entries."""
     return [{**m, "source_text": SOURCE_LABELS.get(m["source"], m["source"]), "params_text": human_count(m["params"]),
              "size_text": human_bytes(m["disk_bytes"]), "chat_text": "yes" if m["chat_template"] else "no",
              "context": m["context"] or "?"} for m in models]
@@ -141,7 +142,7 @@ def models_page(services: Services) -> None:
     # -- behaviour --------------------------------------------------------------------------------
 
     async def refresh() -> None:
-        models = await run.io_bound(library.list_models, ws)
+        models = await run.io_bound(list_models, ws)
         table.rows = model_rows(models or [])
         empty.set_visibility(not models)
 
@@ -165,12 +166,12 @@ def models_page(services: Services) -> None:
             ui.notify("An import is already running", type="warning")
             return
         try:
-            kind_found = library.source_kind(text)
+            kind_found = source_kind(text)
             if kind_found != kind.value:
                 raise LibraryError(f"{text}: looks like a {SOURCES[kind_found]} source, not a {SOURCES[kind.value]}")
             if kind_found == "hub":  # fail fast and clearly when offline (the cache is tried in the job)
-                reason = await run.io_bound(library.hub_offline_reason)
-                if reason and not any(r == text for r, _ in library.hub_cached_models()):
+                reason = await run.io_bound(hub_offline_reason)
+                if reason and not any(r == text for r, _ in hub_cached_models()):
                     raise LibraryError(f"cannot download {text} from the Hugging Face Hub: {reason}. Import a local "
                                        "folder or GGUF file instead, or retry when online.")
             job = ImportJob(ws, text, (name.value or "").strip() or None, link=bool(link.value),
@@ -235,7 +236,7 @@ def models_page(services: Services) -> None:
         key = state["pending"]
         delete_dialog.close()
         try:
-            path = await run.io_bound(library.delete_model, ws, key)
+            path = await run.io_bound(delete_model, ws, key)
         except (LibraryError, ValueError, OSError) as e:
             ui.notify(f"Could not delete {key}: {e}", type="negative", multi_line=True)
             return

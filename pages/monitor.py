@@ -1,6 +1,6 @@
 """Monitor page: one run's status, progress, metric cards, live charts, checkpoints and log tail.
 
-Everything comes from the run folder through a shared :class:`services.run_watch.RunWatcher`, so a
+Everything comes from the run folder through a shared :class:`services.training.watch.RunWatcher`, so a
 reload, a second browser or an app restart shows the whole history. One ``ui.timer`` per page polls
 the watcher and sends only what is new (chart series are extended in place and bounded).
 """
@@ -12,35 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
+from pages.common import CHARTS, STATUS_COLORS, checkpoint_marks, line_chart
 from services.config import ConfigError
-from services.run_folder import ACTIVE, WAITING
+from services.training.folder import ACTIVE, WAITING
+from services.units import clock
 
 if TYPE_CHECKING:
-    from app.main import Services
-    from services.run_watch import RunWatcher
+    from app.composition import Services
+    from services.training.watch import RunWatcher
 
-STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
-                 "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
 WAITING_TEXT = "in the training queue: it starts when no run is training (runs queued before it go first)"
-# chart marker → (title, [(series, label)], y-axis type)
-CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
-    "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
-    "perplexity": ("Perplexity", [("perplexity", "train"), ("val_perplexity", "validation")], "log"),
-    "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
-    "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
-    "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
-}
 CARDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("best", "best checkpoint"),
          ("perplexity", "perplexity"), ("learning_rate", "learning rate"), ("tokens_per_second", "tokens/s"),
          ("trained_tokens", "trained tokens"), ("peak_memory_gb", "peak memory"), ("epoch", "epoch"))
-MAX_MARKS = 50
 
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--:--"
-    s = int(seconds)
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _fmt(v: Any, kind: str = "") -> str:
@@ -72,43 +57,8 @@ def progress_text(latest: dict[str, Any]) -> str:
     if latest.get("epoch") is not None:
         parts.append(f"epoch {latest['epoch']:.2f}")
     if latest.get("status") in ACTIVE:
-        parts.append(f"ETA {fmt_duration(latest.get('eta_seconds'))}")
+        parts.append(f"ETA {clock(latest.get('eta_seconds'))}")
     return " · ".join(parts)
-
-
-def _chart(title: str, series: list[tuple[str, str]], ytype: str) -> dict[str, Any]:
-    return {
-        "animation": False,
-        "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
-        "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": {"trigger": "axis"},
-        "grid": {"left": 64, "right": 16, "top": 36, "bottom": 32},
-        "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22},
-        "yAxis": {"type": ytype, "scale": True},
-        "series": [{"name": label, "type": "line", "showSymbol": name.startswith("val"), "symbolSize": 5,
-                    "sampling": "lttb", "data": []} for name, label in series],
-    }
-
-
-def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float, float]]) -> list[dict[str, Any]]:
-    """ECharts markPoints for checkpoints (at their val loss, else the train loss there); the best one stands out."""
-    marks = []
-    shown = checkpoints[-MAX_MARKS:]
-    best = next((c for c in checkpoints if c.get("best")), None)
-    if best is not None and best not in shown:
-        shown = [best, *shown]
-    for c in shown:
-        it, y = c.get("iteration"), c.get("val_loss")
-        if y is None:
-            before = [p for p in train if p[0] <= it]
-            if not before:
-                continue
-            y = before[-1][1]
-        mark: dict[str, Any] = {"name": f"checkpoint {it}", "coord": [it, y], "value": it,
-                                "symbol": "pin", "symbolSize": 26, "itemStyle": {"color": "#90a4ae"}}
-        if c.get("best"):
-            mark.update(name=f"best checkpoint {it}", symbolSize=40, itemStyle={"color": "#f9a825"})
-        marks.append(mark)
-    return marks
 
 
 class LiveView:
@@ -196,7 +146,7 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
     charts: dict[str, ui.echart] = {}
     with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
         for key, (title, series, ytype) in CHARTS.items():
-            charts[key] = ui.echart(_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
+            charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
     ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
     log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
     view = LiveView(watcher, charts, log)

@@ -1,7 +1,7 @@
 """Publish page (``/runs/{run_id}/publish?iteration=N``) and a published model's card (``/published/{name}``).
 
-The form is checked in this process with :mod:`services.publish_rules` (no MLX here); the publish itself runs in
-a child process through :class:`services.publish_jobs.PublishJobs`, and one ``ui.timer`` per page redraws the
+The form is checked in this process with :mod:`services.publishing.rules` (no MLX here); the publish itself runs in
+a child process through :class:`services.publishing.jobs.PublishJobs`, and one ``ui.timer`` per page redraws the
 progress when the jobs' ``version`` moved. When it is done the page shows the parity verdict with its numbers
 and the model card that was written into ``published/NAME/README.md``.
 """
@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.runs import fmt_loss, page_column
-from services.library import human_bytes
-from services.publish_jobs import PublishJobs
-from services.publish_rules import (
+from pages.common import fmt_loss, page_column
+from services.publishing.jobs import PublishJobs
+from services.publishing.rules import (
     GGUF_MODEL_TYPES,
     GROUP_SIZES,
     PublishError,
@@ -28,10 +27,11 @@ from services.publish_rules import (
     published_path,
     split_front_matter,
 )
+from services.units import human_bytes
 from services.workspace import Workspace, read_json
 
 if TYPE_CHECKING:
-    from app.main import Services
+    from app.composition import Services
 
 POLL_SECONDS = 0.5
 MARKDOWN_EXTRAS = ["fenced-code-blocks", "tables", "code-friendly"]

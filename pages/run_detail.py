@@ -1,7 +1,7 @@
 """Run detail page: status, lineage, loss and perplexity charts, checkpoints (chat / publish), config and data stats.
 
 Charts reuse the Monitor's chart options and checkpoint marks and read the shared
-:class:`services.run_watch.RunWatcher`, so an active run keeps updating (one ``ui.timer`` per page).
+:class:`services.training.watch.RunWatcher`, so an active run keeps updating (one ``ui.timer`` per page).
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
-from app.ui_config import MODES
-from pages.monitor import CHARTS, STATUS_COLORS, _chart, checkpoint_marks, fmt_duration
-from pages.runs import METHODS, fmt_loss, page_column
-from services import run_index
-from services.dashboard import DashboardError, export_dashboard
-from services.library import human_bytes
-from services.run_folder import ACTIVE
+from pages.common import CHARTS, METHODS, MODES, STATUS_COLORS, checkpoint_marks, fmt_loss, line_chart, page_column
+from services.training import index as run_index
+from services.training.dashboard import DashboardError, export_dashboard
+from services.training.folder import ACTIVE
+from services.units import clock, human_bytes
 
 if TYPE_CHECKING:
-    from app.main import Services
-    from services.run_folder import RunFolder
+    from app.composition import Services
+    from services.training.folder import RunFolder
 
 DETAIL_CHARTS = ("loss", "perplexity")
 CKPT_COLUMNS: list[dict[str, Any]] = [
@@ -48,7 +46,7 @@ CKPT_SLOTS = {
 
 
 def checkpoint_table_rows(folder: RunFolder, info: dict[str, Any]) -> list[dict[str, Any]]:
-    """:func:`services.run_index.checkpoint_rows` with the texts the table shows."""
+    """:func:`services.training.index.checkpoint_rows` with the texts the table shows."""
     out = []
     for c in run_index.checkpoint_rows(folder, info):
         out.append({**c, "epoch_text": f"{c['epoch']:.2f}" if c["epoch"] is not None else "–",
@@ -79,7 +77,7 @@ def _info_line(info: dict[str, Any]) -> str:
     parts = [row["id"], MODES.get(row["mode"], row["mode"]), METHODS.get(row["method"], row["method"]),
              f"model {row['model']}", f"data {row['dataset']}", row["date_text"]]
     if row["duration"] is not None:
-        parts.append(f"trained {fmt_duration(row['duration'])}")
+        parts.append(f"trained {clock(row['duration'])}")
     return " · ".join(parts)
 
 
@@ -146,7 +144,7 @@ def _build_detail(services: Services, run_id: str) -> None:
     with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
         for key in DETAIL_CHARTS:
             chart_title, series, ytype = CHARTS[key]
-            charts[key] = ui.echart(_chart(chart_title, series, ytype)).classes("w-full h-72").mark(f"detail-{key}")
+            charts[key] = ui.echart(line_chart(chart_title, series, ytype)).classes("w-full h-72").mark(f"detail-{key}")
 
     with ui.card().classes("w-full").props("flat bordered"):
         ui.label("Checkpoints").classes("text-sm font-semibold text-grey-7")

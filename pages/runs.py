@@ -1,27 +1,25 @@
 """Runs page: every run of the workspace in one paginated, sortable table, with search, filters and row actions.
 
-Rows come from :mod:`services.run_index`; the actions call :class:`services.runs.RunManager` (label, delete,
-resume, fork) or navigate (open, clone into Train, compare). One ``ui.timer`` per page re-reads the run list
-when the runs folder changed or a run is active.
+Rows come from :mod:`services.training.index`; the actions call
+:class:`services.training.manager.RunManager` (label, delete, resume, fork) or navigate (open, clone into Train,
+compare). One ``ui.timer`` per page re-reads the run list when the runs folder changed or a run is active.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from nicegui import events, ui
 
-from app.ui_config import MODES
-from pages.monitor import STATUS_COLORS, fmt_duration
-from services import run_index
+from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, page_column
 from services.config import FINE_TUNE_TYPES
-from services.run_folder import ACTIVE
+from services.training import index as run_index
+from services.training.folder import ACTIVE
+from services.units import clock
 
 if TYPE_CHECKING:
-    from app.main import Services
+    from app.composition import Services
 
-METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
 POLL_SECONDS = 2.0
 ACTIONS = (("open", "open_in_new", "Open"), ("label", "sell", "Edit label"), ("clone", "content_copy",
            "Clone config into Train"), ("resume", "play_arrow", "{{ props.row.status === 'waiting' ? "
@@ -60,23 +58,14 @@ SLOTS = {
 }
 
 
-def fmt_loss(v: float | None) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
-
-
 def table_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A :func:`services.run_index.run_row` with the texts the table shows."""
+    """A :func:`services.training.index.run_row` with the texts the table shows."""
     best = fmt_loss(row["best_val_loss"])
     if row["best_val_loss"] is not None and row["best_iteration"] is not None:
         best += f" @ {row['best_iteration']}"
     return {**row, "status_color": STATUS_COLORS.get(row["status"], "grey"), "best_text": best,
-            "duration_text": fmt_duration(row["duration"]) if row["duration"] is not None else "–",
+            "duration_text": clock(row["duration"]) if row["duration"] is not None else "–",
             "mode_text": MODES.get(row["mode"], row["mode"]), "method_text": METHODS.get(row["method"], row["method"])}
-
-
-def page_column() -> ui.column:
-    """The page's frame: the whole width of the shell."""
-    return ui.column().classes("w-full gap-3")
 
 
 def runs_page(services: Services) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from services.errors import ForgeError
+
 # mlx_lm.lora.CONFIG_DEFAULTS for mlx-lm 0.32.2 (a test checks they stay equal). Kept as a copy so that
 # validating a config in the UI process does not import mlx-lm and transformers.
 MLX_LM_DEFAULTS: dict[str, Any] = {
@@ -77,7 +79,7 @@ SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay
 KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
 
 
-class ConfigError(ValueError):
+class ConfigError(ForgeError, ValueError):
     """A config value that cannot run. ``field`` is a dotted path such as ``lora_parameters.rank``."""
 
     def __init__(self, field: str, value: Any, reason: str, source: str | None = None):
@@ -87,7 +89,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ConfigProblems(ValueError):
+class ConfigProblems(ForgeError, ValueError):
     """All problems found in one config, so a person can fix them in one pass."""
 
     errors: list[ConfigError]

@@ -7,6 +7,7 @@ a training worker actually uses is the one it recorded in its ``run.json``.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import platform
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 
 from services import blas
-from services.run_folder import ACTIVE, RunFolder
+from services.training.folder import ACTIVE, RunFolder
 from services.workspace import Workspace
 
 GB = 1e9
@@ -138,3 +139,11 @@ def mlx_device(workspace: Workspace, active: dict[str, Any] | None = None) -> st
     if importlib.util.find_spec("mlx_cuda") is not None:
         return "gpu (CUDA)"
     return "cpu"
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -125,3 +125,33 @@ def read_jsonl_tail(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write is dropped, not fatal
     return records, offset + end
+
+
+def files_stamp(*paths: Path) -> tuple:
+    """Names, sizes and modification times of the files at ``paths`` (files or folders): changes when any does."""
+    out = []
+    for path in map(Path, paths):
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def disk_size(path: Path) -> int:
+    """Bytes on disk of a file or folder (links followed, each file counted once)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    seen, total = set(), 0
+    for p in path.rglob("*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total

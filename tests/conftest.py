@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import services  # noqa: F401 (before any test module imports MLX: it loads the BLAS the workers use)
+
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,7 +40,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from services.tiny_model import build_tiny_model
+    from services.library.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -72,7 +74,7 @@ def workspace(tmp_path):
 
 @pytest.fixture
 def manager(workspace):
-    from services.runs import RunManager
+    from services.training.manager import RunManager
 
     m = RunManager(workspace)
     yield m

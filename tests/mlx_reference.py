@@ -10,16 +10,15 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from services import blas  # noqa: E402  (same BLAS as the ForgeLLM worker: results are compared bitwise)
+import services  # noqa: F401 (first: the BLAS the ForgeLLM worker uses, since results are compared bitwise)
 
-blas.preload()
-
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from mlx_lm.lora import CONFIG_DEFAULTS, train_model, yaml_loader  # noqa: E402
-from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
-from mlx_lm.tuner.datasets import load_dataset  # noqa: E402
-from mlx_lm.utils import load  # noqa: E402
+# isort: split
+import numpy as np
+import yaml
+from mlx_lm.lora import CONFIG_DEFAULTS, train_model, yaml_loader
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.datasets import load_dataset
+from mlx_lm.utils import load
 
 
 class Recorder(TrainingCallback):

@@ -9,7 +9,7 @@ import time
 import yaml
 from conftest import base_config
 
-from services.runs import RunManager
+from services.training.manager import RunManager
 from services.workspace import Workspace
 
 

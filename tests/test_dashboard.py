@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.cli import main as cli_main
-from services.dashboard import DashboardError, export_dashboard, find_chromium, render_png
-from services.run_folder import RunFolder
+from services.training.dashboard import DashboardError, export_dashboard, find_chromium, render_png
+from services.training.folder import RunFolder
 from services.workspace import Workspace
 
 

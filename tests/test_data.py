@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import base_config, chat_row, sentence, write_jsonl
 
-from services import data as data_mod
 from services.config import resolve
-from services.data import DataError
+from services.training import data as data_mod
+from services.training.data import DataError
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +125,11 @@ def test_samples_with_no_trained_token_inside_the_window_are_left_out_and_named(
     assert train["left_out"] == 2 and train["left_out_examples"] == [f"{folder / 'train.jsonl'}:{i + 1}"
                                                                       for i in (3, 7)]
     assert prepared.stats["valid"]["left_out"] == 1
-    from services import dataset_check as dc  # what the Datasets page and `dataset check` warn about
+    from services.library import checks as dc  # what the Datasets page and `dataset check` warn about
 
     masks = {k: cfg[k] for k in ("mask_all_turns", "mask_prompt")}
     assert dc.token_stats(dc.check_dataset(folder / "train.jsonl"), tokenizer, 96, masks)["untrainable"] == 2
-    from services import preflight
+    from services.training import preflight
 
     assert preflight.data_facts(cfg, tokenizer)["samples"] == len(prepared.train)  # the estimate counts the same
     with pytest.raises(DataError, match="no training sample has a trained .assistant. token within "

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import chat_row, sentence, write_jsonl
 
-from services import dataset_check as dc
-from services import library
-from services.data import DataError, read_rows
+from services.library import checks as dc
+from services.library.datasets import store_upload
+from services.training.data import DataError, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def bad_file(path: Path, rows: int = 30) -> tuple[Path, list[int]]:
 
 def test_three_malformed_lines_reported_and_the_rest_usable(tmp_path, workspace):
     src, lines = bad_file(tmp_path / "bad.jsonl")
-    uploaded = library.store_upload(workspace, "bad.jsonl", src.read_bytes(), max_bytes=10_000_000)
+    uploaded = store_upload(workspace, "bad.jsonl", src.read_bytes(), max_bytes=10_000_000)
     check = dc.check_dataset(uploaded)
     assert check.fmt == "chat" and check.good == 27
     assert [b.split(": ", 1)[0] for b in check.bad] == [f"{uploaded}:{n}" for n in lines]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import base_config, sentence, write_jsonl
 
-from services.run_folder import RunFolder, history
+from services.training.folder import RunFolder, history
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ RESUME_CASES = {
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model, chat_data, cpt_corpus):
     """The reference result of each resume case, run straight through once."""
-    from services.runs import RunManager
+    from services.training.manager import RunManager
     from services.workspace import Workspace
 
     manager = RunManager(Workspace.resolve(tmp_path_factory.mktemp("ws-ref")))
@@ -259,9 +259,9 @@ def test_validation_uses_every_held_out_sequence_even_fewer_than_a_batch(manager
     from mlx_lm.tuner.trainer import evaluate
     from mlx_lm.utils import load
 
-    from services.batching import eval_batches, masked_loss
     from services.config import resolve
-    from services.data import prepare
+    from services.training.batching import eval_batches, masked_loss
+    from services.training.data import prepare
 
     data = tmp_path / "three-valid"
     data.mkdir()

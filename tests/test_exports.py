@@ -9,7 +9,8 @@ import time
 from conftest import base_config
 from nicegui.testing import User, user_simulation
 
-from app.main import build_services, make_root
+from app.composition import build_services
+from pages.shell import make_root
 
 
 async def test_export_dashboard_from_the_run_page(workspace, tiny_model, chat_data):

@@ -7,18 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx_lm import load, stream_generate
 
-from services import blas
-
-blas.preload()  # before mlx is imported
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm import load, stream_generate  # noqa: E402
-
-from services import gguf_import  # noqa: E402
-from services.gguf_import import ensure_demo_model, find_smollm2_gguf, import_gguf  # noqa: E402
-from services.tiny_model import build_tiny_model  # noqa: E402
+from services.library import gguf as gguf_import
+from services.library.gguf import ensure_demo_model, find_smollm2_gguf, import_gguf
+from services.library.tiny_model import build_tiny_model
 
 _BLOCK = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

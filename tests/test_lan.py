@@ -88,7 +88,7 @@ def test_lan_needs_the_token_and_the_default_is_not_reachable(netns, tmp_path, t
         assert ok[1][0] == 200  # the signed session cookie admits later requests
         log = Path(tmp_path / "lan.log").read_text()
         assert f"{host_ip}:{lan.port}/?token={token}" in log
-        from app.main import lan_qr
+        from app.lan import lan_qr
 
         first_url = next(line.strip() for line in log.splitlines() if "?token=" in line)
         assert lan_qr(first_url) in log  # the QR code of the first LAN link is printed for a phone to scan

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from services import library
-from services.library import ImportJob, LibraryError, import_folder, import_hub, list_models
+from services.library.datasets import delete_dataset, import_dataset, list_datasets, store_upload
+from services.library.imports import ImportJob, hub_partial_dir, import_folder, import_hub
+from services.library.models import LibraryError, delete_model, list_models, model_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_catalogue_facts_of_workspace_published_and_cache(tiny_model, workspace,
     assert len(hub) == 1 and hub[0]["name"] == "org/tiny-hub [HF cache]" and not hub[0]["deletable"]
     assert hub[0]["params"] == params and hub[0]["disk_bytes"] > 0  # links followed to the blobs
     with pytest.raises(LibraryError, match="only workspace models"):
-        library.delete_model(workspace, hub[0]["key"])
+        delete_model(workspace, hub[0]["key"])
     assert (Path(hub[0]["path"]) / "config.json").exists()
 
 
@@ -86,7 +87,7 @@ def test_quantized_parameter_count(tiny_model, tmp_path):
     cfg["quantization"] = {"group_size": 32, "bits": 4}
     (out / "config.json").write_text(json.dumps(cfg))
     mx.eval(model.parameters())
-    info = library.model_info(out, "q4", "workspace")
+    info = model_info(out, "q4", "workspace")
     assert info["params"] == full and info["dtype"] == "4-bit (group 32)"
 
 
@@ -97,11 +98,11 @@ def test_link_import_and_delete_stay_inside(tiny_model, workspace, tmp_path):
     assert path.is_symlink() and {m["key"]: m for m in list_models(workspace, hub=False)}["linked"]["linked"]
     with pytest.raises(LibraryError, match="already exists"):
         import_folder(workspace, src, "linked")
-    library.delete_model(workspace, "linked")
+    delete_model(workspace, "linked")
     assert not path.exists() and (src / "config.json").exists()  # only the link went
     for bad in ("../elsewhere", "..", "a/b"):
         with pytest.raises(LibraryError):
-            library.delete_model(workspace, bad)
+            delete_model(workspace, bad)
     assert src.exists()
     with pytest.raises(LibraryError, match="no config.json"):
         import_folder(workspace, tmp_path, "nope")
@@ -145,7 +146,7 @@ def test_hub_download_shows_progress_cancels_and_resumes_under_another_name(work
     import huggingface_hub.constants
     from fake_hub import FakeHub
 
-    from services.tiny_model import build_tiny_model
+    from services.library.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", hidden=384, layers=4, intermediate=1024, heads=6, kv_heads=2)
     weights = (model / "model.safetensors").stat().st_size
@@ -162,7 +163,7 @@ def test_hub_download_shows_progress_cancels_and_resumes_under_another_name(work
         assert job.phase == "download" and 0.2 < job.fraction < 1 and " of " in job.message, job.snapshot()
         job.cancel()
         assert job.wait(30) == "cancelled" and "again to resume" in job.message
-        partial = library.hub_partial_dir(workspace, "org/tiny")
+        partial = hub_partial_dir(workspace, "org/tiny")
         assert 0 < hub.served < weights and partial.is_dir() and not (workspace.models / "first").exists()
         small = sorted(f.name for f in model.iterdir() if f.name != "model.safetensors")
         assert sorted(hub.gets) == sorted([*small, "model.safetensors"])
@@ -171,7 +172,7 @@ def test_hub_download_shows_progress_cancels_and_resumes_under_another_name(work
         path = import_hub(workspace, "org/tiny", "second")  # the user retries under another name
         with pytest.raises(LibraryError, match="org/nope: no such model repo on the Hub"):
             import_hub(workspace, "org/nope")
-        assert not library.hub_partial_dir(workspace, "org/nope").exists()
+        assert not hub_partial_dir(workspace, "org/nope").exists()
     assert hub.gets == ["model.safetensors"]  # the files finished before the cancel were kept
     assert path == workspace.models / "second" and not partial.exists() and not (path / ".cache").exists()
     for f in model.iterdir():
@@ -217,7 +218,7 @@ def test_gguf_import_through_the_job_and_the_cli(tiny_model, workspace, tmp_path
 def test_cli_import_smollm2_gguf_answers_paris(tmp_path):
     from mlx_lm import load, stream_generate
 
-    from services.gguf_import import find_smollm2_gguf
+    from services.library.gguf import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     if gguf is None:
@@ -231,32 +232,32 @@ def test_cli_import_smollm2_gguf_answers_paris(tmp_path):
 
 
 def test_uploads_are_checked_on_the_server(workspace):
-    path = library.store_upload(workspace, "../../evil name.jsonl", b'{"text": "a"}\n', max_bytes=100)
+    path = store_upload(workspace, "../../evil name.jsonl", b'{"text": "a"}\n', max_bytes=100)
     assert path == workspace.datasets / "evil_name.jsonl" and path.read_bytes() == b'{"text": "a"}\n'
-    assert library.store_upload(workspace, "evil name.jsonl", b"{}\n", 100).name == "evil_name-2.jsonl"
+    assert store_upload(workspace, "evil name.jsonl", b"{}\n", 100).name == "evil_name-2.jsonl"
     with pytest.raises(LibraryError, match="over the upload limit"):
-        library.store_upload(workspace, "big.jsonl", b"x" * 101, max_bytes=100)
+        store_upload(workspace, "big.jsonl", b"x" * 101, max_bytes=100)
     with pytest.raises(LibraryError, match="unsupported file type .exe"):
-        library.store_upload(workspace, "x.exe", b"MZ", max_bytes=100)
-    assert [d["key"] for d in library.list_datasets(workspace)] == ["evil_name-2.jsonl", "evil_name.jsonl"]
+        store_upload(workspace, "x.exe", b"MZ", max_bytes=100)
+    assert [d["key"] for d in list_datasets(workspace)] == ["evil_name-2.jsonl", "evil_name.jsonl"]
 
 
 def test_dataset_import_copy_and_link(chat_data, workspace):
-    copied = library.import_dataset(workspace, chat_data, "chat")
+    copied = import_dataset(workspace, chat_data, "chat")
     assert (copied / "train.jsonl").read_bytes() == (chat_data / "train.jsonl").read_bytes()
-    linked = library.import_dataset(workspace, chat_data / "valid.jsonl", "valid-link", link=True)
+    linked = import_dataset(workspace, chat_data / "valid.jsonl", "valid-link", link=True)
     assert linked.name == "valid-link.jsonl" and linked.is_symlink()
-    fmts = {d["key"]: d["format"] for d in library.list_datasets(workspace)}
+    fmts = {d["key"]: d["format"] for d in list_datasets(workspace)}
     assert fmts == {"chat": "chat (train/valid)", "valid-link.jsonl": "chat"}
     with pytest.raises(LibraryError, match="already exists"):
-        library.import_dataset(workspace, chat_data, "chat")
-    library.delete_dataset(workspace, "valid-link.jsonl")
+        import_dataset(workspace, chat_data, "chat")
+    delete_dataset(workspace, "valid-link.jsonl")
     assert (chat_data / "valid.jsonl").exists()
 
 
 @pytest.mark.slow
 def test_cancel_a_gguf_import_leaves_nothing(workspace):
-    from services.gguf_import import find_smollm2_gguf
+    from services.library.gguf import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     if gguf is None:

@@ -17,8 +17,9 @@ from nicegui.testing import User, user_simulation
 from uihelpers import el, els
 from uihelpers import wait_for as _wait_for
 
-from app.main import build_services, make_root
+from app.composition import build_services
 from pages.datasets import tokens_html
+from pages.shell import make_root
 
 wait_for = partial(_wait_for, timeout=20.0)
 
@@ -168,8 +169,8 @@ def test_the_ui_process_never_imports_mlx():
     import subprocess
     import sys
 
-    code = ("import sys, app.main, pages.models, pages.datasets, pages.train, services.preflight; "
-            "print('mlx.core' in sys.modules)")
+    code = ("import sys, app.main, pages.shell, pages.models, pages.datasets, pages.train.page, "
+            "services.training.preflight; print('mlx.core' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr

@@ -23,27 +23,25 @@ import pytest
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from services import blas  # noqa: E402
 
-blas.preload()  # the worker preloads the same BLAS: same bits
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-from conftest import base_config  # noqa: E402
-from mlx_lm import generate as mlx_generate  # noqa: E402
-from mlx_lm import load as mlx_load  # noqa: E402
-from mlx_lm import stream_generate  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
-from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset  # noqa: E402
-from mlx_lm.tuner.trainer import evaluate  # noqa: E402
+import mlx.core as mx
+import numpy as np
+import psutil
+from conftest import base_config
+from mlx_lm import generate as mlx_generate
+from mlx_lm import load as mlx_load
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+from mlx_lm.tuner.trainer import evaluate
 
-from services.generation import model_size_bytes  # noqa: E402
-from services.model_service import CancelHandle, ModelError, ModelService, save_preference  # noqa: E402
-from services.run_folder import RunFolder  # noqa: E402
-from services.runs import RunManager  # noqa: E402
-from services.tiny_model import build_tiny_model  # noqa: E402
-from services.workspace import Workspace  # noqa: E402
+from services.inference.service import CancelHandle, ModelError, ModelService, save_preference
+from services.library.models import model_size_bytes
+from services.library.tiny_model import build_tiny_model
+from services.training.folder import RunFolder
+from services.training.manager import RunManager
+from services.workspace import Workspace
 
 PROMPT = "the cat eats"
 MB = 1024 * 1024

@@ -19,10 +19,12 @@ from nicegui.testing import User, user_simulation
 from uihelpers import el, set_value
 from uihelpers import wait_for as _wait_for
 
-from app.main import _status_texts, build_services, make_root, persisted_secret
-from app.ui_config import config_to_form, form_to_config, list_presets, lr_curve
+from app.composition import build_services
+from app.lan import persisted_secret
+from pages.shell import make_root, status_texts
+from pages.train.form import config_to_form, form_to_config, list_presets, lr_curve
 from services.config import parse_yaml, schedule
-from services.run_folder import RunFolder
+from services.training.folder import RunFolder
 
 wait_for = partial(_wait_for, timeout=10.0)
 
@@ -75,11 +77,11 @@ async def test_shell_has_nav_and_status_strip(ui_user: User):
 
 def test_status_texts():
     run = {"id": "r", "name": "demo", "status": "running", "iteration": 50, "iters": 200}
-    text, link, machine = _status_texts({"active": run, "system": {"cpu_percent": 12.0, "ram_used_gb": 3.0,
+    text, link, machine = status_texts({"active": run, "system": {"cpu_percent": 12.0, "ram_used_gb": 3.0,
                                                                    "ram_total_gb": 16.0, "blas": "mkl"}})
     assert text == "▶ demo · running · 50/200 (25%)" and link == "/monitor/r"
     assert "CPU 12%" in machine and "BLAS mkl" in machine
-    text, link, _ = _status_texts({"active": None, "waiting": 2, "system": {}})
+    text, link, _ = status_texts({"active": None, "waiting": 2, "system": {}})
     assert text == "no run active · 2 waiting" and link == "/runs"
 
 
@@ -337,7 +339,7 @@ async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, se
     await ui_user.should_see("in the training queue")
     assert el(ui_user, "resume").text == "Start now" and el(ui_user, "resume").enabled and el(ui_user, "stop").enabled
     services._status = (0.0, {})  # noqa: SLF001 (skip the status cache)
-    assert "1 waiting" in _status_texts(services.status())[0]
+    assert "1 waiting" in status_texts(services.status())[0]
     ui_user.find(marker="stop").click()
     await wait_for(lambda: _text(ui_user, "status") == "stopped")
     assert "off the queue" in services.manager.get(second)["reason"] and not el(ui_user, "stop").enabled

@@ -17,9 +17,10 @@ from nicegui.testing.user_interaction import UserInteraction
 from uihelpers import el, els, set_value
 from uihelpers import wait_for as _wait_for
 
-from app.main import build_services, make_root
-from pages.playground import parse_chat, split_think, stats_text
-from services.runs import RunManager
+from app.composition import build_services
+from pages.playground.page import parse_chat, split_think, stats_text
+from pages.shell import make_root
+from services.training.manager import RunManager
 from services.workspace import Workspace
 
 wait_for = partial(_wait_for, timeout=30.0)

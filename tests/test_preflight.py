@@ -8,9 +8,9 @@ import math
 import pytest
 from conftest import base_config
 
-from services import preflight
-from services.dataset_check import load_tokenizer
-from services.runs import RunManager
+from services.library.checks import load_tokenizer
+from services.training import preflight
+from services.training.manager import RunManager
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_trainable_parameters_match_the_trainer(tiny_model, fine, layers):
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    from services.trainer import apply_fine_tune_type
+    from services.training.trainer import apply_fine_tune_type
 
     cfg = {"fine_tune_type": fine, "num_layers": layers, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
     model, _ = load(str(tiny_model))
@@ -35,7 +35,7 @@ def test_trainable_parameters_match_the_trainer(tiny_model, fine, layers):
 
 
 def test_data_facts_match_the_prepared_data(tiny_model, chat_data, cpt_corpus, workspace):
-    from services.data import prepare
+    from services.training.data import prepare
 
     manager = RunManager(workspace)
     tok = load_tokenizer(str(tiny_model))
@@ -58,7 +58,7 @@ def test_data_facts_are_counted_once_per_dataset_and_again_when_it_changes(tiny_
                                                                           workspace, monkeypatch):
     import shutil
 
-    from services import dataset_check
+    from services.library import checks as dataset_check
 
     data = shutil.copytree(chat_data, tmp_path / "chats")
     calls = []

@@ -7,19 +7,15 @@ import shutil
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+import yaml
+from conftest import base_config
+from mlx_lm import load as mlx_load
 
-from services import blas
-
-blas.preload()
-
-import mlx.core as mx  # noqa: E402
-import yaml  # noqa: E402
-from conftest import base_config  # noqa: E402
-from mlx_lm import load as mlx_load  # noqa: E402
-
-from app.cli import main as cli_main  # noqa: E402
-from services.publisher import (  # noqa: E402
+from app.cli import main as cli_main
+from services.library.tiny_model import build_tiny_model
+from services.publishing.publisher import (
     PublishError,
     UploadError,
     list_published,
@@ -27,9 +23,8 @@ from services.publisher import (  # noqa: E402
     publish,
     upload,
 )
-from services.runs import RunManager  # noqa: E402
-from services.tiny_model import build_tiny_model  # noqa: E402
-from services.workspace import Workspace  # noqa: E402
+from services.training.manager import RunManager
+from services.workspace import Workspace
 
 TEXT = "<|im_start|>user\nthe cat eats an apple.<|im_end|>\n<|im_start|>assistant\nthe dog sees the ball."
 
@@ -138,7 +133,7 @@ def test_parity_check_flags_a_broken_export(trained):
 
 
 def test_an_export_that_lost_the_fine_tune_is_flagged_and_strict_publishes_nothing(trained, monkeypatch):
-    import services.publisher as publisher
+    import services.publishing.publisher as publisher
 
     def drop_adapters(model, dequantize=False):  # the classic silent failure: the base weights are written
         lora = [(n, m.linear) for n, m in model.named_modules() if hasattr(m, "fuse")]
@@ -194,7 +189,7 @@ def test_quantized_exports_report_their_loss_delta(trained):
 
 
 def test_a_failed_quantized_export_says_what_to_try():
-    from services.publisher import compare
+    from services.publishing.publisher import compare
 
     def measured(loss: float) -> dict:
         return {"loss": loss, "tokens": 100, "greedy": [{"tokens": [1, 2], "text": "a b"}], "logits": []}

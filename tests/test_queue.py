@@ -12,7 +12,7 @@ import time
 import yaml
 from conftest import base_config
 
-from services.run_folder import ACTIVE, WAITING
+from services.training.folder import ACTIVE, WAITING
 
 
 def wait_status(manager, run_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict:
@@ -66,3 +66,26 @@ def test_a_waiting_run_can_start_at_once(manager, tiny_model, chat_data):
     assert wait_status(manager, b.id, ("completed",))["status"] == "completed"
     manager.stop(a.id)
     assert manager.wait(a.id)["status"] == "stopped"
+
+
+# The end of a worker started before services moved into rooms, verbatim (its _hand_over), in a process that
+# still holds pre-move modules: the old ``services.run_folder`` and a ``services.workspace`` without what the
+# move added.
+PRE_MOVE_WORKER_END = """
+import pathlib, sys, types
+from services.workspace import Workspace
+import services.workspace as ws_mod
+del ws_mod.disk_size, ws_mod.files_stamp
+sys.modules["services.run_folder"] = types.ModuleType("services.run_folder")
+from services.runs import RunManager
+print("started", RunManager(Workspace(pathlib.Path(sys.argv[1]).resolve())).start_next())
+"""
+
+
+def test_a_worker_started_before_the_move_still_hands_the_queue_on(manager, tiny_model, chat_data):
+    b = manager.create(base_config(tiny_model, chat_data, name="after-upgrade", iters=10), status=WAITING)
+    assert manager.get(b.id)["status"] == WAITING
+    out = subprocess.run([sys.executable, "-c", PRE_MOVE_WORKER_END, str(manager.workspace.root)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"started {b.id}" in out.stdout, out.stdout + out.stderr
+    assert wait_status(manager, b.id, ("completed",))["status"] == "completed"

@@ -1,4 +1,4 @@
-"""Run listing, filters, sorting, config diffs and series alignment (services.run_index), and RunManager's
+"""Run listing, filters, sorting, config diffs and series alignment (services.training.index), and RunManager's
 delete / set_label. No training: run folders are written by hand."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from services import run_index
 from services.config import ConfigError
-from services.run_folder import RunFolder
+from services.training import index as run_index
+from services.training.folder import RunFolder
 
 
 def info(run_id: str, **kw) -> dict:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from services.run_folder import RunFolder
-from services.run_watch import RunWatcher, Series, WatcherPool
-from services.runs import RunManager
 from services.system import installed_blas, system_status
+from services.training.folder import RunFolder
+from services.training.manager import RunManager
+from services.training.watch import RunWatcher, Series, WatcherPool
 
 REPO = Path(__file__).resolve().parent.parent
 

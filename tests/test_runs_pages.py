@@ -19,9 +19,10 @@ from nicegui.testing import User, user_simulation
 from uihelpers import el
 from uihelpers import wait_for as _wait_for
 
-from app.main import build_services, make_root
-from services.run_folder import RunFolder
-from services.runs import RunManager
+from app.composition import build_services
+from pages.shell import make_root
+from services.training.folder import RunFolder
+from services.training.manager import RunManager
 from services.workspace import Workspace
 
 wait_for = partial(_wait_for, timeout=10.0)

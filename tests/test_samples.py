@@ -8,16 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mlx_lm.tuner.datasets import ChatDataset, load_local_dataset
 
-from services import blas
-
-blas.preload()  # before mlx is imported
-
-from mlx_lm.tuner.datasets import ChatDataset, load_local_dataset  # noqa: E402
-
-from services import samples  # noqa: E402
-from services.samples import SAMPLES_DIR, install_samples  # noqa: E402
-from services.tiny_model import build_tiny_model  # noqa: E402
+from services.library import samples
+from services.library.samples import SAMPLES_DIR, install_samples
+from services.library.tiny_model import build_tiny_model
 
 ROLES = {"system", "user", "assistant"}
 

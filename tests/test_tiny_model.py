@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx_lm import load, stream_generate
 
-from services import blas
-
-blas.preload()  # before mlx is imported
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm import load, stream_generate  # noqa: E402
-
-from services.tiny_model import CHAT_TEMPLATE, build_tiny_model, stdlib_corpus, synthetic_corpus  # noqa: E402
+from services.library.tiny_model import CHAT_TEMPLATE, build_tiny_model, stdlib_corpus, synthetic_corpus
 
 FILES = ["chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 

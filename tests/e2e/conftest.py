@@ -75,8 +75,8 @@ class AppProcess:
 
 @pytest.fixture(scope="session")
 def e2e_workspace(tmp_path_factory) -> Path:
-    from services.samples import install_samples
-    from services.tiny_model import build_tiny_model
+    from services.library.samples import install_samples
+    from services.library.tiny_model import build_tiny_model
     from services.workspace import Workspace
 
     ws = Workspace.resolve(tmp_path_factory.mktemp("e2e") / "ws")

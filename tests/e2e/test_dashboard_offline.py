@@ -10,9 +10,9 @@ from playwright.sync_api import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the hand-made run folder
 
-from test_dashboard import make_run  # noqa: E402
+from test_dashboard import make_run
 
-from services.dashboard import export_dashboard  # noqa: E402
+from services.training.dashboard import export_dashboard
 
 
 def test_exported_dashboard_renders_offline(browser, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from conftest import shot
 from playwright.sync_api import Page, expect
 
-from services.runs import RunManager
+from services.training.manager import RunManager
 from services.workspace import Workspace
 
 

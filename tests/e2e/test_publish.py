@@ -12,7 +12,7 @@ from playwright.sync_api import Page, expect
 @pytest.fixture(scope="module")
 def two_runs(e2e_workspace) -> dict[str, dict]:
     """Two tiny LoRA runs on the sample chats that differ only in learning rate; name → run.json."""
-    from services.runs import RunManager
+    from services.training.manager import RunManager
     from services.workspace import Workspace
 
     ws = Workspace.resolve(e2e_workspace)

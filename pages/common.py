@@ -1,0 +1,74 @@
+"""What every page shares: status colours, labels, the page frame, number texts and the metric charts.
+
+Pages import only this module and :mod:`pages.shell` from ``pages``; a helper two pages need lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nicegui import ui
+
+STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
+                 "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
+METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
+MODES = {"cpt": "CPT", "ift": "IFT", "mlx-lm": "plain mlx-lm"}
+# chart marker → (title, [(series, label)], y-axis type)
+CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+    "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
+    "perplexity": ("Perplexity", [("perplexity", "train"), ("val_perplexity", "validation")], "log"),
+    "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
+    "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
+    "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
+}
+MAX_MARKS = 50
+
+
+
+
+def page_column() -> ui.column:
+    """The page's frame: the whole width of the shell."""
+    return ui.column().classes("w-full gap-3")
+
+
+def fmt_loss(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def line_chart(title: str, series: list[tuple[str, str]], ytype: str) -> dict[str, Any]:
+    """ECharts options of one metric chart over iterations: one empty line per ``(series, label)``."""
+    return {
+        "animation": False,
+        "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
+        "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": {"trigger": "axis"},
+        "grid": {"left": 64, "right": 16, "top": 36, "bottom": 32},
+        "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22},
+        "yAxis": {"type": ytype, "scale": True},
+        "series": [{"name": label, "type": "line", "showSymbol": name.startswith("val"), "symbolSize": 5,
+                    "sampling": "lttb", "data": []} for name, label in series],
+    }
+
+
+def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """ECharts markPoints for checkpoints (at their val loss, else the train loss there); the best one stands out."""
+    marks = []
+    shown = checkpoints[-MAX_MARKS:]
+    best = next((c for c in checkpoints if c.get("best")), None)
+    if best is not None and best not in shown:
+        shown = [best, *shown]
+    for c in shown:
+        it, y = c.get("iteration"), c.get("val_loss")
+        if y is None:
+            before = [p for p in train if p[0] <= it]
+            if not before:
+                continue
+            y = before[-1][1]
+        mark: dict[str, Any] = {"name": f"checkpoint {it}", "coord": [it, y], "value": it,
+                                "symbol": "pin", "symbolSize": 26, "itemStyle": {"color": "#90a4ae"}}
+        if c.get("best"):
+            mark.update(name=f"best checkpoint {it}", symbolSize=40, itemStyle={"color": "#f9a825"})
+        marks.append(mark)
+    return marks
+
+

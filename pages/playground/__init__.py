@@ -1,0 +1,1 @@
+"""The Playground: chat, side-by-side compare with blind A/B rating, perplexity."""

@@ -1,0 +1,1 @@
+"""The Train page: the run form, presets, the learning-rate preview and preflight."""

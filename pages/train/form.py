@@ -1,0 +1,314 @@
+"""Train-form logic without UI: form values ↔ engine config, LR schedule preview, preset discovery.
+
+The form is a flat dict (one key per widget); :func:`form_to_config` builds the engine config
+(a ``services.config`` user config) from it and :func:`config_to_form` goes back, keeping keys the
+form has no widget for in ``extra`` so that a YAML round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+from services.config import (
+    FORGE_DEFAULTS,
+    MLX_LM_DEFAULTS,
+    ConfigError,
+    schedule,
+)
+from services.library.datasets import dataset_format, list_datasets  # noqa: F401 (re-exported)
+from services.library.models import list_models  # noqa: F401 (re-exported)
+from services.units import human_bytes  # noqa: F401 (re-exported)
+
+SCHEDULE_KINDS = {"constant": "constant", "linear": "linear decay", "cosine": "cosine decay"}
+
+FORM_DEFAULTS: dict[str, Any] = {
+    "name": "", "model": None, "data": None, "mode": "cpt", "fine_tune_type": "lora",
+    "length_mode": "iters", "iters": MLX_LM_DEFAULTS["iters"], "epochs": 3,
+    "batch_size": MLX_LM_DEFAULTS["batch_size"], "learning_rate": MLX_LM_DEFAULTS["learning_rate"],
+    "schedule": "constant", "warmup": 0, "final_lr": 0.0, "schedule_steps": None, "custom_schedule": None,
+    "optimizer": MLX_LM_DEFAULTS["optimizer"], "num_layers": MLX_LM_DEFAULTS["num_layers"],
+    "rank": 8, "scale": 20.0, "dropout": 0.0,
+    "max_seq_length": MLX_LM_DEFAULTS["max_seq_length"], "steps_per_report": MLX_LM_DEFAULTS["steps_per_report"],
+    "steps_per_eval": MLX_LM_DEFAULTS["steps_per_eval"], "save_every": MLX_LM_DEFAULTS["save_every"],
+    "val_batches": MLX_LM_DEFAULTS["val_batches"], "grad_checkpoint": False,
+    "grad_accumulation_steps": 1, "seed": 0, "packing": FORGE_DEFAULTS["packing"],
+    "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
+    "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
+    "keep_checkpoints": None, "train_embeddings": False, "extra": {}, "extra_lora": {},
+}
+
+# Form fields that must hold a number (None = left blank → "required").
+REQUIRED_NUMBERS = ("batch_size", "learning_rate", "num_layers", "max_seq_length", "steps_per_report",
+                    "steps_per_eval", "save_every", "val_batches", "grad_accumulation_steps", "seed",
+                    "valid_fraction", "warmup")
+INTEGER_FIELDS = ("iters", "batch_size", "num_layers", "max_seq_length", "steps_per_report", "steps_per_eval",
+                  "save_every", "val_batches", "grad_accumulation_steps", "seed", "warmup", "schedule_steps",
+                  "rank", "patience", "keep_checkpoints")
+
+# Config error field (dotted) → form field that shows it.
+ERROR_FIELDS = {
+    "lora_parameters.rank": "rank", "lora_parameters.scale": "scale", "lora_parameters.dropout": "dropout",
+    "lora_parameters.alpha": "scale", "lr_schedule.warmup": "warmup", "lr_schedule.arguments": "learning_rate",
+    "lr_schedule.name": "schedule", "lr_schedule": "schedule", "early_stopping.patience": "patience",
+    "early_stopping.min_delta": "min_delta", "early_stopping.overfit_threshold": "overfit_threshold",
+    "early_stopping": "early_stopping", "grad_accumulation_steps": "grad_accumulation_steps",
+}
+
+
+# A dataset's format (as services.library.datasets.dataset_format describes it) → the modes it is meant for.
+MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
+
+
+def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
+    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
+    kinds = MODE_FORMATS.get(mode, ())
+    return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
+
+
+def form_field(error_field: str) -> str:
+    """The form field that shows a config error for ``error_field`` (``lora_parameters.rank`` → ``rank``)."""
+    return ERROR_FIELDS.get(error_field, error_field)
+
+
+def default_form() -> dict[str, Any]:
+    return copy.deepcopy(FORM_DEFAULTS)
+
+
+def _int(v: Any) -> Any:
+    """A whole float (what a number input gives) as int; anything else unchanged, for validation to judge."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def form_problems(form: dict[str, Any]) -> list[ConfigError]:
+    """What the form itself can tell is missing (blank fields), before the engine validates the rest."""
+    errors = []
+    if not form.get("model"):
+        errors.append(ConfigError("model", form.get("model"), "choose a model"))
+    if not form.get("data"):
+        errors.append(ConfigError("data", form.get("data"), "choose a dataset"))
+    required = list(REQUIRED_NUMBERS) + ["iters" if form.get("length_mode") == "iters" else "epochs"]
+    if form.get("fine_tune_type") in ("lora", "dora"):
+        required += ["rank", "scale", "dropout"]
+    if form.get("early_stopping"):
+        required += ["patience", "min_delta"]
+    if form.get("schedule") in ("linear", "cosine"):
+        required.append("final_lr")
+        if form.get("length_mode") == "epochs" and not form.get("schedule_steps"):
+            errors.append(ConfigError("schedule_steps", form.get("schedule_steps"),
+                                      "a decaying schedule needs its length in iterations when training by epochs"))
+    for key in required:
+        if form.get(key) is None or form.get(key) == "":
+            errors.append(ConfigError(key, None, "required"))
+    return errors
+
+
+def form_schedule(form: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``lr_schedule`` the form describes (``None`` for a constant rate without warm-up)."""
+    kind = form.get("schedule") or "constant"
+    if kind == "custom":
+        return copy.deepcopy(form.get("custom_schedule"))
+    lr = form.get("learning_rate")
+    if not isinstance(lr, (int, float)):
+        return None
+    steps = form.get("schedule_steps") or (form.get("iters") if form.get("length_mode") == "iters" else None)
+    steps = _int(steps) if isinstance(steps, (int, float)) else 1
+    warmup = _int(form.get("warmup") or 0)
+    final = form.get("final_lr") or 0.0
+    try:
+        return schedule(kind, lr, max(int(steps), 1), warmup if isinstance(warmup, int) else 0, final)
+    except ConfigError:
+        return None
+
+
+def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
+    """The engine config (user keys) for the form's values; blanks stay ``None`` (see :func:`form_problems`)."""
+    f = {k: (_int(v) if k in INTEGER_FIELDS else v) for k, v in form.items()}
+    mode = None if f.get("mode") == "mlx-lm" else f.get("mode")
+    cfg: dict[str, Any] = {}
+    if f.get("name"):
+        cfg["name"] = f["name"]
+    if mode is not None:
+        cfg["mode"] = mode
+    cfg.update(model=f.get("model"), data=f.get("data"), fine_tune_type=f.get("fine_tune_type"),
+               num_layers=f.get("num_layers"))
+    if f.get("fine_tune_type") in ("lora", "dora"):
+        cfg["lora_parameters"] = {"rank": f.get("rank"), "dropout": f.get("dropout"), "scale": f.get("scale"),
+                                  **copy.deepcopy(f.get("extra_lora") or {})}
+    cfg["optimizer"] = f.get("optimizer")
+    cfg["learning_rate"] = f.get("learning_rate")
+    sched = form_schedule(f)
+    if sched is not None:
+        cfg["lr_schedule"] = sched
+    if f.get("length_mode") == "epochs":
+        cfg["epochs"] = f.get("epochs")
+    else:
+        cfg["iters"] = f.get("iters")
+    for key in ("batch_size", "grad_accumulation_steps", "grad_checkpoint", "max_seq_length"):
+        cfg[key] = f.get(key)
+    if mode == "cpt":
+        cfg["packing"] = bool(f.get("packing"))
+    if mode == "ift":
+        cfg["mask_all_turns"] = bool(f.get("mask_all_turns"))
+    for key in ("valid_fraction", "val_batches", "steps_per_report", "steps_per_eval", "save_every"):
+        cfg[key] = f.get(key)
+    if f.get("keep_checkpoints") is not None:
+        cfg["keep_checkpoints"] = f["keep_checkpoints"]
+    if f.get("early_stopping"):
+        es = {"patience": f.get("patience"), "min_delta": f.get("min_delta")}
+        if f.get("overfit_threshold") is not None:
+            es["overfit_threshold"] = f["overfit_threshold"]
+        cfg["early_stopping"] = es
+    if f.get("fine_tune_type") == "full" and f.get("train_embeddings"):
+        cfg["train_embeddings"] = True
+    cfg["seed"] = f.get("seed")
+    for k, v in (f.get("extra") or {}).items():
+        cfg.setdefault(k, copy.deepcopy(v))
+    return cfg
+
+
+def _schedule_to_form(s: Any, form: dict[str, Any]) -> None:
+    """Recognise ``services.config.schedule`` output (constant/linear/cosine + linear warm-up), else keep it as is."""
+    form.update(schedule="constant", warmup=0, final_lr=0.0, schedule_steps=None, custom_schedule=None)
+    if s is None:
+        return
+    args = s.get("arguments") if isinstance(s, dict) else None
+    ok = (isinstance(s, dict) and isinstance(args, list) and set(s) <= {"name", "arguments", "warmup", "warmup_init"}
+          and not s.get("warmup_init") and all(isinstance(a, (int, float)) for a in args)
+          and isinstance(s.get("warmup", 0), int))
+    warmup = s.get("warmup", 0) if ok else 0
+    if ok and s.get("name") == "linear_schedule" and len(args) == 3:
+        lr, end, steps = args
+        if lr == end:
+            kind, total = "constant", None
+        else:
+            kind, total = "linear", steps + warmup
+        form.update(schedule=kind, learning_rate=lr, final_lr=end if kind == "linear" else 0.0)
+    elif ok and s.get("name") == "cosine_decay" and len(args) in (2, 3):
+        kind, total = "cosine", args[1] + warmup
+        form.update(schedule=kind, learning_rate=args[0], final_lr=args[2] if len(args) == 3 else 0.0)
+    else:
+        form.update(schedule="custom", custom_schedule=copy.deepcopy(s))
+        if args and isinstance(args[0], (int, float)):
+            form["learning_rate"] = args[0]
+        return
+    form["warmup"] = warmup
+    if total is not None and not (form["length_mode"] == "iters" and total == form.get("iters")):
+        form["schedule_steps"] = int(total)
+
+
+def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Form values for a config (preset, upload or a run's config); unknown keys go to ``extra``."""
+    form = default_form()
+    cfg = copy.deepcopy(cfg)
+    form["name"] = cfg.pop("name", None) or ""
+    mode = cfg.pop("mode", None)
+    form["mode"] = "mlx-lm" if mode is None else mode
+    for key in ("model", "data", "fine_tune_type", "optimizer", "num_layers", "batch_size", "grad_accumulation_steps",
+                "grad_checkpoint", "max_seq_length", "packing", "mask_all_turns", "valid_fraction", "val_batches",
+                "steps_per_report", "steps_per_eval", "save_every", "keep_checkpoints", "train_embeddings", "seed",
+                "learning_rate"):
+        if key in cfg and cfg[key] is not None:
+            form[key] = cfg.pop(key)
+        else:
+            cfg.pop(key, None)
+    if isinstance(form["model"], Path) or isinstance(form["data"], Path):
+        form["model"], form["data"] = str(form["model"]), str(form["data"])
+    if cfg.get("epochs") is not None:
+        form.update(length_mode="epochs", epochs=cfg.pop("epochs"))
+        if cfg.get("iters") is not None:
+            form["iters"] = cfg.pop("iters")
+    else:
+        cfg.pop("epochs", None)
+        form["length_mode"] = "iters"
+        if cfg.get("iters") is not None:
+            form["iters"] = cfg.pop("iters")
+    cfg.pop("iters", None)
+    lp = cfg.pop("lora_parameters", None)
+    if isinstance(lp, dict):
+        lp = dict(lp)
+        for key in ("rank", "scale", "dropout"):
+            if key in lp:
+                form[key] = lp.pop(key)
+        form["extra_lora"] = lp
+    _schedule_to_form(cfg.pop("lr_schedule", None), form)
+    es = cfg.pop("early_stopping", None)
+    if isinstance(es, dict):
+        form.update(early_stopping=True, patience=es.get("patience", 3), min_delta=es.get("min_delta", 0.0),
+                    overfit_threshold=es.get("overfit_threshold"))
+    form["extra"] = cfg
+    return form
+
+
+# ---------------------------------------------------------------------------------------- YAML
+
+
+def list_presets(configs_dir: Path) -> dict[str, Path]:
+    """``name → path`` of the preset YAML files in ``configs/`` (not its ``samples/`` folder)."""
+    if not configs_dir.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(configs_dir.glob("*.yaml")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------- LR preview
+
+
+def _sched_fn(name: str, args: list[float]):
+    """Python versions of mlx.optimizers.schedulers (same formulas)."""
+    if name == "cosine_decay":
+        init, decay_steps, end = args[0], args[1], (args[2] if len(args) > 2 else 0.0)
+
+        def f(step: int) -> float:
+            s = min(step, decay_steps)
+            return end + 0.5 * (1.0 + math.cos(math.pi * s / max(decay_steps, 1))) * (init - end)
+    elif name == "linear_schedule":
+        init, end, steps = args[0], args[1], args[2]
+
+        def f(step: int) -> float:
+            return min(step, steps) * ((end - init) / max(steps, 1)) + init
+    elif name == "exponential_decay":
+        def f(step: int) -> float:
+            return args[0] * args[1] ** step
+    elif name == "step_decay":
+        def f(step: int) -> float:
+            return args[0] * args[1] ** (step // max(int(args[2]), 1))
+    else:
+        raise ValueError(name)
+    return f
+
+
+def lr_function(sched: dict[str, Any] | None, lr: float):
+    """Learning rate at optimizer step ``n`` (0-based), as mlx-lm's ``build_schedule`` computes it."""
+    if not sched:
+        return lambda step: lr
+    body = _sched_fn(sched["name"], list(sched["arguments"]))
+    warmup = int(sched.get("warmup", 0) or 0)
+    if not warmup:
+        return body
+    warm = _sched_fn("linear_schedule", [sched.get("warmup_init", 0.0) or 0.0, sched["arguments"][0], warmup])
+    return lambda step: warm(step) if step < warmup + 1 else body(step - warmup - 1)
+
+
+def lr_curve(sched: dict[str, Any] | None, lr: float, iters: int, grad_accumulation: int = 1,
+             max_points: int = 400) -> list[tuple[int, float]]:
+    """``(iteration, learning rate)`` over a run: iteration ``i`` uses optimizer step ``ceil(i / accum) - 1``."""
+    try:
+        fn = lr_function(sched, lr)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return []
+    iters, accum = max(int(iters), 1), max(int(grad_accumulation), 1)
+    stride = max(1, math.ceil(iters / max_points))
+    its = list(range(1, iters + 1, stride))
+    if its[-1] != iters:
+        its.append(iters)
+    out = []
+    for i in its:
+        try:
+            out.append((i, float(fn(max(math.ceil(i / accum) - 1, 0)))))
+        except (ArithmeticError, TypeError, ValueError):
+            return []
+    return out

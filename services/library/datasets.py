@@ -1,0 +1,133 @@
+"""The dataset catalogue: formats, listing, upload, import and delete of ``workspace/datasets``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from services.library.models import LibraryError, check_name
+from services.units import human_bytes
+from services.workspace import Workspace, disk_size, staged, write_atomic
+
+DATASET_SUFFIXES = (".jsonl", ".txt", ".md")
+
+
+def _first_row(path: Path) -> dict | None:
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return row if isinstance(row, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def dataset_format(path: Path) -> str:
+    """A quick description from the first row: ``chat (train/valid)``, ``documents (12 files)``…"""
+    from services.training.data import CPT_SUFFIXES, row_format, split_files  # noqa: PLC0415 (numpy only when needed)
+
+    if path.is_dir():
+        splits = split_files(path)
+        if "train" in splits:
+            row = _first_row(splits["train"])
+            fmt = (row_format(row) if row else None) or "unknown rows"
+            return f"{fmt} ({'/'.join(splits)})"
+        docs = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CPT_SUFFIXES]
+        return f"documents ({len(docs)} files)" if docs else "empty"
+    if path.suffix.lower() == ".jsonl":
+        row = _first_row(path)
+        return (row_format(row) if row else None) or "unknown rows"
+    if path.suffix.lower() in (".txt", ".md"):
+        return "text document"
+    return "unsupported"
+
+
+def list_datasets(ws: Workspace) -> list[dict[str, Any]]:
+    """Entries of ``datasets/`` (folders, ``.jsonl``/``.txt``/``.md`` files): key, label, format, size."""
+    out = []
+    if not ws.datasets.is_dir():
+        return out
+    for p in sorted(ws.datasets.iterdir()):
+        if p.name.startswith(".") or (p.is_file() and p.suffix.lower() not in DATASET_SUFFIXES):
+            continue
+        fmt, size = dataset_format(p), disk_size(p)
+        out.append({"key": p.name, "label": f"{p.name} ({fmt}, {human_bytes(size)})", "format": fmt,
+                    "size": size, "path": str(p)})
+    return out
+
+
+def dataset_path(ws: Workspace, key: str) -> Path:
+    """``datasets/KEY`` (a direct entry, nothing outside the workspace)."""
+    path = ws.inside(ws.datasets / key)
+    if path.parent != ws.inside(ws.datasets) or not path.exists():
+        raise LibraryError(f"dataset {key!r}: no such file or folder in {ws.datasets}")
+    return path
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``stem-2.ext``, ``stem-3.ext``… if taken."""
+    p = folder / name
+    stem, suffix = (p.stem, p.suffix) if p.suffix in DATASET_SUFFIXES else (p.name, "")
+    n = 2
+    while p.exists() or p.is_symlink():
+        p = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return p
+
+
+def store_upload(ws: Workspace, filename: str, data: bytes, max_bytes: int) -> Path:
+    """Write an uploaded dataset file into ``datasets/`` atomically, after checking its size, name and type."""
+    if len(data) > max_bytes:
+        raise LibraryError(f"{filename}: {human_bytes(len(data))} is over the upload limit of {human_bytes(max_bytes)}")
+    base = Path(filename or "").name
+    suffix = Path(base).suffix.lower()
+    if suffix not in DATASET_SUFFIXES:
+        raise LibraryError(f"{filename}: unsupported file type {suffix or '(none)'}; upload .jsonl, .txt or .md")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(base).stem).strip("._-") or "dataset"
+    target = unique_path(ws.datasets, stem[:90] + suffix)
+    write_atomic(target, data)
+    return target
+
+
+def import_dataset(ws: Workspace, source: str | os.PathLike, name: str | None = None, link: bool = False) -> Path:
+    """Copy (or link) a local dataset file or folder into ``datasets/``."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise LibraryError(f"{src}: no such file or folder")
+    src = src.resolve()
+    if src.is_file() and src.suffix.lower() not in DATASET_SUFFIXES:
+        raise LibraryError(f"{src}: unsupported file type; use .jsonl, .txt, .md or a folder of them")
+    name = check_name(name or src.name, "dataset name")
+    if src.is_file() and Path(name).suffix.lower() != src.suffix.lower():
+        name += src.suffix.lower()
+    target = ws.datasets / name
+    if target.exists() or target.is_symlink():
+        raise LibraryError(f"dataset {name!r} already exists in {ws.datasets}; choose another name")
+    if link:
+        target.symlink_to(src, target_is_directory=src.is_dir())
+        return target
+    with staged(target) as tmp:
+        if src.is_file():
+            shutil.copyfile(src, tmp)
+        else:
+            shutil.copytree(src, tmp)
+    return target
+
+
+def delete_dataset(ws: Workspace, key: str) -> Path:
+    path = ws.datasets / key
+    if path.is_symlink():
+        path.unlink()
+        return path
+    path = dataset_path(ws, key)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return path

@@ -1,0 +1,369 @@
+"""Model imports: a Hub repo id (``snapshot_download`` into a hidden partial folder that a retry
+resumes), a local folder (copied or linked) or a GGUF file (:func:`services.library.gguf.import_gguf`). The app
+runs an import in a child process (:class:`ImportJob`, ``python -m services.library.imports``) so it can be
+cancelled and never loads MLX into the UI process."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.jobs import REPO_ROOT, child_env
+from services.library.models import LibraryError, check_name, hub_cache_dir, weight_files
+from services.units import human_bytes
+from services.workspace import Workspace, disk_size, staged
+
+Progress = Callable[[str, float | None, str], None]  # (phase, fraction 0..1 or None, message)
+
+
+REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+HUB_TIMEOUT = 3.0  # seconds to decide the Hub is unreachable
+
+
+def source_kind(source: str) -> str:
+    """``gguf``, ``folder`` or ``hub`` for an import source (an existing path wins over a repo id)."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise LibraryError(f"{p}: a model file must be a .gguf file (or give a model folder or a Hub repo id)")
+        return "gguf"
+    if p.is_dir():
+        return "folder"
+    if REPO_RE.match(source) and not source.startswith((".", "/", "~")):
+        return "hub"
+    raise LibraryError(f"{source}: no such file or folder, and not a Hub repo id like 'org/name'")
+
+
+def default_name(source: str, kind: str) -> str:
+    if kind == "hub":
+        base = source.split("/")[-1]
+    else:
+        p = Path(source).expanduser()
+        base = p.stem if kind == "gguf" else p.resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-") or "model"
+
+
+def _target(ws: Workspace, name: str) -> Path:
+    check_name(name, "model name")
+    target = ws.models / name
+    if target.exists() or target.is_symlink():
+        raise LibraryError(f"model {name!r} already exists in {ws.models}; choose another name or delete it first")
+    return target
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise LibraryError(f"{folder}: no config.json, not a Hugging Face / mlx-lm model folder")
+    if not weight_files(folder):
+        raise LibraryError(f"{folder}: no .safetensors weights (MLX needs safetensors; convert other formats first)")
+
+
+def import_folder(ws: Workspace, source: str | os.PathLike, name: str | None = None, link: bool = False,
+                  progress: Progress | None = None) -> Path:
+    """Copy a model folder into ``models/NAME`` (staged, then renamed), or link to it."""
+    src = Path(source).expanduser().resolve()
+    if not src.is_dir():
+        raise LibraryError(f"{src}: no such folder")
+    _check_model_folder(src)
+    target = _target(ws, name or default_name(str(src), "folder"))
+    if link:
+        target.symlink_to(src, target_is_directory=True)
+        return target
+    files = [p for p in src.rglob("*") if p.is_file()]
+    total, done = sum(p.stat().st_size for p in files) or 1, 0
+    with staged(target) as tmp:
+        for f in files:
+            dst = tmp / f.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst)
+            done += f.stat().st_size
+            if progress:
+                progress("copy", done / total, f.name)
+    return target
+
+
+def import_gguf_file(ws: Workspace, source: str | os.PathLike, name: str | None = None, dequantize: bool = False,
+                     progress: Progress | None = None) -> Path:
+    """Convert a llama GGUF file with :func:`services.library.gguf.import_gguf` into ``models/NAME``."""
+    from services.library.gguf import import_gguf  # noqa: PLC0415 (loads MLX: only in workers and the CLI)
+
+    src = Path(source).expanduser().resolve()
+    target = _target(ws, name or default_name(str(src), "gguf"))
+    try:
+        with staged(target) as tmp:
+            if progress:
+                progress("convert", None, f"converting {src.name}")
+            import_gguf(src, tmp, dequantize=dequantize)
+    except ValueError as e:
+        raise LibraryError(str(e)) from None
+    return target
+
+
+def hub_offline_reason(timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hub cannot be reached (``HF_HUB_OFFLINE``, no DNS, no answer) within ``timeout`` s, or None.
+
+    The probe is a real request to ``$HF_ENDPOINT/api/models``; only a successful answer counts as online (an
+    intercepting proxy or captive portal answers with an error status).
+    """
+    hub_constants = sys.modules.get("huggingface_hub.constants")  # read once, when huggingface_hub was imported
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true") \
+            or getattr(hub_constants, "HF_HUB_OFFLINE", False):
+        return "offline mode: HF_HUB_OFFLINE is set"
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(endpoint + "/api/models?limit=1", timeout=timeout).close()
+            result.append(None)
+        except urllib.error.HTTPError as e:
+            result.append(f"{endpoint} answered HTTP {e.code} to a test request")
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            result.append(f"cannot reach {endpoint} ({getattr(reason, 'strerror', None) or reason})")
+
+    t = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts: bound it from outside
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer from {endpoint} within {timeout:.0f} s"
+
+
+def _hub_total(repo: str, revision: str | None, patterns: list[str]) -> int | None:
+    try:
+        from huggingface_hub import HfApi  # noqa: PLC0415
+
+        api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
+        info = api.model_info(repo, revision=revision, files_metadata=True, timeout=HUB_TIMEOUT * 3)
+        sizes = [s.size or 0 for s in info.siblings or []
+                 if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
+        return sum(sizes) or None
+    except Exception:  # noqa: BLE001 (progress is best effort; the download reports real errors)
+        return None
+
+
+def hub_partial_dir(ws: Workspace, repo: str, revision: str | None = None) -> Path:
+    """Where a Hub download of ``repo`` at ``revision`` collects its files until it is complete."""
+    rev = re.sub(r"[^A-Za-z0-9._-]", "_", revision or "main")  # a branch name may hold "/": keep one path part
+    return ws.models / f".{repo.replace('/', '--')}@{rev}.download"
+
+
+def import_hub(ws: Workspace, repo: str, name: str | None = None, revision: str | None = None,
+               progress: Progress | None = None, offline_timeout: float = HUB_TIMEOUT) -> Path:
+    """Download a Hub repo into ``models/NAME``; an earlier, cut-off download of the same repo and revision
+    (kept in a hidden ``models/.ORG--REPO@REVISION.download`` folder) is resumed, whatever name it was given.
+
+    Offline (``HF_HUB_OFFLINE`` or no connection within ``offline_timeout`` s) a repo in the local HF cache is
+    copied from there; otherwise it fails at once with the reason.
+    """
+    if not REPO_RE.match(repo or ""):
+        raise LibraryError(f"{repo!r} is not a Hub repo id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    target = _target(ws, name or default_name(repo, "hub"))
+    reason = hub_offline_reason(offline_timeout)
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.errors import (  # noqa: PLC0415
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    if reason:
+        try:
+            cached = snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=HUB_PATTERNS,
+                                       cache_dir=hub_cache_dir())
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise LibraryError(f"cannot download {repo} from the Hugging Face Hub: {reason}; it is not in the local "
+                               f"HF cache ({hub_cache_dir()}) either. Import a local folder or GGUF file instead, "
+                               "or retry when online.") from None
+        if progress:
+            progress("copy", None, f"offline: copying {repo} from the HF cache")
+        return import_folder(ws, cached, target.name, progress=progress)
+    partial = hub_partial_dir(ws, repo, revision)
+    partial.mkdir(parents=True, exist_ok=True)
+    total = _hub_total(repo, revision, HUB_PATTERNS)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if progress:
+                done = disk_size(partial)
+                progress("download", min(done / total, 0.99) if total else None,
+                         f"{human_bytes(done)}" + (f" of {human_bytes(total)}" if total else ""))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        snapshot_download(repo, revision=revision, local_dir=partial, allow_patterns=HUB_PATTERNS, etag_timeout=10,
+                          endpoint=os.environ.get("HF_ENDPOINT"))
+    except OfflineModeIsEnabled:
+        raise LibraryError(f"cannot download {repo}: HF_HUB_OFFLINE was set when the Hub library loaded") from None
+    except RepositoryNotFoundError:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing was fetched: leave nothing behind
+        raise LibraryError(f"{repo}: no such model repo on the Hub (or it is private/gated: log in with "
+                           "`hf auth login`)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise LibraryError(f"downloading {repo} failed: {e}; run the import again to resume") from None
+    finally:
+        stop.set()
+        watcher.join()
+    shutil.rmtree(partial / ".cache", ignore_errors=True)
+    _check_model_folder(partial)
+    os.rename(partial, target)
+    if progress:
+        progress("done", 1.0, str(target))
+    return target
+
+
+def import_model(ws: Workspace, source: str, name: str | None = None, *, link: bool = False,
+                 dequantize: bool = False, revision: str | None = None, progress: Progress | None = None) -> Path:
+    """Import a Hub repo id, a model folder or a GGUF file into ``models/``; returns the new folder."""
+    kind = source_kind(source)
+    if kind == "gguf":
+        return import_gguf_file(ws, source, name, dequantize=dequantize, progress=progress)
+    if kind == "folder":
+        return import_folder(ws, source, name, link=link, progress=progress)
+    return import_hub(ws, source, name, revision=revision, progress=progress)
+
+
+class ImportJob:
+    """A model import running in a child process; plain attributes for the UI to poll, ``cancel`` kills it.
+
+    ``state``: running | done | failed | cancelled. A cancelled Hub download keeps its partial folder, so
+    importing the same repo again (under any name) resumes it.
+    """
+
+    def __init__(self, ws: Workspace, source: str, name: str | None = None, *, link: bool = False,
+                 dequantize: bool = False, revision: str | None = None):
+        self.kind = source_kind(source)
+        self.source, self.ws = source, ws
+        self.name = name or default_name(source, self.kind)
+        _target(ws, self.name)
+        self.cmd = [sys.executable, "-m", "services.library.imports", "--workspace", str(ws.root), source,
+                    "--name", self.name] + (["--link"] if link else []) + (["--dequantize"] if dequantize else []) \
+            + (["--revision", revision] if revision else [])
+        self.state, self.phase, self.fraction, self.message = "running", "start", None, "starting"
+        self.error: str | None = None
+        self.result: str | None = None
+        self.version = 0
+        self._proc: subprocess.Popen | None = None
+        self._cancelled = False
+
+    def start(self) -> ImportJob:
+        self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=REPO_ROOT, env=child_env(TOKENIZERS_PARALLELISM="false"),
+                                      start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        tail: list[str] = []
+        for line in self._proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                tail = (tail + [line.rstrip()])[-5:]
+                continue
+            if "progress" in msg:
+                self.phase, self.fraction, self.message = msg["progress"]
+            elif "done" in msg:
+                self.result = msg["done"]
+            elif "error" in msg:
+                self.error = msg["error"]
+            self.version += 1
+        rc = self._proc.wait()
+        if self._cancelled:
+            self.state, self.message = "cancelled", "cancelled" + (
+                "; import the same repo again to resume the download" if self.kind == "hub" else "")
+        elif rc == 0 and self.result:
+            self.state, self.fraction, self.message = "done", 1.0, f"imported into {self.result}"
+        else:
+            self.state = "failed"
+            self.error = self.error or f"the import process ended with code {rc}: {' | '.join(tail) or 'no output'}"
+            self.message = self.error
+        self.version += 1
+
+    def cancel(self, grace: float = 10.0) -> None:
+        """Stop the import: SIGTERM to its process group, SIGKILL after ``grace`` seconds if still there."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self._cancelled = True
+
+        def kill(sig: int) -> None:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+        kill(signal.SIGTERM)
+        timer = threading.Timer(grace, kill, args=(signal.SIGKILL,))
+        timer.daemon = True
+        timer.start()
+
+    def wait(self, timeout: float = 600.0) -> str:
+        deadline = time.time() + timeout
+        while self.state == "running" and time.time() < deadline:
+            time.sleep(0.05)
+        return self.state
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state, "phase": self.phase, "fraction": self.fraction, "message": self.message,
+                "error": self.error, "result": self.result, "kind": self.kind, "name": self.name,
+                "source": self.source}
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    """``python -m services.library.imports SOURCE --name NAME``: one import, JSON progress lines on stdout."""
+    p = argparse.ArgumentParser(prog="python -m services.library.imports")
+    p.add_argument("source")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--name")
+    p.add_argument("--link", action="store_true")
+    p.add_argument("--dequantize", action="store_true")
+    p.add_argument("--revision")
+    args = p.parse_args(argv)
+
+    def on_term(*_: Any) -> None:
+        if source_kind(args.source) == "hub":
+            os._exit(143)  # at once (download threads would be joined at exit); the partial folder stays
+        raise SystemExit(143)  # unwinds, so temporary folders are removed
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def emit(obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+
+    try:
+        path = import_model(Workspace.resolve(args.workspace), args.source, args.name, link=args.link,
+                            dequantize=args.dequantize, revision=args.revision,
+                            progress=lambda ph, fr, msg: emit({"progress": [ph, fr, msg]}))
+    except LibraryError as e:
+        emit({"error": str(e)})
+        return 2
+    emit({"done": str(path)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main())

@@ -1,0 +1,1 @@
+"""Publishing: rules, jobs, fuse, parity, GGUF export, model card and the Hub upload."""

@@ -1,0 +1,129 @@
+"""The rules of publishing that need no MLX: safe names, the checkpoint choice and the export options.
+
+:mod:`services.publishing.publisher` (which imports MLX) uses these, and so can the UI process (which must not
+import MLX) to check a form before it starts a publish in a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from services.errors import ForgeError
+from services.workspace import Workspace
+
+if TYPE_CHECKING:
+    from services.training.folder import RunFolder
+
+GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+QUANT_BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+class PublishError(ForgeError, ValueError):
+    """Publishing cannot go on; the message says what is wrong and where."""
+
+
+def published_path(workspace: Workspace, name: str, *, overwrite: bool = False) -> Path:
+    """``workspace/published/NAME`` after checking NAME cannot escape it; refuses an existing NAME unless overwrite."""
+    where = workspace.published
+    if not isinstance(name, str) or not name:
+        raise PublishError(f"name: give a folder name for the model in {where}")
+    if "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name) or "\0" in name:
+        raise PublishError(f"name {name!r}: give a plain folder name, not a path (no '/', '\\', '..'); "
+                           f"models are published into {where}")
+    if not NAME_RE.fullmatch(name):
+        raise PublishError(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 96, first a letter or "
+                           "digit), as Hugging Face repository names allow")
+    target = where / name
+    if target.is_symlink():
+        raise PublishError(f"{target} is a symbolic link; refusing to publish through it (remove it first)")
+    try:
+        resolved = workspace.inside(target)
+        root = workspace.inside(where)
+    except ValueError as e:
+        raise PublishError(f"name {name!r}: {e}") from None
+    if resolved.parent != root:
+        raise PublishError(f"name {name!r} resolves to {resolved}, outside {root}")
+    if target.exists():
+        if not target.is_dir():
+            raise PublishError(f"{target} exists and is not a folder; choose another name")
+        if not overwrite:
+            raise PublishError(f"{target} already exists; choose another name or overwrite it (overwrite=True)")
+    return target
+
+
+def published_folder(workspace: Workspace, name: str) -> Path | None:
+    """``published/NAME`` when NAME is a safe name of an existing published folder."""
+    try:
+        path = published_path(workspace, name, overwrite=True)
+    except PublishError:
+        return None
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
+def choose_checkpoint(folder: RunFolder, iteration: int | None = None) -> tuple[int, str]:
+    """(iteration, why): the requested one, else the best by validation loss, else the latest."""
+    its = folder.checkpoint_iterations()
+    if not its:
+        raise PublishError(f"run {folder.id} has no checkpoint yet (in {folder.checkpoints})")
+    info = folder.info()
+    ckpts = {c["iteration"]: c for c in info.get("checkpoints") or []}
+    best = info.get("best") or {}
+    if iteration is not None:
+        if iteration not in its:
+            raise PublishError(f"run {folder.id} has no checkpoint {iteration}; it has {its}")
+        val = (ckpts.get(iteration) or {}).get("val_loss")
+        why = f"requested (iteration {iteration}" + (f", validation loss {val:.4f}" if val is not None else "")
+        if best.get("iteration") == iteration:
+            why += "; also the best by validation loss"
+        elif best.get("val_loss") is not None:
+            why += f"; the best is {best['iteration']} with {best['val_loss']:.4f}"
+        return iteration, why + ")"
+    if best.get("iteration") in its and best.get("val_loss") is not None:
+        scored = sum(1 for c in ckpts.values() if c.get("val_loss") is not None)
+        return best["iteration"], (f"best validation loss ({best['val_loss']:.4f}) of the {scored} checkpoint(s) "
+                                   "with a validation loss")
+    return its[-1], "latest checkpoint (no validation loss was recorded to choose the best)"
+
+
+def check_options(base: Path, base_cfg: dict[str, Any], *, dequantize: bool, quantize_bits: int | None,
+                  group_size: int, gguf: bool) -> None:
+    """Raise :class:`PublishError` when the export options do not fit each other or the base model."""
+    if quantize_bits is not None and quantize_bits not in QUANT_BITS:
+        raise PublishError(f"quantize_bits {quantize_bits!r}: choose one of {list(QUANT_BITS)} (or none for float)")
+    if group_size not in GROUP_SIZES:
+        raise PublishError(f"group_size {group_size!r}: choose one of {list(GROUP_SIZES)}")
+    base_quantized = bool(base_cfg.get("quantization"))
+    if quantize_bits is not None and base_quantized and not dequantize:
+        raise PublishError(f"the base model {base} is already quantized; add dequantize (--dequantize) to "
+                           f"re-quantize the fused weights at {quantize_bits} bits")
+    if gguf:
+        model_type = base_cfg.get("model_type")
+        if model_type not in GGUF_MODEL_TYPES:
+            raise PublishError(f"GGUF export: mlx-lm writes GGUF only for {', '.join(GGUF_MODEL_TYPES)} models, and "
+                               f"the base model {base} is {model_type!r}. Publish without GGUF and convert the folder "
+                               "with llama.cpp's convert_hf_to_gguf.py")
+        if quantize_bits is not None:
+            raise PublishError("GGUF export needs float weights (mlx-lm cannot write quantized GGUF); drop "
+                               "quantize_bits, or publish the GGUF and the quantized model under two names")
+        if base_quantized and not dequantize:
+            raise PublishError(f"GGUF export: the base model {base} is quantized; add dequantize (--dequantize) "
+                               "so the fused weights are written as floats")
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """(YAML front matter, the rest) of a model card; ``({}, text)`` when it has none (or it is not a mapping)."""
+    m = re.match(r"---[ \t]*\n(.*?)\n---[ \t]*(?:\n|$)", text, re.S)
+    if not m:
+        return {}, text
+    try:
+        front = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}, text
+    return (front if isinstance(front, dict) else {}), text[m.end():]

@@ -1,0 +1,112 @@
+"""Batches for the training loop, in mlx-lm's exact order, with state that can be saved and restored.
+
+mlx-lm's ``iterate_batches`` is a generator whose epoch permutations come from numpy's global RNG;
+a generator cannot be checkpointed, so :class:`BatchSampler` keeps the same logic as plain state
+(``perm``, ``pos``). Two collations: mlx-lm's ``(tokens, offset)`` rows for plain mlx-lm configs,
+and ForgeLLM's ``Sample(tokens, mask)`` rows with an explicit per-token loss mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.tuner.datasets import CacheDataset
+
+from services.training.data import Sample
+
+PAD_TO = 32
+
+
+def sorted_indices(dataset: Any) -> list[int]:
+    """mlx-lm's order: ``CacheDataset.itemlen`` (constant, so identity); ForgeLLM samples by token length."""
+    if isinstance(dataset, CacheDataset):
+        return sorted(range(len(dataset)), key=dataset.itemlen)
+    return sorted(range(len(dataset)), key=lambda i: len(dataset[i].tokens))
+
+
+def batch_indices(dataset: Any, batch_size: int) -> list[list[int]]:
+    if len(dataset) < batch_size:
+        raise ValueError(f"Dataset must have at least batch_size={batch_size} examples but only has {len(dataset)}.")
+    idx = sorted_indices(dataset)
+    return [idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
+
+
+def padded_width(lengths: list[int], max_seq_length: int) -> int:
+    return min(1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO), max_seq_length)
+
+
+def collate(rows: list, max_seq_length: int) -> tuple[mx.array, mx.array]:
+    """Pad a batch. mlx-lm rows give ``(tokens, (offset, length))``; ForgeLLM rows give ``(tokens, mask)``."""
+    if isinstance(rows[0], Sample):
+        lengths = [min(len(s.tokens), max_seq_length) for s in rows]
+        width = padded_width([len(s.tokens) for s in rows], max_seq_length)
+        tokens = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width - 1), np.bool_)
+        for j, (s, n) in enumerate(zip(rows, lengths, strict=True)):
+            tokens[j, :n] = s.tokens[:n]
+            mask[j, : n - 1] = s.mask[1:n]
+        return mx.array(tokens), mx.array(mask)
+    # mlx-lm's iterate_batches body, unchanged in effect
+    seqs, offsets = zip(*rows, strict=True)
+    lengths = [len(x) for x in seqs]
+    width = padded_width(lengths, max_seq_length)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for j in range(len(rows)):
+        n = min(lengths[j], max_seq_length)
+        tokens[j, :n] = seqs[j][:n]
+        lengths[j] = n
+    return mx.array(tokens), mx.array(list(zip(offsets, lengths, strict=True)))
+
+
+def masked_loss(model: nn.Module, batch: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the tokens whose mask is set (mlx-lm's ``default_loss`` with a general mask)."""
+    logits = model(batch[:, :-1])
+    ce = nn.losses.cross_entropy(logits, batch[:, 1:]) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+class BatchSampler:
+    """Endless training batches; the permutation of an epoch is drawn lazily from numpy's global RNG."""
+
+    def __init__(self, dataset: Any, batch_size: int, max_seq_length: int):
+        self.dataset, self.max_seq_length = dataset, max_seq_length
+        self.batches = batch_indices(dataset, batch_size)
+        self.perm: np.ndarray | None = None
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def next(self) -> tuple[mx.array, mx.array]:
+        if self.perm is None or self.pos == len(self.perm):
+            self.perm = np.random.permutation(len(self.batches))
+            self.pos = 0
+        rows = [self.dataset[j] for j in self.batches[self.perm[self.pos]]]
+        self.pos += 1
+        return collate(rows, self.max_seq_length)
+
+    def state(self) -> dict[str, Any]:
+        return {"perm": None if self.perm is None else self.perm.copy(), "pos": self.pos}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.perm = None if state["perm"] is None else np.asarray(state["perm"])
+        self.pos = int(state["pos"])
+
+
+def eval_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, comm_group: Any = None):
+    """One pass over every sequence (the last batch may be partial) in a fresh permutation.
+
+    The ``iterate_batches`` contract that mlx-lm's ``evaluate`` expects; its loss is weighted by tokens,
+    so a partial batch counts exactly. (mlx-lm's own iterator drops the remainder.)
+    """
+    idx = sorted_indices(dataset)
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    while True:
+        for i in np.random.permutation(len(batches)):
+            yield collate([dataset[j] for j in batches[i]], max_seq_length)
+        if not loop:
+            break

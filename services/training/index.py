@@ -1,0 +1,319 @@
+"""Plain-data views over the runs of a workspace, for the Runs, Run detail and Compare pages (no UI code).
+
+* :func:`run_row` / :func:`filter_rows` / :func:`sort_rows`: one summary row per run, search and filters;
+* :func:`checkpoint_rows`: a run's checkpoints with losses, perplexity, size and the best one marked;
+* :func:`metric_series` / :func:`align`: a metric against iterations, epochs or trained tokens (validation
+  records carry no token count, so it is interpolated from the training reports), bounded in length;
+* :func:`config_diff`: only the config keys whose values differ between runs;
+* :func:`resume_refusal` / :func:`fork_overrides`: what the Resume and Fork actions may do.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS
+from services.training.folder import ACTIVE, WAITING, RunFolder, history
+from services.workspace import disk_size, read_json
+
+AXES = {"iteration": "iteration", "epoch": "epoch", "tokens": "trained tokens"}
+# metric → (record type, record key)
+METRICS: dict[str, tuple[str, str]] = {
+    "train_loss": ("train", "train_loss"), "val_loss": ("val", "val_loss"),
+    "perplexity": ("train", "perplexity"), "val_perplexity": ("val", "val_perplexity"),
+}
+SORT_KEYS = ("date", "name", "status", "best_val_loss", "duration", "mode", "method", "model", "dataset")
+MAX_POINTS = 1000
+_DEFAULTS: dict[str, Any] = {**MLX_LM_DEFAULTS, **FORGE_DEFAULTS, "train": True}
+_MISSING = object()
+
+Point = tuple[float, float]
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def dataset_name(data: Any) -> str:
+    """Short name of a dataset path: the folder's name, or ``folder/file`` for a single file."""
+    if not data:
+        return "–"
+    p = Path(str(data))
+    return f"{p.parent.name}/{p.name}" if p.suffix and p.parent.name else p.name
+
+
+def run_duration(info: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds the worker trained, summed over its sessions (the open one counted up to now)."""
+    start, total = info.get("started"), info.get("trained_seconds")
+    if start is None:
+        return total
+    if info.get("ended") is None and info.get("status") in ACTIVE:
+        return (total or 0.0) + max(0.0, (now or time.time()) - start)
+    if total is not None:
+        return total
+    end = info.get("ended") or info.get("updated")  # a run.json from before trained_seconds
+    return max(0.0, end - start) if end is not None else None
+
+
+def listing_stamp(runs_dir: Path) -> tuple[tuple[str, int], ...]:
+    """Changes whenever a run folder is added or removed or rewrites ``run.json`` (always by rename)."""
+    try:
+        with os.scandir(runs_dir) as it:
+            return tuple(sorted((e.name, e.stat().st_mtime_ns) for e in it if e.is_dir()))
+    except FileNotFoundError:
+        return ()
+
+
+def metrics_stamp(folder: RunFolder) -> tuple[int, int]:
+    """Size and modification time of a run's metrics file: changes whenever the run reports."""
+    try:
+        st = folder.metrics_path.stat()
+        return st.st_size, st.st_mtime_ns
+    except FileNotFoundError:
+        return 0, 0
+
+
+def run_row(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """One row of the runs table (plain JSON-able values) for a ``run.json``."""
+    best = info.get("best") or {}
+    parent = info.get("parent") or {}
+    created = info.get("created")
+    return {
+        "id": info.get("id"), "name": info.get("name") or info.get("id"), "label": info.get("label") or "",
+        "status": info.get("status") or "?", "reason": info.get("reason") or "",
+        "mode": info.get("mode") or "mlx-lm", "method": info.get("fine_tune_type") or "?",
+        "model": Path(str(info.get("model") or "")).name or "–", "dataset": dataset_name(info.get("data")),
+        "best_val_loss": _finite(best.get("val_loss")), "best_iteration": best.get("iteration"),
+        "iteration": info.get("iteration") or 0, "iters": info.get("iters"),
+        "duration": run_duration(info, now), "date": created,
+        "date_text": time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "–",
+        "parent": f"{parent['run']}@{parent.get('iteration')}" if parent.get("run") else "",
+        "checkpoints": len(info.get("checkpoints") or []),
+    }
+
+
+def filter_rows(rows: list[dict[str, Any]], query: str = "", status: list[str] | None = None,
+                mode: list[str] | None = None, method: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows whose text fields contain every word of ``query`` and whose status/mode/method are among those given."""
+    words = query.lower().split()
+    out = []
+    for r in rows:
+        text = " ".join(str(r.get(k) or "") for k in ("id", "name", "label", "model", "dataset", "status", "mode",
+                                                       "method", "parent")).lower()
+        if words and not all(w in text for w in words):
+            continue
+        if (status and r["status"] not in status) or (mode and r["mode"] not in mode) or \
+                (method and r["method"] not in method):
+            continue
+        out.append(r)
+    return out
+
+
+def sort_rows(rows: list[dict[str, Any]], key: str = "date", descending: bool = True) -> list[dict[str, Any]]:
+    """Rows sorted by ``key``; rows without a value come last whatever the direction."""
+    if key not in SORT_KEYS:
+        raise ValueError(f"cannot sort runs by {key!r}")
+    have = [r for r in rows if r.get(key) is not None]
+    missing = [r for r in rows if r.get(key) is None]
+    have.sort(key=lambda r: (r[key].lower() if isinstance(r[key], str) else r[key]), reverse=descending)
+    return have + missing
+
+
+def by_best_val_loss(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sort_rows(rows, "best_val_loss", descending=False)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_rows(folder: RunFolder, info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Checkpoints on disk, oldest first: iteration, epoch, train/val loss, val perplexity, bytes, ``best``."""
+    info = folder.info() if info is None else info
+    listed = {c.get("iteration"): c for c in info.get("checkpoints") or [] if c.get("iteration") is not None}
+    best = (info.get("best") or {}).get("iteration")
+    rows = []
+    for it in folder.checkpoint_iterations():
+        c = listed.get(it, {})
+        val = _finite(c.get("val_loss"))
+        size = c.get("bytes")
+        rows.append({"iteration": it, "epoch": c.get("epoch"), "train_loss": _finite(c.get("train_loss")),
+                     "val_loss": val, "perplexity": math.exp(val) if val is not None and val < 700 else None,
+                     "trained_tokens": c.get("trained_tokens"),
+                     "bytes": size if size is not None else disk_size(folder.checkpoint_dir(it)),
+                     "best": it == best})
+    return rows
+
+
+def dataset_stats(folder: RunFolder) -> dict[str, Any] | None:
+    return read_json(folder.stats_path)
+
+
+# ---------------------------------------------------------------------------------------- series
+
+
+def run_records(folder: RunFolder) -> list[dict[str, Any]]:
+    """All metric records as they stand after resumes."""
+    records, _ = folder.metrics()
+    return history(records)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear ``y(x)`` through (0, 0) and the given points; the last slope continues beyond them."""
+    px, py = [0.0, *xs], [0.0, *ys]
+    i = bisect.bisect_left(px, x)
+    if i < len(px) and px[i] == x:
+        return py[i]
+    if i >= len(px):
+        i = len(px) - 1
+    x0, x1, y0, y1 = px[i - 1], px[i], py[i - 1], py[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+
+
+def metric_series(records: list[dict[str, Any]], metric: str) -> list[dict[str, float]]:
+    """``[{"iteration", "epoch", "tokens", "y"}]`` for ``metric``; epoch/tokens filled in where records lack them."""
+    rtype, key = METRICS[metric]
+    train = sorted(((r["iteration"], r) for r in records if r.get("type") == "train"
+                    and _finite(r.get("iteration")) is not None), key=lambda t: t[0])
+    known: dict[str, tuple[list[float], list[float]]] = {}
+    for axis, field in (("epoch", "epoch"), ("tokens", "trained_tokens")):
+        pts = [(float(it), float(r[field])) for it, r in train if _finite(r.get(field)) is not None]
+        known[axis] = ([p[0] for p in pts], [p[1] for p in pts])
+    out = []
+    for r in records:
+        if r.get("type") != rtype:
+            continue
+        it, y = _finite(r.get("iteration")), _finite(r.get(key))
+        if it is None or y is None:
+            continue
+        point = {"iteration": it, "y": y}
+        for axis, field in (("epoch", "epoch"), ("tokens", "trained_tokens")):
+            v = _finite(r.get(field))
+            xs, ys = known[axis]
+            if v is None and xs:
+                v = _interp(it, xs, ys)
+            point[axis] = v
+        out.append(point)
+    out.sort(key=lambda p: p["iteration"])
+    return out
+
+
+def bound(points: list[Point], max_points: int = MAX_POINTS) -> list[Point]:
+    """At most ``max_points`` points: neighbours averaged in equal buckets (each at its last x)."""
+    if len(points) <= max_points:
+        return points
+    width = math.ceil(len(points) / max_points)
+    out = []
+    for i in range(0, len(points), width):
+        bucket = points[i:i + width]
+        out.append((bucket[-1][0], sum(p[1] for p in bucket) / len(bucket)))
+    return out
+
+
+def align(series: list[dict[str, float]], axis: str = "iteration", max_points: int = MAX_POINTS) -> list[Point]:
+    """``(x, y)`` points of a :func:`metric_series` against ``axis`` (points without that x are left out)."""
+    if axis not in AXES:
+        raise ValueError(f"unknown x axis {axis!r}; expected one of {', '.join(AXES)}")
+    pts = [(round(p[axis], 6), p["y"]) for p in series if p.get(axis) is not None]
+    return bound(pts, max_points)
+
+
+# ---------------------------------------------------------------------------------------- configs
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (``lora_parameters.rank``); empty dicts and other values kept as they are."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"key", "values": {run: value}}]`` for every (flattened) key whose value is not the same in all runs."""
+    flat = {run: flatten(cfg or {}) for run, cfg in configs.items()}
+    keys: list[str] = []
+    for f in flat.values():
+        keys.extend(k for k in f if k not in keys)
+    out = []
+    for key in keys:
+        values = {run: f.get(key, _MISSING) for run, f in flat.items()}
+        distinct = {repr(v) for v in values.values()}
+        if len(distinct) > 1:
+            out.append({"key": key, "values": {run: None if v is _MISSING else v for run, v in values.items()}})
+    return out
+
+
+def without_defaults(extra: dict[str, Any]) -> dict[str, Any]:
+    """Config keys that differ from their defaults (what is left of a resolved config after the form took its part)."""
+    return {k: v for k, v in extra.items() if _DEFAULTS.get(k, _MISSING) != v}
+
+
+# ---------------------------------------------------------------------------------------- actions
+
+
+def resume_refusal(info: dict[str, Any], checkpoint_iterations: list[int]) -> str | None:
+    """Why a run cannot be resumed as it is, or ``None`` when it can."""
+    status = info.get("status")
+    if status in ACTIVE:
+        return f"it is {status}; stop it before resuming"
+    if status == WAITING:
+        return None  # it starts now instead of waiting its turn
+    if status == "completed":
+        return "it has completed; fork it from a checkpoint to train further"
+    if not checkpoint_iterations:
+        return "it has no checkpoint to resume from"
+    return None
+
+
+def fork_overrides(cfg: dict[str, Any], iteration: int, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Config overrides for a fork from checkpoint ``iteration`` and the problems with the values given.
+
+    ``values`` may hold ``name``, ``learning_rate``, ``iters`` and ``epochs``; blanks keep the parent's value.
+    """
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    name = (values.get("name") or "").strip()
+    if name:
+        out["name"] = name
+    lr = values.get("learning_rate")
+    if lr is not None:
+        if _finite(lr) is None or not 0 < lr < 1:
+            problems.append("learning rate must be between 0 and 1")
+        elif lr != cfg.get("learning_rate"):
+            out["learning_rate"] = float(lr)
+    if cfg.get("epochs") is not None:
+        epochs = values.get("epochs")
+        if epochs is not None:
+            if _finite(epochs) is None or epochs <= 0:
+                problems.append("epochs must be positive")
+            elif epochs != cfg.get("epochs"):
+                out["epochs"] = epochs
+    else:
+        iters = values.get("iters")
+        if iters is not None:
+            if isinstance(iters, float) and iters.is_integer():
+                iters = int(iters)
+            if not isinstance(iters, int) or isinstance(iters, bool) or iters <= iteration:
+                problems.append(f"iterations must be an integer above the checkpoint's {iteration}")
+            elif iters != cfg.get("iters"):
+                out["iters"] = iters
+        elif (cfg.get("iters") or 0) <= iteration:
+            problems.append(f"the parent stops at iteration {cfg.get('iters')}: set more iterations")
+    return out, problems
+
+
+def default_fork_iters(cfg: dict[str, Any], iteration: int) -> int:
+    """A sensible iteration count for a fork: the parent's, or as many more when the parent ends at ``iteration``."""
+    iters = int(cfg.get("iters") or 0)
+    return iters if iters > iteration else iteration + max(iters, 1)

@@ -1,0 +1,360 @@
+"""Preflight for a training config: estimated peak memory and time before starting, and an optional probe
+that runs a few real steps and measures them.
+
+The estimate needs no MLX: parameter shapes come from the safetensors headers, the dataset's token lengths
+from :mod:`services.library.checks`. Peak MLX memory is modelled as
+
+    weights + trainable × (1 + 1 + optimizer states) × bytes
+    + B × T × hidden × layers_with_grad × ACT_PER_HIDDEN × act bytes     (activations kept for backward)
+    + B × heads × T² × layers_with_grad × 4                               (attention probabilities)
+    + B × T × vocab × 4 × LOGIT_COPIES                                    (logits, log-softmax, their gradient)
+
+with ``T`` the widest batch (``max_seq_length`` − 1 at most) and the constants calibrated on the tiny and the
+20M-parameter model (``bench/preflight_memory.py``). The probe is a three-iteration run through
+:class:`~services.training.manager.RunManager` in a throw-away workspace; it reports real tokens/s, MLX peak and RSS.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from services.errors import ForgeError
+from services.library.models import tensor_shapes, text_config, weight_files
+from services.training.folder import ACTIVE
+from services.workspace import Workspace, files_stamp, read_json
+
+GB = 1e9
+ACT_PER_HIDDEN = 24.0  # fp32 copies of a hidden vector kept per token and layer (calibrated: 20 tiny, 26 20M)
+ACT_CHECKPOINTED = 2.0  # with gradient checkpointing: the layer inputs, plus one layer's full set
+LOGIT_COPIES = 3.0
+ATTENTION_COPIES = 1.4  # calibrated: about 1 on the 20M model, 1.8 on the tiny one
+RUNTIME_GB = 0.4  # Python, MLX, BLAS and tokenizer code and heap outside MLX's allocator (RSS − MLX peak)
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "muon": 1, "sgd": 0, "adafactor": 1}
+EXP_PER_SECOND = 53e6  # CPU backend: transcendental ops dominate (softmax, cross-entropy), §4 of the MLX notes
+FLOPS = {"mkl": 100e9, "accelerate": 200e9, "openblas": 40e9, "reference": 4.6e9}
+PROBE_ITERS = 3
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+_LAYER_RE = re.compile(r"^(?:model\.|language_model\.model\.)?layers\.(\d+)\.(.+)\.weight$")
+
+
+class PreflightError(ForgeError, ValueError):
+    """The estimate or probe cannot be made; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------- model facts
+
+
+def model_facts(model: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Shapes that drive memory: parameters, trainable parameters for the config, dims, dtype bytes."""
+    folder = Path(model)
+    mcfg = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    if not isinstance(mcfg, dict):
+        raise PreflightError(f"{folder}: no config.json, not a model folder")
+    if not weight_files(folder):
+        raise PreflightError(f"{folder}: no .safetensors weights")
+    tc = text_config(mcfg)
+    shapes = tensor_shapes(folder, mcfg.get("quantization"))
+    n_layers = int(tc.get("num_hidden_layers") or 1 + max(
+        (int(m.group(1)) for m in map(_LAYER_RE.match, shapes) if m), default=0))
+    nl = cfg.get("num_layers", 16)
+    trained_layers = n_layers if nl is None or nl < 0 else min(int(nl), n_layers)
+    first = n_layers - trained_layers
+    floats = [d for _, d in shapes.values() if d in _BYTES]
+    act_bytes = _BYTES.get(max(set(floats), key=floats.count), 4) if floats else 4
+    total = sum(math.prod(s) for s, _ in shapes.values())
+    fine = cfg.get("fine_tune_type", "lora")
+    rank = int((cfg.get("lora_parameters") or {}).get("rank") or 8)
+    keys = (cfg.get("lora_parameters") or {}).get("keys")
+    trainable, train_dtype_bytes = 0, 4
+    for name, (shape, dtype) in shapes.items():
+        m = _LAYER_RE.match(name)
+        if fine == "full":
+            if m and int(m.group(1)) >= first:
+                trainable += math.prod(shape)
+                train_dtype_bytes = _BYTES.get(dtype, act_bytes)
+            continue
+        if not m or int(m.group(1)) < first or len(shape) != 2:
+            continue
+        if keys and m.group(2) not in keys:
+            continue
+        out_f, in_f = shape
+        trainable += rank * (in_f + out_f) + (out_f if fine == "dora" else 0)
+    if fine == "full" and cfg.get("train_embeddings"):
+        trainable = total
+    return {"params": total, "trainable": trainable, "layers": n_layers, "trained_layers": trained_layers,
+            "hidden": int(tc.get("hidden_size") or 0), "heads": int(tc.get("num_attention_heads") or 1),
+            "vocab": int(tc.get("vocab_size") or 0),
+            "weights_bytes": sum(f.stat().st_size for f in weight_files(folder)),
+            "act_bytes": act_bytes, "train_bytes": train_dtype_bytes if fine == "full" else 4,
+            "intermediate": int(tc.get("intermediate_size") or 4 * (tc.get("hidden_size") or 0))}
+
+
+def peak_bytes(facts: dict[str, Any], batch: int, seq: int, optimizer: str = "adam", grad_checkpoint: bool = False,
+               grad_accumulation: int = 1) -> dict[str, float]:
+    """The memory model (bytes per part and ``peak``) for a batch of ``batch`` sequences of ``seq`` inputs."""
+    tb = facts["train_bytes"]
+    states = OPTIMIZER_STATES.get(str(optimizer).lower(), 2)
+    lora = facts["trainable"] < facts["params"] and tb == 4
+    weights = facts["weights_bytes"]
+    trainable_w = facts["trainable"] * tb if lora else 0  # full fine-tuning trains the weights in place
+    grads = facts["trainable"] * tb * (2 if grad_accumulation > 1 else 1)
+    optim = facts["trainable"] * tb * states
+    layers = min(facts["trained_layers"] + 1, facts["layers"])  # the layer below the first trained one runs too
+    tokens, vector = batch * seq, facts["hidden"] * facts["act_bytes"]
+    if grad_checkpoint:  # layer inputs are kept; one layer's full set is rebuilt at a time in the backward pass
+        activations = tokens * vector * (ACT_CHECKPOINTED * layers + ACT_PER_HIDDEN)
+    else:
+        activations = tokens * vector * ACT_PER_HIDDEN * layers
+    attention = batch * facts["heads"] * seq * seq * 4 * ATTENTION_COPIES * (1 if grad_checkpoint else layers)
+    logits = tokens * facts["vocab"] * 4 * LOGIT_COPIES
+    parts = {"weights": weights + trainable_w, "gradients": grads, "optimizer": optim, "activations": activations,
+             "attention": attention, "logits": logits}
+    parts["peak"] = sum(parts.values())
+    return parts
+
+
+def tokens_per_second(facts: dict[str, Any], seq: int, blas: str) -> float:
+    """Rough CPU throughput before any measurement: exp-type work (softmax, loss) plus matmul FLOPs."""
+    exp_elems = 3 * (facts["vocab"] + facts["heads"] * seq * facts["layers"])
+    flops = 4 * facts["params"] + 2 * facts["trainable"] + 6 * facts["hidden"] * facts["vocab"]
+    seconds = exp_elems / EXP_PER_SECOND + flops / FLOPS.get(blas, FLOPS["reference"])
+    return 1.0 / seconds
+
+
+# ----------------------------------------------------------------------------------------- data facts
+
+
+DATA_KEYS = ("model", "max_seq_length", "mode", "packing", "valid_fraction", "mask_all_turns", "mask_prompt")
+_facts_cache: dict[tuple, dict[str, Any]] = {}
+_facts_lock = threading.Lock()
+FACTS_CACHED = 16
+
+
+def data_facts(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, Any]:
+    """Training samples, their token lengths and the widest batch, from the dataset and the model's tokenizer.
+
+    Counting tokens reads the whole dataset, so the facts are kept (per dataset and model files and the config
+    keys they depend on): estimating again after changing the batch size or the learning rate is instant."""
+    data = Path(cfg["data"])
+    key = (files_stamp(data, Path(cfg["model"])), *(str(cfg.get(k)) for k in DATA_KEYS))
+    with _facts_lock:
+        if key in _facts_cache:
+            return dict(_facts_cache[key])
+    facts = _count_data(cfg, tokenizer)
+    with _facts_lock:
+        while len(_facts_cache) >= FACTS_CACHED:
+            _facts_cache.pop(next(iter(_facts_cache)))
+        _facts_cache[key] = facts
+    return dict(facts)
+
+
+def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, Any]:
+    from services.library.checks import DatasetCheck, check_dataset, load_tokenizer, token_stats  # noqa: PLC0415
+
+    data = Path(cfg["data"])
+    check = check_dataset(data, cfg)
+    tok = tokenizer or load_tokenizer(str(cfg["model"]))
+    seq_cap = int(cfg["max_seq_length"])
+    train = DatasetCheck(check.path, check.layout, check.fmt, [f for f in check.files if f.name == "train"],
+                         check.tools) if check.layout == "splits" else check
+    st = token_stats(train, tok, seq_cap, {k: cfg.get(k) for k in ("mask_all_turns", "mask_prompt")
+                                            if cfg.get(k) is not None})
+    vf = float(cfg.get("valid_fraction") or 0.0)
+    held_out = 0.0 if check.layout == "splits" else vf
+    if cfg.get("mode") == "cpt":  # documents, or text rows read as documents: packed into windows
+        windows = st.get("windows") or math.ceil((st["tokens"] + st["samples"]) / max(seq_cap - 1, 1))
+        samples = windows if cfg.get("packing", True) else st["samples"]
+        width = seq_cap if cfg.get("packing", True) else min(st["max"] + 2, seq_cap)
+        mean = min(st["mean"] + 2, seq_cap) if not cfg.get("packing", True) else seq_cap
+    else:
+        samples = st["samples"] - st.get("untrainable", 0)  # a run leaves out those with nothing to train
+        width, mean = min(1 + 32 * math.ceil(st["max"] / 32), seq_cap), min(st["mean"], seq_cap)
+    n_train = samples - (min(max(1, round(samples * held_out)), samples - 1) if held_out and samples > 1 else 0)
+    return {"samples": n_train, "tokens": st["tokens"], "mean_length": mean, "max_length": st["max"],
+            "seq": max(width - 1, 1), "bad_lines": len(check.bad), "truncated": st["truncated_samples"],
+            "format": check.label}
+
+
+# ----------------------------------------------------------------------------------------- the estimate
+
+
+def _fits(facts: dict, batch: int, seq: int, cfg: dict, free: float) -> tuple[bool, float]:
+    p = peak_bytes(facts, batch, seq, cfg.get("optimizer", "adam"), bool(cfg.get("grad_checkpoint")),
+                   int(cfg.get("grad_accumulation_steps") or 1))["peak"]
+    return p + RUNTIME_GB * GB <= free, p
+
+
+def suggest(facts: dict[str, Any], cfg: dict[str, Any], seq: int, free: float) -> dict[str, Any] | None:
+    """A change that fits ``free`` bytes: smaller batch (with accumulation), then shorter sequences, then
+    gradient checkpointing; None when nothing small enough helps."""
+    batch, accum = int(cfg["batch_size"]), int(cfg.get("grad_accumulation_steps") or 1)
+    b = batch
+    while b > 1:
+        b //= 2
+        if _fits(facts, b, seq, cfg, free)[0]:
+            return {"batch_size": b, "grad_accumulation_steps": accum * math.ceil(batch / b),
+                    "text": f"batch_size {b} with grad_accumulation_steps {accum * math.ceil(batch / b)} "
+                            f"(same effective batch)"}
+    s = seq + 1
+    while s > 64:
+        s //= 2
+        if _fits(facts, 1, s - 1, cfg, free)[0]:
+            return {"batch_size": 1, "max_seq_length": s, "text": f"batch_size 1 and max_seq_length {s}"}
+    if not cfg.get("grad_checkpoint") and _fits(facts, 1, seq, {**cfg, "grad_checkpoint": True}, free)[0]:
+        return {"batch_size": 1, "grad_checkpoint": True, "text": "batch_size 1 with gradient checkpointing"}
+    return None
+
+
+def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: float | None = None,
+             blas: str | None = None) -> dict[str, Any]:
+    """Peak memory and time for a resolved config (``RunManager.prepare_config``), against free RAM."""
+    from services.system import installed_blas  # noqa: PLC0415
+
+    facts = model_facts(cfg["model"], cfg)
+    data = data_facts(cfg, tokenizer)
+    batch = int(cfg["batch_size"])
+    parts = peak_bytes(facts, batch, data["seq"], cfg.get("optimizer", "adam"), bool(cfg.get("grad_checkpoint")),
+                       int(cfg.get("grad_accumulation_steps") or 1))
+    free = float(free_bytes if free_bytes is not None else psutil.virtual_memory().available)
+    process = parts["peak"] + RUNTIME_GB * GB
+    steps_per_epoch = data["samples"] // batch
+    iters = math.ceil(cfg["epochs"] * steps_per_epoch) if cfg.get("epochs") else int(cfg["iters"])
+    tps = tokens_per_second(facts, data["seq"], blas or installed_blas())
+    tokens_per_step = batch * data["mean_length"]
+    out = {
+        "parameters": facts["params"], "trainable": facts["trainable"], "layers": facts["layers"],
+        "trained_layers": facts["trained_layers"], "seq": data["seq"], "batch_size": batch,
+        "parts_gb": {k: v / GB for k, v in parts.items() if k != "peak"},
+        "peak_gb": parts["peak"] / GB, "process_gb": process / GB, "free_gb": free / GB, "fits": process <= free,
+        "samples": data["samples"], "steps_per_epoch": steps_per_epoch, "iters": iters,
+        "tokens_per_step": tokens_per_step, "tokens_per_second": tps,
+        "seconds": iters * tokens_per_step / tps if tps else None, "data": data, "suggestion": None,
+    }
+    if steps_per_epoch == 0:
+        out["warning"] = f"{data['samples']} training samples: fewer than batch_size {batch}"
+    if not out["fits"]:
+        out["suggestion"] = suggest(facts, cfg, data["seq"], free)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the probe
+
+
+def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS) -> dict[str, Any]:
+    """The config of a probe run: the same model, data and shapes; a few iterations, one validation batch."""
+    from services.config import user_view  # noqa: PLC0415
+
+    user = user_view(cfg) if "train" in cfg else dict(cfg)
+    for key in ("epochs", "lr_schedule", "early_stopping", "keep_checkpoints", "resume_adapter_file"):
+        user.pop(key, None)
+    user.update(iters=iters, steps_per_report=1, steps_per_eval=10_000, save_every=10_000, val_batches=1,
+                name="preflight-probe", test=False)
+    return user
+
+
+class Probe:
+    """Runs a few real training steps in a temporary workspace and measures them (plain attributes, thread-safe
+    to read). ``state``: running | done | failed | cancelled."""
+
+    def __init__(self, cfg: dict[str, Any], root: Path | None = None, iters: int = PROBE_ITERS):
+        self.cfg = probe_config(cfg, iters)
+        self.root = root
+        self.state, self.message = "running", "starting the probe run"
+        self.result: dict[str, Any] | None = None
+        self.version = 0
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Probe:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="preflight-probe")
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float = 600.0) -> dict[str, Any] | None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.result
+
+    def _set(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        self.version += 1
+
+    def _run(self) -> None:
+        from services.training.manager import RunManager  # noqa: PLC0415
+
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="probe-", dir=self.root))
+        try:
+            manager = RunManager(Workspace.resolve(tmp))
+            folder = manager.launch(self.cfg)
+            t0 = time.time()
+            while True:
+                info = manager.get(folder.id)
+                if info.get("status") not in ACTIVE:
+                    break
+                if self._cancel.is_set():
+                    manager.stop(folder.id)
+                    manager.wait(folder.id, timeout=60)
+                    self._set("cancelled", "probe cancelled")
+                    return
+                records, _ = folder.metrics()
+                done = max((r["iteration"] for r in records if r.get("type") == "train"), default=0)
+                self.message = (f"probe: loading the model and data ({time.time() - t0:.0f} s)" if not done
+                                else f"probe: step {done} of {self.cfg['iters']}")
+                self.version += 1
+                time.sleep(0.3)
+            records, _ = folder.metrics()
+            train = [r for r in records if r.get("type") == "train"]
+            if info.get("status") != "completed" or not train:
+                self._set("failed", f"probe run {info.get('status')}: {info.get('reason') or 'no training step'}")
+                return
+            steady = train[1:] or train
+            tps = [r["tokens_per_second"] for r in steady if r.get("tokens_per_second")]
+            self.result = {
+                "tokens_per_second": sorted(tps)[len(tps) // 2] if tps else None,
+                "peak_gb": max(r.get("peak_memory_gb") or 0 for r in train),
+                "rss_gb": max(r.get("rss_gb") or 0 for r in train),
+                "seconds_per_step": None, "iterations": len(train),
+            }
+            if tps and train[-1].get("iterations_per_second"):
+                self.result["seconds_per_step"] = 1.0 / train[-1]["iterations_per_second"]
+            self._set("done", f"measured over {len(train)} steps")
+        except Exception as e:  # noqa: BLE001 (reported to the person, with the config problem if any)
+            self._set("failed", f"probe failed: {e}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def probe_advice(result: dict[str, Any], est: dict[str, Any], free_bytes: float | None = None) -> dict[str, Any]:
+    """Compare a probe with the estimate; if the measured process does not fit, a batch size that should."""
+    free = float(free_bytes if free_bytes is not None else psutil.virtual_memory().available)
+    measured = max(result.get("rss_gb") or 0.0, (result.get("peak_gb") or 0.0) + RUNTIME_GB) * GB
+    peak = result.get("peak_gb")
+    out = {"estimate_error": (est["peak_gb"] - peak) / peak if peak else None, "fits": measured <= free,
+           "suggestion": None}
+    tps = result.get("tokens_per_second")
+    if tps:
+        out["seconds"] = est["iters"] * est["tokens_per_step"] / tps
+    if not out["fits"]:
+        per_sample = max(measured - RUNTIME_GB * GB - est["parts_gb"]["weights"] * GB, 1) / est["batch_size"]
+        b = int((free - RUNTIME_GB * GB - est["parts_gb"]["weights"] * GB) // per_sample)
+        if b >= 1:
+            out["suggestion"] = {"batch_size": b, "text": f"batch_size {b} (measured {measured / GB:.2f} GB for "
+                                                          f"{est['batch_size']}, {free / GB:.1f} GB free)"}
+        else:
+            out["suggestion"] = {"text": "even batch_size 1 does not fit: lower max_seq_length or use "
+                                         "gradient checkpointing"}
+    return out

@@ -1,0 +1,112 @@
+"""Worker process for one training run: ``python -m services.training.worker RUN_DIR [--resume CHECKPOINT_DIR]``.
+
+Started detached from the app (its own session), so it keeps training when the app exits. It writes
+its status into the run folder, beats a heartbeat, and stops cleanly on SIGTERM or a ``stop`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+from services import __version__, blas
+from services.config import ConfigProblems
+from services.training.data import DataError
+from services.training.folder import RunFolder
+from services.training.trainer import Outcome, Trainer, TrainingFailed
+from services.workspace import Workspace, write_atomic
+
+HEARTBEAT_SECONDS = 2.0
+
+
+def environment() -> dict:
+    """Versions and hardware recorded with every run, for reproducibility."""
+    import mlx.core as mx
+    import mlx_lm
+
+    try:
+        device = mx.device_info().get("device_name")
+    except Exception:  # noqa: BLE001 (informational only)
+        device = str(mx.default_device())
+    return {
+        "versions": {"forgellm": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+                     "python": platform.python_version()},
+        "blas": blas.active(),
+        "hardware": {"platform": platform.platform(), "machine": platform.machine(), "device": device,
+                     "cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)},
+    }
+
+
+def _beat(folder: RunFolder, stop: threading.Event, done: threading.Event) -> None:
+    while not done.wait(HEARTBEAT_SECONDS):
+        write_atomic(folder.heartbeat_path, f"{time.time():.3f}\n")
+        if folder.stop_path.exists():
+            stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.training.worker")
+    p.add_argument("run_dir")
+    p.add_argument("--resume", help="checkpoint folder to restore before training")
+    args = p.parse_args(argv)
+    folder = RunFolder(args.run_dir)
+    stop, done = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    me = psutil.Process()
+    write_atomic(folder.heartbeat_path, f"{time.time():.3f}\n")
+    folder.update(status="running", reason=None, pid=me.pid, pid_created=me.create_time(), started=time.time(),
+                  ended=None, **environment())
+    folder.log(f"worker {me.pid} started" + (f", resuming from {args.resume}" if args.resume else ""))
+    beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
+    beat.start()
+    try:
+        trainer = Trainer(folder, stop)
+        start = trainer.setup(Path(args.resume) if args.resume else None)
+        if args.resume:
+            folder.append_metric({"type": "resume", "step": start - 1, "iteration": start - 1,
+                                  "from": str(args.resume)})
+        outcome = trainer.run(start)
+    except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:
+        outcome = Outcome("failed", str(e), folder.info().get("iteration") or 0)
+        folder.log("failed: " + traceback.format_exc())
+    except Exception as e:  # noqa: BLE001 (any crash must still mark the run)
+        outcome = Outcome("failed", f"{type(e).__name__}: {e}", folder.info().get("iteration") or 0)
+        folder.log("crashed: " + traceback.format_exc())
+    done.set()
+    folder.end_session(outcome.status, outcome.reason)
+    folder.append_metric({"type": "status", "step": outcome.iteration, "status": outcome.status,
+                          "reason": outcome.reason})
+    folder.log(f"{outcome.status}: {outcome.reason}")
+    _hand_over(folder)
+    return 0 if outcome.status != "failed" else 1
+
+
+def _hand_over(folder: RunFolder) -> None:
+    """Start the next run waiting in the workspace's training queue, if any."""
+    if folder.path.parent.name != "runs":  # not a workspace's run folder: no queue to serve
+        return
+    try:
+        # imported only as the worker ends (and inside the try: code may have moved on disk since it started)
+        from services.training.manager import RunManager  # noqa: PLC0415
+
+        started = RunManager(Workspace(folder.path.parent.parent.resolve())).start_next()
+    except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
+        with contextlib.suppress(OSError):  # the run folder itself may be gone (a probe's throw-away workspace)
+            folder.log("could not start the next waiting run: " + traceback.format_exc())
+        return
+    if started:
+        folder.log(f"started the next run in the queue: {started}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
