@@ -94,7 +94,8 @@ def _build_compare(services: Services, runs: str | None) -> None:
         info, cfg = manager.get(run_id), folder.config()
         records = run_index.run_records(folder)
         return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": stamp,
-                "series": {m: run_index.metric_series(records, m) for m in run_index.METRICS}}
+                "series": {m: run_index.metric_series(records, m) for _, train, val, _ in COMPARE_CHARTS.values()
+                           for m in (train, val)}}
 
     loaded: list[dict[str, Any]] = []
     missing: list[str] = []

@@ -54,7 +54,7 @@ def model_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def system_lines(services: Services) -> list[tuple[str, str]]:
     """(label, value) pairs of the system panel; MLX figures only from processes that have MLX."""
-    status = services.status()
+    status = services.status.snapshot()
     sysd, active = status.get("system") or {}, status.get("active")
     lines = [("CPU", f"{sysd.get('cpu_percent', 0):.0f}% of {sysd.get('cpu_count') or '?'} cores"),
              ("RAM", f"{sysd.get('ram_used_gb', 0):.1f} of {sysd.get('ram_total_gb', 0):.1f} GB used"),

@@ -127,7 +127,7 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
         resume_btn = ui.button("Resume", icon="play_arrow", on_click=lambda: resume()).props("outline") \
             .mark("resume")
     try:
-        watcher = services.watcher(run_id)
+        watcher = services.watchers.get(run_id)
     except ConfigError as e:
         ui.label(f"Run {run_id}: {e.reason}").classes("text-negative").mark("run-missing")
         stop_btn.disable()

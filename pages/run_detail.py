@@ -123,7 +123,7 @@ def _build_detail(services: Services, run_id: str) -> None:
     try:
         folder = manager.folder(run_id)
         info = manager.get(run_id)
-        watcher = services.watcher(run_id)
+        watcher = services.watchers.get(run_id)
     except ValueError as e:
         ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
         for b in (monitor_btn, clone_btn, export_btn, status, label):

@@ -95,7 +95,7 @@ def make_root(services: Services):
             machine = ui.label("").classes("opacity-80").mark("status-machine")
 
         def update_strip() -> None:
-            run_text, link, machine_text = status_texts(services.status())
+            run_text, link, machine_text = status_texts(services.status.snapshot())
             run_link.set_text(run_text)
             if run_link.props.get("href") != (link or "/monitor"):
                 run_link.props["href"] = link or "/monitor"

@@ -1,5 +1,7 @@
 """Machine status for the app's status strip: CPU, memory, MLX memory, BLAS and free disk (no UI code).
 
+:class:`StatusBoard` is what the strip shows, shared by all clients: the active run, the queue and the machine.
+
 Never imports MLX or loads a BLAS: the UI process only reports what is already there, and the BLAS
 a training worker actually uses is the one it recorded in its ``run.json``.
 """
@@ -12,16 +14,23 @@ import json
 import platform
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from services import blas
-from services.training.folder import ACTIVE, RunFolder
+from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace
 
+if TYPE_CHECKING:
+    from services.training.manager import RunManager
+    from services.training.watch import WatcherPool
+
 GB = 1e9
+STATUS_SECONDS = 1.5
 
 
 def installed_blas() -> str:
@@ -84,6 +93,45 @@ def system_status(workspace: Workspace, active: dict[str, Any] | None = None) ->
         "disk_free_gb": disk_free,
         "disk_total_gb": disk_total,
     }
+
+
+class StatusBoard:
+    """The app's status for all clients: ``{"active": run.json of the running run or None, "waiting": runs in the
+    queue, "system": system_status}``.
+
+    Listing the runs and probing the machine is cached for ``ttl`` seconds. The active run's progress is not: it is
+    read through the run's shared :class:`services.training.watch.RunWatcher`, the Monitor's source, so the strip and
+    the Monitor show the same iteration.
+    """
+
+    def __init__(self, manager: RunManager, watchers: WatcherPool, ttl: float = STATUS_SECONDS):
+        self.manager, self.watchers, self.ttl = manager, watchers, ttl
+        self._lock = threading.Lock()
+        self._stamp = 0.0
+        self._cached: dict[str, Any] = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            if not self._cached or time.monotonic() - self._stamp >= self.ttl:
+                runs = self.manager.list()  # also finds a dead worker, which moves the queue on
+                run = next((r for r in runs if r.get("status") in ACTIVE), None)
+                self._cached = {"active": run, "waiting": sum(r.get("status") == WAITING for r in runs),
+                                "system": system_status(self.manager.workspace, run or {})}
+                self._stamp = time.monotonic()
+            value = dict(self._cached)
+        run = value["active"]
+        if run:
+            watcher = self.watchers.get(run["id"])
+            watcher.poll()
+            latest = watcher.latest()
+            value["active"] = {**run, "iteration": latest["iteration"], "iters": latest["iters"] or run.get("iters"),
+                               "status": latest["status"] or run.get("status")}
+        return value
+
+    def forget(self) -> None:
+        """Drop the cache: the next :meth:`snapshot` lists the runs again."""
+        with self._lock:
+            self._cached = {}
 
 
 def _last_train_record(path: Path, tail: int = 65536) -> dict[str, Any] | None:

@@ -98,13 +98,6 @@ def test_series_alignment_by_iteration_epoch_tokens():
         run_index.align(val, "seconds")
 
 
-def test_bound_keeps_series_short():
-    pts = [(float(i), float(i % 2)) for i in range(1, 10_001)]
-    out = run_index.bound(pts, 1000)
-    assert len(out) == 1000 and out[-1][0] == 10_000 and all(y == 0.5 for _, y in out)
-    assert run_index.bound(pts[:5], 10) == pts[:5]
-
-
 def test_config_diff_only_differing_keys():
     a = {"model": "m", "learning_rate": 1e-4, "lora_parameters": {"rank": 8, "scale": 20.0}, "mode": "cpt"}
     b = {"model": "m", "learning_rate": 2e-4, "lora_parameters": {"rank": 16, "scale": 20.0}, "mode": "cpt",

@@ -13,7 +13,8 @@ import pytest
 from services.system import installed_blas, system_status
 from services.training.folder import RunFolder
 from services.training.manager import RunManager
-from services.training.watch import RunWatcher, Series, WatcherPool
+from services.training.series import Series
+from services.training.watch import RunWatcher, WatcherPool
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -28,12 +28,15 @@ from typing import Any
 
 from services.errors import ForgeError
 from services.training.folder import RunFolder, history
+from services.training.series import bound, read
 from services.workspace import write_atomic
 
 log = logging.getLogger(__name__)
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PAGE_WIDTH = 1200
+DASHBOARD_SERIES = ("train_loss", "val_loss", "test_loss", "learning_rate", "tokens_per_second", "peak_memory_gb",
+                    "rss_gb")  # what CHART_SCRIPT draws
 
 # The page's only hand-written code: reads the embedded JSON and draws four charts with ECharts.
 CHART_SCRIPT = """
@@ -149,30 +152,20 @@ def echarts_script() -> str:
 
 def dashboard_data(folder: RunFolder) -> dict[str, Any]:
     """What the page plots: metric series as [iteration, value] pairs, checkpoints and the best one."""
-    records = history(folder.metrics()[0])
-    series: dict[str, list[list[float]]] = {k: [] for k in (
-        "train_loss", "val_loss", "test_loss", "learning_rate", "tokens_per_second", "peak_memory_gb", "rss_gb")}
-    for r in records:
-        it = r.get("iteration")
-        if it is None:
-            continue
-        for key, points in series.items():
-            value = r.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                points.append([it, value])
+    series = read(history(folder.metrics()[0]), DASHBOARD_SERIES)
     info = folder.info()
-    return _finite({"run": info.get("id") or folder.id, "series": series, "best": info.get("best"),
-                    "checkpoints": info.get("checkpoints") or []})
+    return _json_safe({"run": info.get("id") or folder.id, "series": {k: bound(v) for k, v in series.items()},
+                       "best": info.get("best"), "checkpoints": info.get("checkpoints") or []})
 
 
-def _finite(obj: Any) -> Any:
+def _json_safe(obj: Any) -> Any:
     """``obj`` with NaN and infinities replaced by None (JSON has no such numbers)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
     return obj
 
 

@@ -2,8 +2,8 @@
 
 * :func:`run_row` / :func:`filter_rows` / :func:`sort_rows`: one summary row per run, search and filters;
 * :func:`checkpoint_rows`: a run's checkpoints with losses, perplexity, size and the best one marked;
-* :func:`metric_series` / :func:`align`: a metric against iterations, epochs or trained tokens (validation
-  records carry no token count, so it is interpolated from the training reports), bounded in length;
+* :func:`metric_series` / :func:`align`: a metric of :mod:`services.training.series` against iterations, epochs or
+  trained tokens (validation records carry no token count, so it is interpolated from the training reports), bounded;
 * :func:`config_diff`: only the config keys whose values differ between runs;
 * :func:`resume_refusal` / :func:`fork_overrides`: what the Resume and Fork actions may do.
 """
@@ -19,26 +19,14 @@ from typing import Any
 
 from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS
 from services.training.folder import ACTIVE, WAITING, RunFolder, history
+from services.training.series import Point, bound, number, reading
 from services.workspace import disk_size, read_json
 
 AXES = {"iteration": "iteration", "epoch": "epoch", "tokens": "trained tokens"}
-# metric → (record type, record key)
-METRICS: dict[str, tuple[str, str]] = {
-    "train_loss": ("train", "train_loss"), "val_loss": ("val", "val_loss"),
-    "perplexity": ("train", "perplexity"), "val_perplexity": ("val", "val_perplexity"),
-}
 SORT_KEYS = ("date", "name", "status", "best_val_loss", "duration", "mode", "method", "model", "dataset")
-MAX_POINTS = 1000
+MAX_POINTS = 1000  # per series on the Compare page, which overlays up to eight runs
 _DEFAULTS: dict[str, Any] = {**MLX_LM_DEFAULTS, **FORGE_DEFAULTS, "train": True}
 _MISSING = object()
-
-Point = tuple[float, float]
-
-
-def _finite(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
 
 
 def dataset_name(data: Any) -> str:
@@ -90,7 +78,7 @@ def run_row(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         "status": info.get("status") or "?", "reason": info.get("reason") or "",
         "mode": info.get("mode") or "mlx-lm", "method": info.get("fine_tune_type") or "?",
         "model": Path(str(info.get("model") or "")).name or "–", "dataset": dataset_name(info.get("data")),
-        "best_val_loss": _finite(best.get("val_loss")), "best_iteration": best.get("iteration"),
+        "best_val_loss": number(best.get("val_loss")), "best_iteration": best.get("iteration"),
         "iteration": info.get("iteration") or 0, "iters": info.get("iters"),
         "duration": run_duration(info, now), "date": created,
         "date_text": time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "–",
@@ -141,9 +129,9 @@ def checkpoint_rows(folder: RunFolder, info: dict[str, Any] | None = None) -> li
     rows = []
     for it in folder.checkpoint_iterations():
         c = listed.get(it, {})
-        val = _finite(c.get("val_loss"))
+        val = number(c.get("val_loss"))
         size = c.get("bytes")
-        rows.append({"iteration": it, "epoch": c.get("epoch"), "train_loss": _finite(c.get("train_loss")),
+        rows.append({"iteration": it, "epoch": c.get("epoch"), "train_loss": number(c.get("train_loss")),
                      "val_loss": val, "perplexity": math.exp(val) if val is not None and val < 700 else None,
                      "trained_tokens": c.get("trained_tokens"),
                      "bytes": size if size is not None else disk_size(folder.checkpoint_dir(it)),
@@ -178,41 +166,27 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 
 def metric_series(records: list[dict[str, Any]], metric: str) -> list[dict[str, float]]:
     """``[{"iteration", "epoch", "tokens", "y"}]`` for ``metric``; epoch/tokens filled in where records lack them."""
-    rtype, key = METRICS[metric]
     train = sorted(((r["iteration"], r) for r in records if r.get("type") == "train"
-                    and _finite(r.get("iteration")) is not None), key=lambda t: t[0])
+                    and number(r.get("iteration")) is not None), key=lambda t: t[0])
     known: dict[str, tuple[list[float], list[float]]] = {}
     for axis, field in (("epoch", "epoch"), ("tokens", "trained_tokens")):
-        pts = [(float(it), float(r[field])) for it, r in train if _finite(r.get(field)) is not None]
+        pts = [(float(it), float(r[field])) for it, r in train if number(r.get(field)) is not None]
         known[axis] = ([p[0] for p in pts], [p[1] for p in pts])
     out = []
     for r in records:
-        if r.get("type") != rtype:
+        p = reading(r, metric)
+        if p is None:
             continue
-        it, y = _finite(r.get("iteration")), _finite(r.get(key))
-        if it is None or y is None:
-            continue
+        it, y = p
         point = {"iteration": it, "y": y}
         for axis, field in (("epoch", "epoch"), ("tokens", "trained_tokens")):
-            v = _finite(r.get(field))
+            v = number(r.get(field))
             xs, ys = known[axis]
             if v is None and xs:
                 v = _interp(it, xs, ys)
             point[axis] = v
         out.append(point)
     out.sort(key=lambda p: p["iteration"])
-    return out
-
-
-def bound(points: list[Point], max_points: int = MAX_POINTS) -> list[Point]:
-    """At most ``max_points`` points: neighbours averaged in equal buckets (each at its last x)."""
-    if len(points) <= max_points:
-        return points
-    width = math.ceil(len(points) / max_points)
-    out = []
-    for i in range(0, len(points), width):
-        bucket = points[i:i + width]
-        out.append((bucket[-1][0], sum(p[1] for p in bucket) / len(bucket)))
     return out
 
 
@@ -288,14 +262,14 @@ def fork_overrides(cfg: dict[str, Any], iteration: int, values: dict[str, Any]) 
         out["name"] = name
     lr = values.get("learning_rate")
     if lr is not None:
-        if _finite(lr) is None or not 0 < lr < 1:
+        if number(lr) is None or not 0 < lr < 1:
             problems.append("learning rate must be between 0 and 1")
         elif lr != cfg.get("learning_rate"):
             out["learning_rate"] = float(lr)
     if cfg.get("epochs") is not None:
         epochs = values.get("epochs")
         if epochs is not None:
-            if _finite(epochs) is None or epochs <= 0:
+            if number(epochs) is None or epochs <= 0:
                 problems.append("epochs must be positive")
             elif epochs != cfg.get("epochs"):
                 out["epochs"] = epochs

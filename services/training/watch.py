@@ -12,7 +12,6 @@ for what is new: a changed generation means "replace everything" (after a merge 
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -20,71 +19,21 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from services.training.folder import ACTIVE, RunFolder, history
+from services.training.series import MAX_POINTS, METRICS, Point, Series, reading
 
 if TYPE_CHECKING:
     from services.training.manager import RunManager
 
-Point = tuple[float, float]
-
-# Chart series: name -> (record type, record key).
-SERIES: dict[str, tuple[str, str]] = {
-    "train_loss": ("train", "train_loss"),
-    "val_loss": ("val", "val_loss"),
-    "perplexity": ("train", "perplexity"),
-    "val_perplexity": ("val", "val_perplexity"),
-    "learning_rate": ("train", "learning_rate"),
-    "tokens_per_second": ("train", "tokens_per_second"),
-    "iterations_per_second": ("train", "iterations_per_second"),
-    "peak_memory_gb": ("train", "peak_memory_gb"),
-    "rss_gb": ("train", "rss_gb"),
-}
 TRAIN_KEYS = ("iteration", "epoch", "train_loss", "perplexity", "learning_rate", "iterations_per_second",
               "tokens_per_second", "trained_tokens", "peak_memory_gb", "rss_gb", "eta_seconds", "time")
 LOG_TAIL_BYTES = 64 * 1024
 REFRESH_SECONDS = 2.0  # how often an active run's worker is checked for life
 
 
-class Series:
-    """A bounded (x, y) series: pairwise merging keeps at most ``max_points`` points."""
-
-    def __init__(self, max_points: int = 2000):
-        self.max_points = max(4, max_points)
-        self.points: list[Point] = []
-        self.generation = 0
-        self.width = 1  # raw points per stored point
-        self._bucket: list[Point] = []
-
-    def add(self, x: float, y: float) -> None:
-        self._bucket.append((x, y))
-        if len(self._bucket) < self.width:
-            return
-        xs, ys = zip(*self._bucket, strict=True)
-        self._bucket = []
-        self.points.append((xs[-1], sum(ys) / len(ys)))
-        if len(self.points) > self.max_points:
-            pts = self.points
-            merged = [(pts[i + 1][0], (pts[i][1] + pts[i + 1][1]) / 2) for i in range(0, len(pts) - 1, 2)]
-            if len(pts) % 2:
-                merged.append(pts[-1])
-            self.points = merged
-            self.width *= 2
-            self.generation += 1
-
-    def reset(self) -> None:
-        self.points, self._bucket, self.width = [], [], 1
-        self.generation += 1
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 class RunWatcher:
     """Live state of one run, read from its folder; safe to poll from any thread."""
 
-    def __init__(self, manager: RunManager, run_id: str, max_points: int = 2000, log_lines: int = 200,
+    def __init__(self, manager: RunManager, run_id: str, max_points: int = MAX_POINTS, log_lines: int = 200,
                  min_interval: float = 0.2):
         self.manager, self.run_id = manager, run_id
         self.folder: RunFolder = manager.folder(run_id)
@@ -104,7 +53,7 @@ class RunWatcher:
 
     def _reset_metrics(self) -> None:
         self._series: dict[str, Series] = getattr(self, "_series", None) or {
-            name: Series(self.max_points) for name in SERIES}
+            name: Series(self.max_points) for name in METRICS}
         for s in self._series.values():
             s.reset()
         self._train: dict[str, Any] = {}
@@ -170,14 +119,10 @@ class RunWatcher:
                                                                 "val_loss": r.get("val_loss")}
         elif kind == "status":
             self._events = {"status": r.get("status"), "reason": r.get("reason")}
-        x = _number(r.get("iteration"))
-        if x is None:
-            return
-        for name, (rtype, key) in SERIES.items():
-            if rtype == kind:
-                y = _number(r.get(key))
-                if y is not None:
-                    self._series[name].add(x, y)
+        for name, series in self._series.items():
+            point = reading(r, name)
+            if point is not None:
+                series.add(*point)
 
     def _poll_log(self) -> bool:
         path = self.folder.log_path
@@ -270,7 +215,7 @@ class RunWatcher:
         """Everything at once, as plain data."""
         with self._lock:
             return {"version": self.version, "info": self.info(), "latest": self.latest(),
-                    "checkpoints": self.checkpoints(), "series": {n: self.series(n) for n in SERIES},
+                    "checkpoints": self.checkpoints(), "series": {n: self.series(n) for n in METRICS},
                     "log": list(self._log)}
 
 
