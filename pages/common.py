@@ -6,6 +6,7 @@ Pages import only this module and :mod:`pages.shell` from ``pages``; a helper tw
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from nicegui import ui
@@ -25,8 +26,6 @@ CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
 MAX_MARKS = 50
 
 
-
-
 def page_column() -> ui.column:
     """The page's frame: the whole width of the shell."""
     return ui.column().classes("w-full gap-3")
@@ -36,9 +35,14 @@ def fmt_loss(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
-def line_chart(title: str, series: list[tuple[str, str]], ytype: str) -> dict[str, Any]:
-    """ECharts options of one metric chart over iterations: one empty line per ``(series, label)``."""
-    return {
+def line_chart(title: str, series: list[tuple[str, str]], ytype: str,
+               colors: list[str] | None = None) -> dict[str, Any]:
+    """ECharts options of one metric chart over iterations: one empty line per ``(series, label)``.
+
+    With ``colors`` (one per series, for an overlay of runs) each line has its colour, validation lines are dashed
+    and the legend scrolls below the chart.
+    """
+    opts: dict[str, Any] = {
         "animation": False,
         "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
         "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": {"trigger": "axis"},
@@ -48,6 +52,15 @@ def line_chart(title: str, series: list[tuple[str, str]], ytype: str) -> dict[st
         "series": [{"name": label, "type": "line", "showSymbol": name.startswith("val"), "symbolSize": 5,
                     "sampling": "lttb", "data": []} for name, label in series],
     }
+    if colors:
+        opts.update(legend={"type": "scroll", "bottom": 0, "textStyle": {"color": "#9e9e9e"}},
+                    grid={**opts["grid"], "bottom": 64})
+        opts["xAxis"]["nameGap"] = 24
+        for line, color in zip(opts["series"], colors, strict=True):
+            val = line["showSymbol"]
+            line.update(itemStyle={"color": color}, lineStyle={"color": color, "type": "dashed" if val else "solid",
+                                                               "width": 1.5 if val else 2})
+    return opts
 
 
 def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -72,3 +85,17 @@ def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float,
     return marks
 
 
+def on_change(source: Callable[[], Any], redraw: Callable[[], None], interval: float) -> ui.timer:
+    """Call ``redraw`` now and then whenever ``source()`` (a version, a stamp) differs from its last value, which
+    is asked every ``interval`` seconds."""
+    seen: list[Any] = []
+
+    def check() -> None:
+        value = source()
+        if seen and seen[0] == value:
+            return
+        seen[:] = [value]
+        redraw()
+
+    check()
+    return ui.timer(interval, check)

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, line_chart, page_column
+from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, line_chart, on_change, page_column
 from services.training import index as run_index
 from services.training.folder import ACTIVE
 from services.units import clock
 
 if TYPE_CHECKING:
     from app.composition import Services
+    from services.training.manager import RunManager
 
 MAX_RUNS = 8
 FOLLOW_SECONDS = 2.0
@@ -54,149 +55,144 @@ def value_text(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list, bool)) else str(v)
 
 
-def _series(name: str, color: str, points: list, val: bool) -> dict[str, Any]:
-    return {"name": name, "type": "line", "data": points, "showSymbol": val, "symbolSize": 5, "sampling": "lttb",
-            "itemStyle": {"color": color}, "lineStyle": {"color": color, "type": "dashed" if val else "solid",
-                                                         "width": 1.5 if val else 2}}
-
-
 def compare_page(services: Services, runs: str | None = None) -> None:
     """Build the Compare page for ``/compare?runs=A,B,...``."""
     with page_column():
-        _build_compare(services, runs)
+        ComparePage(services, runs)
 
 
-def _build_compare(services: Services, runs: str | None) -> None:
-    manager = services.manager
-    wanted = parse_runs(runs)
-    all_runs = manager.list()
-    options = {r["id"]: f"{r.get('name') or r['id']} · {r['id']}" for r in all_runs}
-    ui.label("Compare runs").classes("text-2xl font-semibold")
-    with ui.row().classes("w-full items-end gap-3"):
-        picker = ui.select(options, value=[r for r in wanted if r in options], label="Runs", multiple=True,
-                           with_input=True).props("dense outlined use-chips").classes("min-w-[32rem]") \
-            .mark("compare-runs")
-        ui.button("Compare", icon="compare_arrows", on_click=lambda: go()).props("outline").mark("compare-go")
-        ui.space()
-        axis = ui.toggle({k: v for k, v in run_index.AXES.items()}, value="iteration",
-                         on_change=lambda e: show_axis(e.value)).props("dense no-caps").mark("compare-axis")
+def load_run(manager: RunManager, run_id: str) -> dict[str, Any]:
+    """What the page shows of one run: run.json, config, metrics stamp and the compared series."""
+    folder = manager.folder(run_id)
+    stamp = run_index.metrics_stamp(folder)  # before reading: a report that lands meanwhile is read next time
+    info, cfg = manager.get(run_id), folder.config()
+    records = run_index.run_records(folder)
+    return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": stamp,
+            "series": {m: run_index.metric_series(records, m) for _, train, val, _ in COMPARE_CHARTS.values()
+                       for m in (train, val)}}
 
-    def go() -> None:
-        ids = list(picker.value or [])
-        if len(ids) < 2:
-            ui.notify("Pick two or more runs", type="warning")
-            return
-        ui.navigate.to("/compare?runs=" + ",".join(ids[:MAX_RUNS]))
 
-    def load(run_id: str) -> dict[str, Any]:
-        folder = manager.folder(run_id)
-        stamp = run_index.metrics_stamp(folder)  # before reading: a report that lands meanwhile is read next time
-        info, cfg = manager.get(run_id), folder.config()
-        records = run_index.run_records(folder)
-        return {"id": run_id, "folder": folder, "info": info, "cfg": cfg, "stamp": stamp,
-                "series": {m: run_index.metric_series(records, m) for _, train, val, _ in COMPARE_CHARTS.values()
-                           for m in (train, val)}}
+def display_names(loaded: list[dict[str, Any]]) -> dict[str, str]:
+    """Run id → name in the legend; a name shared by two runs gets the run id to tell them apart."""
+    names = [r["info"].get("name") or r["id"] for r in loaded]
+    return {r["id"]: name if names.count(name) == 1 else f"{name} ({r['id']})" for r, name in zip(loaded, names,
+                                                                                                   strict=True)}
 
-    loaded: list[dict[str, Any]] = []
-    missing: list[str] = []
-    for run_id in wanted:
-        try:
-            loaded.append(load(run_id))
-        except (ValueError, OSError):
-            missing.append(run_id)
-    if missing:
-        ui.label(f"Not in the workspace: {', '.join(missing)}").classes("text-warning").mark("compare-missing")
-    if len(loaded) < 2:
-        ui.label("Pick two or more runs above (or select them on the Runs page) to compare them.") \
-            .classes("text-grey-7").mark("compare-empty")
-        axis.set_visibility(False)
-        return
 
-    names = {}
-    for r in loaded:  # a name shared by two runs gets the run id to tell them apart
-        name = r["info"].get("name") or r["id"]
-        names[r["id"]] = name if sum((x["info"].get("name") or x["id"]) == name for x in loaded) == 1 \
-            else f"{name} ({r['id']})"
+def summary_rows(loaded: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    """One summary row per run, best validation loss first, ranked."""
+    rows = []
+    for r in loaded:
+        row = run_index.run_row(r["info"])
+        train = r["series"]["train_loss"]
+        tokens = train[-1].get("tokens") if train else None
+        best = fmt_loss(row["best_val_loss"]) + (f" @ {row['best_iteration']}"
+                                                 if row["best_val_loss"] is not None else "")
+        rows.append({**row, "name": names[r["id"]], "best_text": best,
+                     "final_text": fmt_loss(train[-1]["y"] if train else None),
+                     "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
+                     "duration_text": clock(row["duration"]) if row["duration"] is not None else "–",
+                     "mode_text": MODES.get(row["mode"], row["mode"]),
+                     "method_text": METHODS.get(row["method"], row["method"]),
+                     "status_color": STATUS_COLORS.get(row["status"], "grey")})
+    rows = run_index.by_best_val_loss(rows)
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
 
-    charts: dict[str, ui.echart] = {}
-    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
-        for key, (title, _, _, ytype) in COMPARE_CHARTS.items():
-            opts = line_chart(title, [], ytype)
-            opts["legend"] = {"type": "scroll", "bottom": 0, "textStyle": {"color": "#9e9e9e"}}
-            opts["grid"] = {**opts["grid"], "bottom": 64}
-            opts["xAxis"]["nameGap"] = 24
-            opts["series"] = []
-            for i, r in enumerate(loaded):
-                color = PALETTE[i % len(PALETTE)]
-                opts["series"].append(_series(f"{names[r['id']]} train", color, [], False))
-                opts["series"].append(_series(f"{names[r['id']]} val", color, [], True))
-            charts[key] = ui.echart(opts).classes("w-full h-80").mark(f"compare-{key}")
 
-    def show_axis(name: str) -> None:
-        for key, (_, train_metric, val_metric, _) in COMPARE_CHARTS.items():
-            opts = charts[key].options
-            opts["xAxis"]["name"] = run_index.AXES[name]
-            for i, r in enumerate(loaded):
-                opts["series"][2 * i]["data"] = run_index.align(r["series"][train_metric], name)
-                opts["series"][2 * i + 1]["data"] = run_index.align(r["series"][val_metric], name)
-
-    show_axis(axis.value)
-
-    def summary_rows() -> list[dict[str, Any]]:
-        rows = []
-        for r in loaded:
-            row = run_index.run_row(r["info"])
-            train = r["series"]["train_loss"]
-            tokens = train[-1].get("tokens") if train else None
-            best = fmt_loss(row["best_val_loss"]) + (f" @ {row['best_iteration']}"
-                                                     if row["best_val_loss"] is not None else "")
-            rows.append({**row, "name": names[r["id"]], "best_text": best,
-                         "final_text": fmt_loss(train[-1]["y"] if train else None),
-                         "tokens_text": f"{tokens:,.0f}" if tokens is not None else "–",
-                         "duration_text": clock(row["duration"]) if row["duration"] is not None else "–",
-                         "mode_text": MODES.get(row["mode"], row["mode"]),
-                         "method_text": METHODS.get(row["method"], row["method"]),
-                         "status_color": STATUS_COLORS.get(row["status"], "grey")})
-        rows = run_index.by_best_val_loss(rows)
-        for i, row in enumerate(rows, 1):
-            row["rank"] = i
-        return rows
-
-    ui.label("Summary (best validation loss first)").classes("text-sm font-semibold text-grey-7 mt-2")
-    summary = ui.table(columns=SUMMARY_COLUMNS, rows=summary_rows(), row_key="id").classes("w-full") \
-        .props("flat bordered dense").mark("compare-summary")
-    summary.add_slot("body-cell-name", '<q-td :props="props"><a class="text-primary cursor-pointer" '
-                     "@click=\"$parent.$emit('open_run', props.row.id)\">{{ props.value }}</a></q-td>")
-    summary.add_slot("body-cell-status", '<q-td :props="props"><q-badge :color="props.row.status_color" '
-                     ':label="props.value" /></q-td>')
-    summary.on("open_run", lambda e: ui.navigate.to(f"/runs/{e.args}") if isinstance(e.args, str) else None)
-
+def diff_table(loaded: list[dict[str, Any]], names: dict[str, str]) -> None:
+    """The config keys whose values differ between the runs, one column per run."""
     diff = run_index.config_diff({r["id"]: r["cfg"] for r in loaded})
     ui.label(f"Config differences ({len(diff)} key{'s' if len(diff) != 1 else ''})") \
         .classes("text-sm font-semibold text-grey-7 mt-2")
     columns = [{"name": "key", "label": "Key", "field": "key", "align": "left"}] + [
         {"name": f"run{i}", "label": names[r["id"]], "field": f"run{i}", "align": "left"} for i, r in enumerate(loaded)]
-    diff_rows = [{"key": d["key"], **{f"run{i}": value_text(d["values"][r["id"]]) for i, r in enumerate(loaded)}}
-                 for d in diff]
-    ui.table(columns=columns, rows=diff_rows, row_key="key").classes("w-full").props("flat bordered dense wrap-cells") \
+    rows = [{"key": d["key"], **{f"run{i}": value_text(d["values"][r["id"]]) for i, r in enumerate(loaded)}}
+            for d in diff]
+    ui.table(columns=columns, rows=rows, row_key="key").classes("w-full").props("flat bordered dense wrap-cells") \
         .mark("compare-diff")
 
-    def follow() -> None:
-        """Read again the runs that reported since (still training, or resumed meanwhile); tick active durations."""
-        grew = active = False
-        for i, r in enumerate(loaded):
+
+class ComparePage:
+    """The run picker, the overlaid charts, the summary and the config differences of two or more runs."""
+
+    def __init__(self, services: Services, runs: str | None):
+        self.manager = services.manager
+        wanted = parse_runs(runs)
+        options = {r["id"]: f"{r.get('name') or r['id']} · {r['id']}" for r in self.manager.list()}
+        ui.label("Compare runs").classes("text-2xl font-semibold")
+        with ui.row().classes("w-full items-end gap-3"):
+            self.picker = ui.select(options, value=[r for r in wanted if r in options], label="Runs", multiple=True,
+                                    with_input=True).props("dense outlined use-chips").classes("min-w-[32rem]") \
+                .mark("compare-runs")
+            ui.button("Compare", icon="compare_arrows", on_click=self.go).props("outline").mark("compare-go")
+            ui.space()
+            self.axis = ui.toggle(dict(run_index.AXES), value="iteration", on_change=self.show_axis) \
+                .props("dense no-caps").mark("compare-axis")
+        self.loaded: list[dict[str, Any]] = []
+        missing: list[str] = []
+        for run_id in wanted:
+            try:
+                self.loaded.append(load_run(self.manager, run_id))
+            except (ValueError, OSError):
+                missing.append(run_id)
+        if missing:
+            ui.label(f"Not in the workspace: {', '.join(missing)}").classes("text-warning").mark("compare-missing")
+        if len(self.loaded) < 2:
+            ui.label("Pick two or more runs above (or select them on the Runs page) to compare them.") \
+                .classes("text-grey-7").mark("compare-empty")
+            self.axis.set_visibility(False)
+            return
+        self.names = display_names(self.loaded)
+        self.charts: dict[str, ui.echart] = {}
+        with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+            for key, (title, train, val, ytype) in COMPARE_CHARTS.items():
+                lines = [line for r in self.loaded for line in ((train, f"{self.names[r['id']]} train"),
+                                                                 (val, f"{self.names[r['id']]} val"))]
+                colors = [PALETTE[i // 2 % len(PALETTE)] for i in range(len(lines))]
+                self.charts[key] = ui.echart(line_chart(title, lines, ytype, colors)).classes("w-full h-80") \
+                    .mark(f"compare-{key}")
+        ui.label("Summary (best validation loss first)").classes("text-sm font-semibold text-grey-7 mt-2")
+        self.summary = ui.table(columns=SUMMARY_COLUMNS, rows=[], row_key="id").classes("w-full") \
+            .props("flat bordered dense").mark("compare-summary")
+        self.summary.add_slot("body-cell-name", '<q-td :props="props"><a class="text-primary cursor-pointer" '
+                              "@click=\"$parent.$emit('open_run', props.row.id)\">{{ props.value }}</a></q-td>")
+        self.summary.add_slot("body-cell-status", '<q-td :props="props"><q-badge :color="props.row.status_color" '
+                              ':label="props.value" /></q-td>')
+        self.summary.on("open_run", lambda e: ui.navigate.to(f"/runs/{e.args}") if isinstance(e.args, str) else None)
+        diff_table(self.loaded, self.names)
+        on_change(self.reread, self.show_axis, FOLLOW_SECONDS)
+        on_change(lambda: summary_rows(self.loaded, self.names), self.show_summary, FOLLOW_SECONDS)
+
+    def go(self) -> None:
+        ids = list(self.picker.value or [])
+        if len(ids) < 2:
+            ui.notify("Pick two or more runs", type="warning")
+            return
+        ui.navigate.to("/compare?runs=" + ",".join(ids[:MAX_RUNS]))
+
+    def reread(self) -> tuple[tuple[int, int], ...]:
+        """Read again the runs that reported since (still training, or resumed meanwhile) and refresh the run.json
+        of active ones (their duration ticks); return the metrics stamps."""
+        for i, r in enumerate(self.loaded):
             try:
                 if run_index.metrics_stamp(r["folder"]) != r["stamp"]:
-                    loaded[i] = load(r["id"])
-                    grew = True
+                    self.loaded[i] = load_run(self.manager, r["id"])
                 elif r["info"].get("status") in ACTIVE:
-                    r["info"] = manager.get(r["id"])  # also notices a worker that died
-                    active = True
+                    r["info"] = self.manager.get(r["id"])  # also notices a worker that died
             except (ValueError, OSError):
                 continue  # deleted meanwhile: keep what is shown
-        if grew:
-            show_axis(axis.value)
-        if grew or active:
-            summary.rows = summary_rows()
+        return tuple(r["stamp"] for r in self.loaded)
 
-    ui.timer(FOLLOW_SECONDS, follow)
+    def show_axis(self) -> None:
+        name = self.axis.value
+        for key, (_, train, val, _) in COMPARE_CHARTS.items():
+            opts = self.charts[key].options
+            opts["xAxis"]["name"] = run_index.AXES[name]
+            for i, r in enumerate(self.loaded):
+                opts["series"][2 * i]["data"] = run_index.align(r["series"][train], name)
+                opts["series"][2 * i + 1]["data"] = run_index.align(r["series"][val], name)
+
+    def show_summary(self) -> None:
+        self.summary.rows = summary_rows(self.loaded, self.names)

@@ -1,8 +1,8 @@
 """Monitor page: one run's status, progress, metric cards, live charts, checkpoints and log tail.
 
 Everything comes from the run folder through a shared :class:`services.training.watch.RunWatcher`, so a
-reload, a second browser or an app restart shows the whole history. One ``ui.timer`` per page polls
-the watcher and sends only what is new (chart series are extended in place and bounded).
+reload, a second browser or an app restart shows the whole history. The page redraws when the watcher's
+version changes and sends only what is new (chart series are extended in place and bounded).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import CHARTS, STATUS_COLORS, checkpoint_marks, line_chart
+from pages.common import CHARTS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError
 from services.training.folder import ACTIVE, WAITING
+from services.training.index import resume_refusal
 from services.units import clock
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ WAITING_TEXT = "in the training queue: it starts when no run is training (runs q
 CARDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("best", "best checkpoint"),
          ("perplexity", "perplexity"), ("learning_rate", "learning rate"), ("tokens_per_second", "tokens/s"),
          ("trained_tokens", "trained tokens"), ("peak_memory_gb", "peak memory"), ("epoch", "epoch"))
-
 
 
 def _fmt(v: Any, kind: str = "") -> str:
@@ -66,7 +66,6 @@ class LiveView:
 
     def __init__(self, watcher: RunWatcher, charts: dict[str, ui.echart], log: ui.log):
         self.watcher, self.charts, self.log = watcher, charts, log
-        self.version = -1
         self.sent: dict[str, tuple[int, int]] = {}
         self.log_seen = 0
         self.marks: list[dict[str, Any]] | None = None
@@ -151,11 +150,11 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
     log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
     view = LiveView(watcher, charts, log)
 
-    def update() -> None:
+    def version() -> int:
         watcher.poll()
-        if watcher.version == view.version:
-            return
-        view.version = watcher.version
+        return watcher.version
+
+    def update() -> None:
         latest = watcher.latest()
         st, why = latest.get("status") or "?", latest.get("reason") or ""
         if status.text != st:
@@ -171,7 +170,8 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
             cards[key].set_text(text)
         active, waiting = st in ACTIVE, st == WAITING
         stop_btn.set_enabled(active or waiting)
-        resume_btn.set_enabled(waiting or (not active and st != "completed" and bool(watcher.checkpoints())))
+        checkpoints = [c["iteration"] for c in watcher.checkpoints()]
+        resume_btn.set_enabled(resume_refusal(watcher.info(), checkpoints) is None)
         resume_btn.set_text("Start now" if waiting else "Resume")
         view.push_series()
         view.push_log()
@@ -196,5 +196,4 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
             ui.navigate.to(f"/monitor/{folder.id}")
 
     watcher.poll(force=True)
-    update()
-    ui.timer(0.5, update)
+    on_change(version, update, 0.5)

@@ -1,7 +1,7 @@
 """Run detail page: status, lineage, loss and perplexity charts, checkpoints (chat / publish), config and data stats.
 
 Charts reuse the Monitor's chart options and checkpoint marks and read the shared
-:class:`services.training.watch.RunWatcher`, so an active run keeps updating (one ``ui.timer`` per page).
+:class:`services.training.watch.RunWatcher`, so an active run keeps updating (redrawn when the watcher changes).
 """
 
 from __future__ import annotations
@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
-from pages.common import CHARTS, METHODS, MODES, STATUS_COLORS, checkpoint_marks, fmt_loss, line_chart, page_column
+from pages.common import (
+    CHARTS,
+    METHODS,
+    MODES,
+    STATUS_COLORS,
+    checkpoint_marks,
+    fmt_loss,
+    line_chart,
+    on_change,
+    page_column,
+)
 from services.training import index as run_index
 from services.training.dashboard import DashboardError, export_dashboard
 from services.training.folder import ACTIVE
@@ -19,6 +29,7 @@ from services.units import clock, human_bytes
 if TYPE_CHECKING:
     from app.composition import Services
     from services.training.folder import RunFolder
+    from services.training.watch import RunWatcher
 
 DETAIL_CHARTS = ("loss", "perplexity")
 CKPT_COLUMNS: list[dict[str, Any]] = [
@@ -84,29 +95,45 @@ def _info_line(info: dict[str, Any]) -> str:
 def run_detail_page(services: Services, run_id: str) -> None:
     """Build the detail page of one run."""
     with page_column():
-        _build_detail(services, run_id)
+        RunDetail(services, run_id)
 
 
-def _build_detail(services: Services, run_id: str) -> None:
-    manager = services.manager
-    with ui.row().classes("w-full items-center gap-3"):
-        ui.button(icon="arrow_back", on_click=lambda: ui.navigate.to("/runs")).props("flat round") \
-            .tooltip("All runs").mark("back-to-runs")
-        title = ui.label(run_id).classes("text-2xl font-semibold").mark("detail-title")
-        status = ui.badge("", color="grey").classes("text-sm").mark("detail-status")
-        label = ui.chip("", color="primary").props("outline dense").mark("detail-label")
-        ui.space()
-        monitor_btn = ui.button("Open in Monitor", icon="monitor_heart",
-                                on_click=lambda: ui.navigate.to(f"/monitor/{run_id}")).props("outline") \
-            .mark("open-monitor")
-        clone_btn = ui.button("Clone config into Train", icon="content_copy",
-                              on_click=lambda: ui.navigate.to(f"/train?from={run_id}")).props("outline") \
-            .mark("detail-clone")
-        export_btn = ui.button("Export dashboard", icon="ios_share", on_click=lambda: export()).props("outline") \
-            .tooltip("A self-contained HTML file (renders offline) and a PNG of the charts").mark("export-dashboard")
+class DetailHeader:
+    """Back link, title, status, label and the run's actions (Monitor, clone into Train, export)."""
 
-    async def export() -> None:
-        folder = manager.folder(run_id)
+    def __init__(self, services: Services, run_id: str):
+        self.services, self.run_id = services, run_id
+        with ui.row().classes("w-full items-center gap-3"):
+            ui.button(icon="arrow_back", on_click=lambda: ui.navigate.to("/runs")).props("flat round") \
+                .tooltip("All runs").mark("back-to-runs")
+            self.title = ui.label(run_id).classes("text-2xl font-semibold").mark("detail-title")
+            self.status = ui.badge("", color="grey").classes("text-sm").mark("detail-status")
+            self.label = ui.chip("", color="primary").props("outline dense").mark("detail-label")
+            ui.space()
+            self.actions = [
+                ui.button("Open in Monitor", icon="monitor_heart",
+                          on_click=lambda: ui.navigate.to(f"/monitor/{run_id}")).props("outline").mark("open-monitor"),
+                ui.button("Clone config into Train", icon="content_copy",
+                          on_click=lambda: ui.navigate.to(f"/train?from={run_id}")).props("outline")
+                .mark("detail-clone"),
+                ui.button("Export dashboard", icon="ios_share", on_click=self.export).props("outline")
+                .tooltip("A self-contained HTML file (renders offline) and a PNG of the charts")
+                .mark("export-dashboard")]
+
+    def hide(self) -> None:
+        for element in (*self.actions, self.status, self.label):
+            element.set_visibility(False)
+
+    def show(self, info: dict[str, Any]) -> None:
+        st = info.get("status") or "?"
+        self.title.set_text(info.get("name") or self.run_id)
+        self.status.set_text(st)
+        self.status.props["color"] = STATUS_COLORS.get(st, "grey")
+        self.label.set_text(info.get("label") or "")
+        self.label.set_visibility(bool(info.get("label")))
+
+    async def export(self) -> None:
+        folder = self.services.manager.folder(self.run_id)
         try:
             result = await run.io_bound(export_dashboard, folder, folder.path / "dashboard")
         except DashboardError as e:
@@ -120,41 +147,41 @@ def _build_detail(services: Services, run_id: str) -> None:
             ui.download.file(png_path)
         ui.notify(f"Dashboard written to {html_path.parent}", type="positive")
 
-    try:
-        folder = manager.folder(run_id)
-        info = manager.get(run_id)
-        watcher = services.watchers.get(run_id)
-    except ValueError as e:
-        ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
-        for b in (monitor_btn, clone_btn, export_btn, status, label):
-            b.set_visibility(False)
-        return
-    ui.label(_info_line(info)).classes("text-sm text-grey-7").mark("detail-info")
-    reason = ui.label("").classes("text-sm").mark("detail-reason")
-    parent = info.get("parent") or {}
-    if parent.get("run"):
-        with ui.row().classes("items-center gap-1 text-sm").mark("detail-parent"):
-            ui.label("Forked from")
-            ui.link(f"{parent['run']} @ iteration {parent.get('iteration')}", f"/runs/{parent['run']}") \
-                .mark("parent-link")
-            if parent.get("same_data_order") is False:
-                ui.label("(with a fresh data order)").classes("text-grey-7")
 
-    charts: dict[str, ui.echart] = {}
-    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
-        for key in DETAIL_CHARTS:
-            chart_title, series, ytype = CHARTS[key]
-            charts[key] = ui.echart(line_chart(chart_title, series, ytype)).classes("w-full h-72").mark(f"detail-{key}")
+class CheckpointTable:
+    """The run's checkpoints on disk, each with Chat and Publish."""
 
-    with ui.card().classes("w-full").props("flat bordered"):
-        ui.label("Checkpoints").classes("text-sm font-semibold text-grey-7")
-        ckpt_table = ui.table(columns=CKPT_COLUMNS, rows=[], row_key="iteration",
-                              pagination={"rowsPerPage": 10, "sortBy": "iteration", "descending": True}) \
-            .classes("w-full").props("flat dense").mark("checkpoints")
-        for slot, template in CKPT_SLOTS.items():
-            ckpt_table.add_slot(slot, template)
-        no_ckpt = ui.label("No checkpoints on disk.").classes("text-sm text-grey-7").mark("no-checkpoints")
+    def __init__(self, folder: RunFolder, run_id: str):
+        self.folder, self.run_id = folder, run_id
+        with ui.card().classes("w-full").props("flat bordered"):
+            ui.label("Checkpoints").classes("text-sm font-semibold text-grey-7")
+            self.table = ui.table(columns=CKPT_COLUMNS, rows=[], row_key="iteration",
+                                  pagination={"rowsPerPage": 10, "sortBy": "iteration", "descending": True}) \
+                .classes("w-full").props("flat dense").mark("checkpoints")
+            for slot, template in CKPT_SLOTS.items():
+                self.table.add_slot(slot, template)
+            self.none = ui.label("No checkpoints on disk.").classes("text-sm text-grey-7").mark("no-checkpoints")
+        self.table.on("checkpoint_action", self.on_action)
 
+    def show(self, info: dict[str, Any]) -> None:
+        rows = checkpoint_table_rows(self.folder, info)
+        self.table.rows = rows
+        self.table.set_visibility(bool(rows))
+        self.none.set_visibility(not rows)
+
+    def on_action(self, e: events.GenericEventArguments) -> None:
+        args = e.args or {}
+        it = args.get("iteration")
+        if not isinstance(it, int):
+            return
+        if args.get("action") == "chat":
+            ui.navigate.to(f"/playground?run={self.run_id}&iteration={it}")
+        elif args.get("action") == "publish":
+            ui.navigate.to(f"/runs/{self.run_id}/publish?iteration={it}")
+
+
+def config_and_stats(folder: RunFolder) -> None:
+    """The run's config.yaml beside its dataset statistics."""
     with ui.row().classes("w-full items-start gap-3 no-wrap max-lg:flex-wrap"):
         with ui.card().classes("grow min-w-0 basis-1/2").props("flat bordered"):
             ui.label("Config").classes("text-sm font-semibold text-grey-7")
@@ -169,60 +196,77 @@ def _build_detail(services: Services, run_id: str) -> None:
             if not stats:
                 ui.label("No dataset statistics yet (written when the worker has prepared the data).") \
                     .classes("text-sm text-grey-7")
-            else:
-                facts, splits = stats_tables(stats)
-                with ui.grid(columns=2).classes("gap-x-4 gap-y-0 text-sm"):
-                    for key, value in facts:
-                        ui.label(key).classes("text-grey-7")
-                        ui.label(value).classes("break-all")
-                if splits:
-                    keys = list(dict.fromkeys(k for s in splits for k in s))
-                    ui.table(columns=[{"name": k, "label": k.replace("_", " "), "field": k,
-                                       "align": "left" if k == "split" else "right"} for k in keys],
-                             rows=splits, row_key="split").props("flat dense").classes("w-full").mark("split-stats")
+                return
+            facts, splits = stats_tables(stats)
+            with ui.grid(columns=2).classes("gap-x-4 gap-y-0 text-sm"):
+                for key, value in facts:
+                    ui.label(key).classes("text-grey-7")
+                    ui.label(value).classes("break-all")
+            if splits:
+                keys = list(dict.fromkeys(k for s in splits for k in s))
+                ui.table(columns=[{"name": k, "label": k.replace("_", " "), "field": k,
+                                   "align": "left" if k == "split" else "right"} for k in keys],
+                         rows=splits, row_key="split").props("flat dense").classes("w-full").mark("split-stats")
 
-    seen = {"version": -1, "info": None}
 
-    def on_checkpoint(e: events.GenericEventArguments) -> None:
-        args = e.args or {}
-        it = args.get("iteration")
-        if not isinstance(it, int):
+def parent_line(info: dict[str, Any]) -> None:
+    """The "Forked from RUN @ iteration N" line of a fork."""
+    parent = info.get("parent") or {}
+    if not parent.get("run"):
+        return
+    with ui.row().classes("items-center gap-1 text-sm").mark("detail-parent"):
+        ui.label("Forked from")
+        ui.link(f"{parent['run']} @ iteration {parent.get('iteration')}", f"/runs/{parent['run']}") \
+            .mark("parent-link")
+        if parent.get("same_data_order") is False:
+            ui.label("(with a fresh data order)").classes("text-grey-7")
+
+
+class RunDetail:
+    """One run: header, lineage, charts, checkpoints, config and data statistics, following its watcher."""
+
+    def __init__(self, services: Services, run_id: str):
+        self.header = DetailHeader(services, run_id)
+        try:
+            self.folder = services.manager.folder(run_id)
+            self.info = services.manager.get(run_id)
+            self.watcher: RunWatcher = services.watchers.get(run_id)
+        except ValueError as e:
+            ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
+            self.header.hide()
             return
-        if args.get("action") == "chat":
-            ui.navigate.to(f"/playground?run={run_id}&iteration={it}")
-        elif args.get("action") == "publish":
-            ui.navigate.to(f"/runs/{run_id}/publish?iteration={it}")
+        ui.label(_info_line(self.info)).classes("text-sm text-grey-7").mark("detail-info")
+        self.reason = ui.label("").classes("text-sm").mark("detail-reason")
+        parent_line(self.info)
+        self.charts: dict[str, ui.echart] = {}
+        with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+            for key in DETAIL_CHARTS:
+                self.charts[key] = ui.echart(line_chart(*CHARTS[key])).classes("w-full h-72").mark(f"detail-{key}")
+        self.checkpoints = CheckpointTable(self.folder, run_id)
+        config_and_stats(self.folder)
+        self.shown_info: dict[str, Any] | None = None
+        self.watcher.poll(force=True)
+        on_change(self.version, self.update, 1.0)
 
-    def update() -> None:
-        watcher.poll()
-        if watcher.version == seen["version"]:
-            return
-        seen["version"] = watcher.version
-        now = watcher.info() or info
+    def version(self) -> int:
+        self.watcher.poll()
+        return self.watcher.version
+
+    def update(self) -> None:
+        now = self.watcher.info() or self.info
+        self.header.show(now)
         st = now.get("status") or "?"
-        title.set_text(now.get("name") or run_id)
-        status.set_text(st)
-        status.props["color"] = STATUS_COLORS.get(st, "grey")
-        label.set_text(now.get("label") or "")
-        label.set_visibility(bool(now.get("label")))
-        reason.set_text(now.get("reason") or ("running" if st in ACTIVE else ""))
+        self.reason.set_text(now.get("reason") or ("running" if st in ACTIVE else ""))
         for key in DETAIL_CHARTS:
-            opts = charts[key].options["series"]
+            opts = self.charts[key].options["series"]
             for i, (name, _) in enumerate(CHARTS[key][1]):
-                points = watcher.series(name)
+                points = self.watcher.series(name)
                 if opts[i]["data"] != points:
                     opts[i]["data"] = points
-        marks = checkpoint_marks(watcher.checkpoints(), watcher.series("train_loss"))
-        if charts["loss"].options["series"][0].get("markPoint", {}).get("data") != marks:
-            charts["loss"].options["series"][0]["markPoint"] = {"data": marks, "label": {"show": False}}
-        if now != seen["info"]:
-            seen["info"] = now
-            rows = checkpoint_table_rows(folder, now)
-            ckpt_table.rows = rows
-            ckpt_table.set_visibility(bool(rows))
-            no_ckpt.set_visibility(not rows)
-
-    ckpt_table.on("checkpoint_action", on_checkpoint)
-    watcher.poll(force=True)
-    update()
-    ui.timer(1.0, update)
+        marks = checkpoint_marks(self.watcher.checkpoints(), self.watcher.series("train_loss"))
+        loss = self.charts["loss"].options["series"][0]
+        if loss.get("markPoint", {}).get("data") != marks:
+            loss["markPoint"] = {"data": marks, "label": {"show": False}}
+        if now != self.shown_info:
+            self.shown_info = now
+            self.checkpoints.show(now)

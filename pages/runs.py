@@ -2,7 +2,7 @@
 
 Rows come from :mod:`services.training.index`; the actions call
 :class:`services.training.manager.RunManager` (label, delete, resume, fork) or navigate (open, clone into Train,
-compare). One ``ui.timer`` per page re-reads the run list when the runs folder changed or a run is active.
+compare). The page reads the run list again when the runs folder changed or a run is active.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, ui
 
-from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, page_column
+from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, on_change, page_column
 from services.config import FINE_TUNE_TYPES
 from services.training import index as run_index
 from services.training.folder import ACTIVE
@@ -71,215 +71,247 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
 def runs_page(services: Services) -> None:
     """Build the Runs page for one client."""
     with page_column():
-        _build_runs(services)
+        RunsPage(services)
 
 
-def _build_runs(services: Services) -> None:
-    manager = services.manager
-    state: dict[str, Any] = {"rows": [], "stamp": None, "target": None}
+class Filters:
+    """Search and the status / mode / method filters above the table."""
 
-    ui.label("Runs").classes("text-2xl font-semibold")
-    with ui.row().classes("w-full items-end gap-3"):
-        search = ui.input("Search", on_change=lambda: show()).props("dense outlined clearable") \
+    def __init__(self, on_change: Any):
+        self.search = ui.input("Search", on_change=on_change).props("dense outlined clearable") \
             .classes("w-72").mark("runs-search")
-        status = ui.select(list(STATUS_COLORS), label="Status", multiple=True, on_change=lambda: show()) \
+        self.status = ui.select(list(STATUS_COLORS), label="Status", multiple=True, on_change=on_change) \
             .props("dense outlined clearable use-chips").classes("w-56").mark("runs-status")
-        mode = ui.select(dict(MODES), label="Mode", multiple=True, on_change=lambda: show()) \
+        self.mode = ui.select(dict(MODES), label="Mode", multiple=True, on_change=on_change) \
             .props("dense outlined clearable use-chips").classes("w-48").mark("runs-mode")
-        method = ui.select({m: METHODS[m] for m in FINE_TUNE_TYPES}, label="Method", multiple=True,
-                           on_change=lambda: show()).props("dense outlined clearable use-chips").classes("w-48") \
+        self.method = ui.select({m: METHODS[m] for m in FINE_TUNE_TYPES}, label="Method", multiple=True,
+                                on_change=on_change).props("dense outlined clearable use-chips").classes("w-48") \
             .mark("runs-method")
-        ui.space()
-        compare_btn = ui.button("Compare", icon="compare_arrows", on_click=lambda: compare()).mark("runs-compare")
-        compare_btn.tooltip("Select two or more runs to compare them")
-    table = ui.table(columns=COLUMNS, rows=[], row_key="id", selection="multiple",
-                     pagination={"rowsPerPage": 15, "sortBy": "date", "descending": True},
-                     on_select=lambda: update_compare()).classes("w-full").props("flat bordered dense") \
-        .mark("runs-table")
-    for slot, template in SLOTS.items():
-        table.add_slot(slot, template)
-    empty = ui.label("No runs yet: start one on the Train page.").classes("text-grey-7").mark("runs-empty")
 
-    # -- dialogs (built once, filled on open) ------------------------------------------------------
-    with ui.dialog() as label_dialog, ui.card().classes("w-96"):
-        label_title = ui.label("").classes("font-semibold")
-        label_input = ui.input("Label").props("dense outlined autofocus clearable").classes("w-full") \
-            .mark("label-input")
-        with ui.row().classes("w-full justify-end"):
-            ui.button("Cancel", on_click=label_dialog.close).props("flat")
-            ui.button("Save", on_click=lambda: save_label()).mark("label-save")
-    label_input.on("keydown.enter", lambda: save_label())
+    def apply(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return run_index.filter_rows(rows, self.search.value or "", self.status.value or None,
+                                     self.mode.value or None, self.method.value or None)
 
-    with ui.dialog() as delete_dialog, ui.card().classes("w-[28rem]"):
-        delete_text = ui.label("").classes("whitespace-pre-line").mark("delete-text")
-        with ui.row().classes("w-full justify-end"):
-            ui.button("Cancel", on_click=delete_dialog.close).props("flat").mark("delete-cancel")
-            ui.button("Delete", icon="delete", on_click=lambda: delete()).props("color=negative") \
-                .mark("delete-confirm")
 
-    with ui.dialog() as fork_dialog, ui.card().classes("w-[30rem]"):
-        fork_title = ui.label("").classes("font-semibold")
-        ui.label("The fork starts from the checkpoint's weights and optimizer state with the values below; "
-                 "everything else is the parent's config.").classes("text-sm text-grey-7")
-        fork_ckpt = ui.select({}, label="Checkpoint").props("dense outlined").classes("w-full").mark("fork-checkpoint")
-        fork_name = ui.input("Name").props("dense outlined").classes("w-full").mark("fork-name")
-        with ui.row().classes("w-full gap-3 no-wrap"):
-            fork_lr = ui.number("Learning rate", step=1e-5).props("dense outlined").classes("grow") \
-                .mark("fork-learning_rate")
-            fork_iters = ui.number("Iterations").props("dense outlined").classes("grow").mark("fork-iters")
-            fork_epochs = ui.number("Epochs", step=0.5).props("dense outlined").classes("grow").mark("fork-epochs")
-        fork_problems = ui.label("").classes("text-negative text-sm whitespace-pre-line").mark("fork-problems")
-        with ui.row().classes("w-full justify-end"):
-            ui.button("Cancel", on_click=fork_dialog.close).props("flat")
-            ui.button("Start fork", icon="call_split", on_click=lambda: fork()).mark("fork-start")
+class LabelDialog:
+    """Edit a run's free-text label."""
 
-    # -- behaviour ---------------------------------------------------------------------------------
+    def __init__(self, services: Services, saved: Any):
+        self.services, self.saved = services, saved
+        self.run: dict[str, Any] = {}
+        with ui.dialog() as self.dialog, ui.card().classes("w-96"):
+            self.title = ui.label("").classes("font-semibold")
+            self.input = ui.input("Label").props("dense outlined autofocus clearable").classes("w-full") \
+                .mark("label-input")
+            with ui.row().classes("w-full justify-end"):
+                ui.button("Cancel", on_click=self.dialog.close).props("flat")
+                ui.button("Save", on_click=self.save).mark("label-save")
+        self.input.on("keydown.enter", self.save)
 
-    def load() -> None:
-        state["rows"] = [table_row(run_index.run_row(info)) for info in manager.list()]
-        state["stamp"] = run_index.listing_stamp(services.workspace.runs)
+    def open(self, run: dict[str, Any]) -> None:
+        self.run = run
+        self.title.set_text(f"Label of {run['name']}")
+        self.input.value = run["label"]
+        self.dialog.open()
 
-    def show() -> None:
-        rows = run_index.filter_rows(state["rows"], search.value or "", status.value or None, mode.value or None,
-                                     method.value or None)
-        if rows != table.rows:
-            table.rows = rows
-        ids = {r["id"] for r in rows}
-        kept = [r for r in table.selected if r["id"] in ids]
-        if len(kept) != len(table.selected):
-            table.selected = kept
-        empty.set_visibility(not state["rows"])
-        empty.set_text("No runs yet: start one on the Train page." if not state["rows"] else "")
-        update_compare()
-
-    def poll() -> None:
-        stamp = run_index.listing_stamp(services.workspace.runs)
-        if stamp != state["stamp"] or any(r["status"] in ACTIVE for r in state["rows"]):
-            previous = state["rows"]
-            load()
-            if state["rows"] != previous:
-                show()
-
-    def update_compare() -> None:
-        compare_btn.set_enabled(len(table.selected) >= 2)
-
-    def compare() -> None:
-        ids = [r["id"] for r in table.selected]
-        if len(ids) < 2:
-            ui.notify("Select two or more runs to compare", type="warning")
-            return
-        ui.navigate.to("/compare?runs=" + ",".join(ids))
-
-    def row(run_id: str) -> dict[str, Any] | None:
-        return next((r for r in state["rows"] if r["id"] == run_id), None)
-
-    def on_action(e: events.GenericEventArguments) -> None:
-        action, run_id = (e.args or {}).get("action"), (e.args or {}).get("id")
-        r = row(run_id) if isinstance(run_id, str) else None
-        if r is None:
-            ui.notify(f"Run {run_id} is no longer in the workspace", type="warning")
-            return
-        state["target"] = r
-        if action == "open":
-            ui.navigate.to(f"/runs/{run_id}")
-        elif action == "clone":
-            ui.navigate.to(f"/train?from={run_id}")
-        elif action == "label":
-            label_title.set_text(f"Label of {r['name']}")
-            label_input.value = r["label"]
-            label_dialog.open()
-        elif action == "delete":
-            ask_delete(r)
-        elif action == "resume":
-            resume(r)
-        elif action == "fork":
-            open_fork(r)
-
-    def save_label() -> None:
-        r = state["target"]
+    def save(self) -> None:
         try:
-            manager.set_label(r["id"], label_input.value)
+            self.services.manager.set_label(self.run["id"], self.input.value)
         except ValueError as err:
             ui.notify(str(err), type="negative")
             return
-        label_dialog.close()
-        refresh()
+        self.dialog.close()
+        self.saved()
 
-    def ask_delete(r: dict[str, Any]) -> None:
-        if r["status"] in ACTIVE:
-            ui.notify(f"Cannot delete {r['name']}: it is {r['status']}; stop it first", type="negative")
+
+class DeleteDialog:
+    """Confirm, then delete a run's folder."""
+
+    def __init__(self, services: Services, deleted: Any):
+        self.services, self.deleted = services, deleted
+        self.run: dict[str, Any] = {}
+        with ui.dialog() as self.dialog, ui.card().classes("w-[28rem]"):
+            self.text = ui.label("").classes("whitespace-pre-line").mark("delete-text")
+            with ui.row().classes("w-full justify-end"):
+                ui.button("Cancel", on_click=self.dialog.close).props("flat").mark("delete-cancel")
+                ui.button("Delete", icon="delete", on_click=self.delete).props("color=negative") \
+                    .mark("delete-confirm")
+
+    def open(self, run: dict[str, Any]) -> None:
+        if run["status"] in ACTIVE:
+            ui.notify(f"Cannot delete {run['name']}: it is {run['status']}; stop it first", type="negative")
             return
-        delete_text.set_text(f"Delete run {r['name']} ({r['id']})?\nIts folder in the workspace (config, metrics, "
-                             f"{r['checkpoints']} checkpoint(s)) is removed for good.")
-        delete_dialog.open()
+        self.run = run
+        self.text.set_text(f"Delete run {run['name']} ({run['id']})?\nIts folder in the workspace (config, metrics, "
+                           f"{run['checkpoints']} checkpoint(s)) is removed for good.")
+        self.dialog.open()
 
-    def delete() -> None:
-        r = state["target"]
-        delete_dialog.close()
+    def delete(self) -> None:
+        self.dialog.close()
         try:
-            manager.delete(r["id"])
+            self.services.manager.delete(self.run["id"])
         except ValueError as err:
             ui.notify(f"Not deleted: {err}", type="negative")
             return
-        services.watchers.drop(r["id"])
-        ui.notify(f"Run {r['name']} deleted")
-        refresh()
+        self.services.watchers.drop(self.run["id"])
+        ui.notify(f"Run {self.run['name']} deleted")
+        self.deleted()
 
-    def resume(r: dict[str, Any]) -> None:
-        try:
-            folder = manager.resume(r["id"])
-        except ValueError as err:
-            ui.notify(f"Cannot resume: {err}", type="negative")
-            return
-        ui.notify(f"Resuming {folder.id}", type="positive")
-        ui.navigate.to(f"/monitor/{folder.id}")
 
-    def open_fork(r: dict[str, Any]) -> None:
+class ForkDialog:
+    """Fork a run from one of its checkpoints with a new name, learning rate and length."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.run: dict[str, Any] = {}
+        self.cfg: dict[str, Any] = {}
+        with ui.dialog() as self.dialog, ui.card().classes("w-[30rem]"):
+            self.title = ui.label("").classes("font-semibold")
+            ui.label("The fork starts from the checkpoint's weights and optimizer state with the values below; "
+                     "everything else is the parent's config.").classes("text-sm text-grey-7")
+            self.checkpoint = ui.select({}, label="Checkpoint").props("dense outlined").classes("w-full") \
+                .mark("fork-checkpoint")
+            self.name = ui.input("Name").props("dense outlined").classes("w-full").mark("fork-name")
+            with ui.row().classes("w-full gap-3 no-wrap"):
+                self.lr = ui.number("Learning rate", step=1e-5).props("dense outlined").classes("grow") \
+                    .mark("fork-learning_rate")
+                self.iters = ui.number("Iterations").props("dense outlined").classes("grow").mark("fork-iters")
+                self.epochs = ui.number("Epochs", step=0.5).props("dense outlined").classes("grow") \
+                    .mark("fork-epochs")
+            self.problems = ui.label("").classes("text-negative text-sm whitespace-pre-line").mark("fork-problems")
+            with ui.row().classes("w-full justify-end"):
+                ui.button("Cancel", on_click=self.dialog.close).props("flat")
+                ui.button("Start fork", icon="call_split", on_click=self.fork).mark("fork-start")
+
+    def open(self, run: dict[str, Any]) -> None:
         try:
-            folder = manager.folder(r["id"])
+            folder = self.services.manager.folder(run["id"])
             cfg, its = folder.config(), folder.checkpoint_iterations()
         except (ValueError, OSError) as err:
             ui.notify(f"Cannot fork: {err}", type="negative")
             return
         if not its:
-            ui.notify(f"Cannot fork {r['name']}: it has no checkpoint", type="negative")
+            ui.notify(f"Cannot fork {run['name']}: it has no checkpoint", type="negative")
             return
-        best = r["best_iteration"] if r["best_iteration"] in its else its[-1]
-        fork_title.set_text(f"Fork {r['name']}")
-        fork_ckpt.set_options({it: f"iteration {it}" + (" (best)" if it == r["best_iteration"] else "")
-                               for it in its}, value=best)
-        fork_name.value = f"{r['name']}-fork"
-        fork_lr.value = cfg.get("learning_rate")
+        self.run, self.cfg = run, cfg
+        best = run["best_iteration"] if run["best_iteration"] in its else its[-1]
+        self.title.set_text(f"Fork {run['name']}")
+        self.checkpoint.set_options({it: f"iteration {it}" + (" (best)" if it == run["best_iteration"] else "")
+                                     for it in its}, value=best)
+        self.name.value = f"{run['name']}-fork"
+        self.lr.value = cfg.get("learning_rate")
         by_epochs = cfg.get("epochs") is not None
-        fork_iters.set_visibility(not by_epochs)
-        fork_epochs.set_visibility(by_epochs)
-        fork_iters.value = run_index.default_fork_iters(cfg, best)
-        fork_epochs.value = cfg.get("epochs")
-        fork_problems.set_text("")
-        state["fork_cfg"] = cfg
-        fork_dialog.open()
+        self.iters.set_visibility(not by_epochs)
+        self.epochs.set_visibility(by_epochs)
+        self.iters.value = run_index.default_fork_iters(cfg, best)
+        self.epochs.value = cfg.get("epochs")
+        self.problems.set_text("")
+        self.dialog.open()
 
-    def fork() -> None:
-        r, it = state["target"], fork_ckpt.value
+    def fork(self) -> None:
+        it = self.checkpoint.value
         overrides, problems = run_index.fork_overrides(
-            state["fork_cfg"], it, {"name": fork_name.value, "learning_rate": fork_lr.value, "iters": fork_iters.value,
-                                    "epochs": fork_epochs.value})
+            self.cfg, it, {"name": self.name.value, "learning_rate": self.lr.value, "iters": self.iters.value,
+                           "epochs": self.epochs.value})
         if problems:
-            fork_problems.set_text("\n".join(f"• {p}" for p in problems))
+            self.problems.set_text("\n".join(f"• {p}" for p in problems))
             return
         try:
-            folder = manager.fork(r["id"], it, overrides)
+            folder = self.services.manager.fork(self.run["id"], it, overrides)
         except ValueError as err:
-            fork_problems.set_text(f"• {err}")
+            self.problems.set_text(f"• {err}")
             return
-        fork_dialog.close()
+        self.dialog.close()
         ui.notify(f"Fork {folder.id} started", type="positive")
         ui.navigate.to(f"/monitor/{folder.id}")
 
-    def refresh() -> None:
-        load()
-        show()
 
-    table.on("row_action", on_action)
-    refresh()
-    ui.timer(POLL_SECONDS, poll)
+class RunsPage:
+    """The runs table with its filters, the Compare button and the row actions."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.rows: list[dict[str, Any]] = []
+        self._stamp: tuple[tuple[str, int], ...] | None = None
+        ui.label("Runs").classes("text-2xl font-semibold")
+        with ui.row().classes("w-full items-end gap-3"):
+            self.filters = Filters(self.show)
+            ui.space()
+            self.compare_btn = ui.button("Compare", icon="compare_arrows", on_click=self.compare) \
+                .mark("runs-compare")
+            self.compare_btn.tooltip("Select two or more runs to compare them")
+        self.table = ui.table(columns=COLUMNS, rows=[], row_key="id", selection="multiple",
+                              pagination={"rowsPerPage": 15, "sortBy": "date", "descending": True},
+                              on_select=self.update_compare).classes("w-full").props("flat bordered dense") \
+            .mark("runs-table")
+        for slot, template in SLOTS.items():
+            self.table.add_slot(slot, template)
+        self.empty = ui.label("No runs yet: start one on the Train page.").classes("text-grey-7").mark("runs-empty")
+        self.label_dialog = LabelDialog(services, self.refresh)
+        self.delete_dialog = DeleteDialog(services, self.refresh)
+        self.fork_dialog = ForkDialog(services)
+        self.table.on("row_action", self.on_action)
+        on_change(self.listing, self.show, POLL_SECONDS)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """The rows, read again when the runs folder changed or a run is active (its duration, its end)."""
+        stamp = run_index.listing_stamp(self.services.workspace.runs)
+        if stamp != self._stamp or any(r["status"] in ACTIVE for r in self.rows):
+            self.rows = [table_row(run_index.run_row(info)) for info in self.services.manager.list()]
+            self._stamp = stamp
+        return self.rows
+
+    def show(self) -> None:
+        rows = self.filters.apply(self.rows)
+        if rows != self.table.rows:
+            self.table.rows = rows
+        ids = {r["id"] for r in rows}
+        kept = [r for r in self.table.selected if r["id"] in ids]
+        if len(kept) != len(self.table.selected):
+            self.table.selected = kept
+        self.empty.set_visibility(not self.rows)
+        self.empty.set_text("No runs yet: start one on the Train page." if not self.rows else "")
+        self.update_compare()
+
+    def refresh(self) -> None:
+        self._stamp = None
+        self.listing()
+        self.show()
+
+    def update_compare(self) -> None:
+        self.compare_btn.set_enabled(len(self.table.selected) >= 2)
+
+    def compare(self) -> None:
+        ids = [r["id"] for r in self.table.selected]
+        if len(ids) < 2:
+            ui.notify("Select two or more runs to compare", type="warning")
+            return
+        ui.navigate.to("/compare?runs=" + ",".join(ids))
+
+    def on_action(self, e: events.GenericEventArguments) -> None:
+        action, run_id = (e.args or {}).get("action"), (e.args or {}).get("id")
+        run = next((r for r in self.rows if r["id"] == run_id), None)
+        if run is None:
+            ui.notify(f"Run {run_id} is no longer in the workspace", type="warning")
+            return
+        if action == "open":
+            ui.navigate.to(f"/runs/{run_id}")
+        elif action == "clone":
+            ui.navigate.to(f"/train?from={run_id}")
+        elif action == "label":
+            self.label_dialog.open(run)
+        elif action == "delete":
+            self.delete_dialog.open(run)
+        elif action == "resume":
+            self.resume(run)
+        elif action == "fork":
+            self.fork_dialog.open(run)
+
+    def resume(self, run: dict[str, Any]) -> None:
+        try:
+            folder = self.services.manager.resume(run["id"])
+        except ValueError as err:
+            ui.notify(f"Cannot resume: {err}", type="negative")
+            return
+        ui.notify(f"Resuming {folder.id}", type="positive")
+        ui.navigate.to(f"/monitor/{folder.id}")
