@@ -61,3 +61,16 @@ async def test_strip_and_monitor_show_the_same_iteration(services, running):
         await user.open("/monitor/live")
         await wait_for(lambda: "iteration 30 / 600" in el(user, "progress-text").text)
         await wait_for(lambda: el(user, "status-run").text == "▶ live · running · 30/600 (5%)")
+
+
+@pytest.mark.parametrize(("status", "enabled"), [("completed", False), ("interrupted", True)])
+async def test_monitor_resume_follows_the_resume_rule(services, status, enabled):
+    folder = RunFolder(services.workspace.runs / "done")
+    folder.path.mkdir(parents=True)
+    folder.update(id="done", name="done", status=status, iters=100, iteration=10,
+                  checkpoints=[{"iteration": 10, "val_loss": 2.0}], best=None)
+    (folder.checkpoints / "0000010").mkdir(parents=True)
+    async with user_simulation(make_root(services)) as user:
+        await user.open("/monitor/done")
+        await wait_for(lambda: el(user, "status").text == status)
+        assert el(user, "resume").enabled is enabled
