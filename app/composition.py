@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.inference.service import ModelService
-from services.library.imports import ImportJob
+from services.library.imports import ImportJobs
 from services.publishing.jobs import PublishJobs
 from services.system import system_status
 from services.training.folder import ACTIVE, WAITING
@@ -38,7 +38,7 @@ class Services:
     configs_dir: Path = CONFIGS_DIR
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
-    model_imports: list[ImportJob] = field(default_factory=list)  # the Models page's imports, newest last
+    model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
     _status: tuple[float, dict[str, Any]] = field(default=(0.0, {}), repr=False)
     _status_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -47,8 +47,7 @@ class Services:
         self.models.unload()
         if self.publisher_jobs is not None:
             self.publisher_jobs.stop()
-        for job in self.model_imports:
-            job.cancel()
+        self.model_imports.close()
 
     def watcher(self, run_id: str) -> RunWatcher:
         return self.watchers.get(run_id)

@@ -29,8 +29,7 @@ def services(workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     s = build_services(workspace)
     yield s
-    for job in s.model_imports:
-        job.cancel()
+    s.model_imports.close()
 
 
 @pytest.fixture
