@@ -272,8 +272,7 @@ class CheckCard:
         self.title.set_text(f"{check.label} · {check.layout}")
         self.title.classes(replace="text-base font-semibold")
         bad = check.bad
-        files = ", ".join(f"{f.name}: {len(f.rows) if f.kind == 'jsonl' else int(f.document is not None)}"
-                          for f in check.files[:6]) + (" …" if len(check.files) > 6 else "")
+        files = ", ".join(f"{f.name}: {f.good}" for f in check.files[:6]) + (" …" if len(check.files) > 6 else "")
         self.info.set_text(f"{check.good:,} usable samples ({files}) · {len(bad):,} bad line(s)")
         with self.bad_box:
             for b in bad[:BAD_SHOWN]:
