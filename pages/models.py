@@ -16,7 +16,7 @@ from nicegui import events, run, ui
 
 from services.jobs import DONE, FAILED
 from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob
-from services.library.models import LibraryError, delete_model, list_models
+from services.library.models import LibraryError, check_deletable, delete_model, list_models
 from services.system import mlx_device, mlx_processes
 from services.units import human_bytes, human_count
 
@@ -133,6 +133,11 @@ class ModelTable:
         row = next((r for r in self.table.rows if r["key"] == key), None)
         if row is None or not row["deletable"]:
             ui.notify("Only models inside the workspace can be deleted", type="warning")
+            return
+        try:
+            check_deletable(self.services.workspace, key, self.services.manager.active())
+        except LibraryError as err:
+            ui.notify(str(err), type="warning")
             return
         self.pending = key
         what = "the link (the linked folder stays)" if row["linked"] else f"{human_bytes(row['disk_bytes'])} on disk"

@@ -81,6 +81,19 @@ async def test_models_page_lists_imports_and_deletes(ui_user: User, services, ti
     assert not (services.workspace.models / "copy").exists()
 
 
+async def test_models_page_refuses_to_delete_a_model_in_use(ui_user: User, services, tiny_model, monkeypatch):
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    run = {"id": "run-1", "model": str(services.workspace.models / "tiny")}
+    monkeypatch.setattr(services.manager, "active", lambda: [run])
+    await ui_user.open("/models")
+    table = el(ui_user, "models-table")
+    await wait_for(lambda: table.rows)
+    ui_user.find(marker="models-table").trigger("delete_model", "tiny")
+    await ui_user.should_see("tiny is used by the running run run-1; stop it first")
+    await ui_user.should_not_see("Delete models/tiny?")
+    assert (services.workspace.models / "tiny" / "config.json").is_file()
+
+
 async def test_hub_import_offline_says_why_quickly(ui_user: User, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     await ui_user.open("/models")

@@ -248,25 +248,26 @@ def runs_using(model: str | os.PathLike, runs: Iterable[dict[str, Any]]) -> list
     return [r["id"] for r in runs if r.get("model") and Path(r["model"]).resolve() == target]
 
 
-def model_folder(ws: Workspace, key: str) -> Path:
-    """The folder of a deletable catalogue entry: ``models/NAME`` or ``published/NAME`` (a link is not followed)."""
+def check_deletable(ws: Workspace, key: str, active_runs: Iterable[dict[str, Any]] = ()) -> Path:
+    """The folder (a link is not followed) of ``models/NAME`` or ``published/NAME`` if it may be deleted: not
+    outside those folders, and no run of ``active_runs`` (running runs' ``run.json`` records) trains on it."""
     base, name = (ws.published, key.split("/", 1)[1]) if key.startswith("published/") else (ws.models, key)
     try:
         check_name(name)
     except LibraryError:
         raise LibraryError(f"model {key!r}: not a folder of {ws.models} or {ws.published}; only workspace models "
                            "can be deleted") from None
+    users = runs_using(base / name, active_runs)
+    if users:
+        raise LibraryError(f"{key} is used by the running run {users[0]}; stop it first")
     return base / name
 
 
 def delete_model(ws: Workspace, key: str, active_runs: Iterable[dict[str, Any]] = ()) -> Path:
-    """Remove ``models/NAME`` or ``published/NAME`` (a linked import: only the link). Nothing outside, and not
-    a model one of ``active_runs`` (running runs' ``run.json`` records) trains on."""
-    path = model_folder(ws, key)
+    """Remove ``models/NAME`` or ``published/NAME`` (a linked import: only the link) if :func:`check_deletable`
+    allows it."""
+    path = check_deletable(ws, key, active_runs)
     base = path.parent
-    users = runs_using(path, active_runs)
-    if users:
-        raise LibraryError(f"{key} is used by the running run {users[0]}; stop it first")
     if path.is_symlink():
         path.unlink()
         return path
