@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.inference.service import ModelService
-from services.library.imports import ImportJob
+from services.library.imports import ImportJobs
 from services.publishing.jobs import PublishJobs
 from services.system import StatusBoard
 from services.training.manager import RunManager
@@ -34,15 +34,14 @@ class Services:
     configs_dir: Path = CONFIGS_DIR
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
-    model_imports: list[ImportJob] = field(default_factory=list)  # the Models page's imports, newest last
+    model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
 
     def close(self) -> None:
         """End every child job this app started: the model worker, publishes and model imports."""
         self.models.unload()
         if self.publisher_jobs is not None:
             self.publisher_jobs.stop()
-        for job in self.model_imports:
-            job.cancel()
+        self.model_imports.close()
 
 
 def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path | None = None) -> Services:

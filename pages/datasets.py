@@ -1,15 +1,17 @@
 """Datasets page: import (upload or local path), every bad line listed with the choice to drop them, a paginated
 preview, token statistics with a model's tokenizer, a train/valid split, and what the model sees of a sample.
 
-All data work is :mod:`services.library.checks` and :mod:`services.library.imports`, run with ``run.io_bound``; this
-module only lays out and formats. Uploads are re-checked on the server (size, name, type): the browser's
-limit is a convenience only.
+All data work is :mod:`services.library.checks` and :mod:`services.library.datasets`, run with ``run.io_bound``;
+this module only lays out and formats. Uploads are re-checked on the server (size, name, type): the browser's
+limit is a convenience only. :class:`DatasetsPage` holds the opened dataset's check and composes one small
+component per card.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 from nicegui import events, run, ui
 
 from services.library import checks as dc
-from services.library.datasets import dataset_path, import_dataset, list_datasets, store_upload
+from services.library.datasets import check_upload_size, dataset_path, import_dataset, list_datasets, store_upload
 from services.library.models import LibraryError, list_models
 from services.training.data import DataError
 from services.units import human_bytes
@@ -72,6 +74,7 @@ def short(message: str, ws_root: Path) -> str:
 
 
 def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
+    """(label, value) rows of the token statistics of a dataset in format ``fmt``."""
     rows = [("Samples", f"{st['samples']:,}"), ("Tokens", f"{st['tokens']:,}"),
             ("Length", f"min {st['min']:,} · mean {st['mean']:,} · p95 {st['p95']:,} · max {st['max']:,}")]
     if fmt == "documents":
@@ -90,6 +93,7 @@ def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
 
 
 def histogram_options(st: dict[str, Any]) -> dict[str, Any]:
+    """ECharts options of the sample-length histogram; bins over max_seq_length are red."""
     limit = st["max_seq_length"]
     data = [{"value": n, "itemStyle": {"color": "#ef4444" if lo >= limit else "#3b82f6"}}
             for lo, _, n in st["histogram"]]
@@ -101,195 +105,188 @@ def histogram_options(st: dict[str, Any]) -> dict[str, Any]:
             "series": [{"type": "bar", "data": data, "name": "samples"}]}
 
 
-def datasets_page(services: Services) -> None:
-    """Build the Datasets page for one client."""
-    ws = services.workspace
-    st: dict[str, Any] = {"check": None, "key": None, "page": 1}
-    ui.add_css(TOKEN_CSS)
+Check = dc.DatasetCheck | None
+Added = Callable[[str], None]  # a new entry of datasets/ to select
 
-    def dataset_options() -> dict[str, str]:
-        return {d["key"]: d["label"] for d in list_datasets(ws)}
 
-    models = {m["path"]: m["label"] for m in list_models(ws)}
-    default_model = next(iter(models), None)
+def card_title(text: str) -> None:
+    ui.label(text).classes("text-sm font-semibold text-grey-7")
 
-    ui.label("Datasets").classes("text-2xl font-semibold")
-    with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
-        with ui.column().classes("w-[360px] max-lg:w-full gap-3 shrink-0"):
-            with ui.card().classes("w-full"):
-                ui.label("Dataset").classes("text-sm font-semibold text-grey-7")
-                with ui.row().classes("w-full items-center no-wrap"):
-                    picker = ui.select(dataset_options(), label="Dataset", on_change=lambda e: open_dataset(e.value)) \
-                        .props("dense outlined").classes("grow").mark("dataset-select")
-                    ui.button(icon="refresh", on_click=lambda: refresh_options()).props("flat round dense") \
-                        .tooltip("scan datasets/ again")
-            with ui.card().classes("w-full").mark("dataset-import"):
-                ui.label("Import").classes("text-sm font-semibold text-grey-7")
-                uploader = ui.upload(label=f"Upload .jsonl / .txt / .md (up to {human_bytes(MAX_UPLOAD_BYTES)})",
-                                     auto_upload=True, max_file_size=MAX_UPLOAD_BYTES, on_upload=lambda e: upload(e),
-                                     on_rejected=lambda: ui.notify("File too large or not a dataset", type="warning")
-                                     ).props("accept=.jsonl,.txt,.md flat bordered dense").classes("w-full") \
-                    .mark("dataset-upload")
-                ui.label("or from a file or folder on this machine").classes("text-xs text-grey-7")
-                local = ui.input("Path").props("dense outlined").classes("w-full").mark("dataset-path")
-                with ui.row().classes("w-full items-center gap-2"):
-                    local_name = ui.input("Name (optional)").props("dense outlined").classes("w-40")
-                    link = ui.switch("Link")
-                    ui.button("Import", on_click=lambda: import_local()).props("outline dense") \
-                        .mark("dataset-import-path")
-            with ui.card().classes("w-full"):
-                ui.label("Tokenizer and run settings").classes("text-sm font-semibold text-grey-7")
-                model = ui.select(models, value=default_model, label="Model (tokenizer, chat template)",
-                                  with_input=True).props("dense outlined").classes("w-full").mark("tok-model")
-                with ui.row().classes("w-full items-center gap-2"):
-                    max_len = ui.number("max_seq_length", value=512, min=8, step=64, format="%d") \
-                        .props("dense outlined").classes("w-40").mark("max-seq")
-                    all_turns = ui.switch("Loss on all assistant turns", value=True).mark("all-turns")
-            with ui.card().classes("w-full"):
-                ui.label("Train/valid split").classes("text-sm font-semibold text-grey-7")
-                with ui.row().classes("w-full items-center gap-2"):
-                    fraction = ui.number("valid fraction", value=0.1, min=0.01, max=0.9, step=0.05) \
-                        .props("dense outlined").classes("w-32")
-                    seed = ui.number("seed", value=0, format="%d").props("dense outlined").classes("w-24")
-                    split_btn = ui.button("Write split", on_click=lambda: split()).props("outline dense") \
-                        .mark("split")
-                ui.label("Writes NAME-split/train.jsonl and valid.jsonl (usable samples only).") \
-                    .classes("text-xs text-grey-7")
 
-        with ui.column().classes("grow gap-3 min-w-0"):
-            with ui.card().classes("w-full").mark("check-card"):
-                check_title = ui.label("Choose or import a dataset.").classes("text-base font-semibold") \
-                    .mark("check-title")
-                check_info = ui.label("").classes("text-sm text-grey-8").mark("check-info")
-                no_bad = ui.label("Every line is valid.").classes("text-sm text-positive").mark("no-bad-lines")
-                bad_box = ui.scroll_area().classes("w-full h-40 border rounded").mark("bad-lines")
-                with ui.row().classes("items-center gap-3") as drop_row:
-                    drop_btn = ui.button("Drop bad lines", icon="cleaning_services", on_click=lambda: drop()) \
-                        .props("outline color=negative").mark("drop-bad")
-                    ui.label("writes a cleaned copy next to the original; the original is kept") \
-                        .classes("text-xs text-grey-7")
-            with ui.card().classes("w-full"):
-                ui.label("Preview").classes("text-sm font-semibold text-grey-7")
-                table = ui.table(columns=PREVIEW_COLUMNS, rows=[], row_key="index") \
-                    .props("dense flat hide-pagination wrap-cells").classes("w-full cursor-pointer") \
-                    .mark("preview-table")
-                table.pagination = {"rowsPerPage": 0}
-                pager = ui.pagination(1, 1, direction_links=True, on_change=lambda e: show_page(e.value)) \
-                    .props("max-pages=7 boundary-numbers").mark("preview-pages")
-            with ui.card().classes("w-full").mark("mask-card"):
-                with ui.row().classes("w-full items-center gap-3"):
-                    ui.label("What the model sees").classes("text-sm font-semibold text-grey-7")
-                    ui.html('<span class="tok tok-trained">trained</span> <span class="tok tok-masked">masked '
-                            '(context only)</span> <span class="tok tok-cut">cut (beyond max_seq_length)</span>')
-                mask_info = ui.label("Click a preview row.").classes("text-sm").mark("mask-info")
-                mask = ui.html("").classes("w-full mask-tokens").mark("mask-view")
-            with ui.card().classes("w-full"):
-                with ui.row().classes("w-full items-center"):
-                    ui.label("Token statistics").classes("text-sm font-semibold text-grey-7")
-                    ui.space()
-                    stats_btn = ui.button("Count tokens", icon="functions", on_click=lambda: stats()) \
-                        .props("outline dense").mark("stats-run")
-                stats_grid = ui.grid(columns="auto 1fr").classes("gap-x-3 gap-y-1 text-sm").mark("stats")
-                chart = ui.echart({"series": []}).classes("w-full h-56").mark("stats-chart")
+class DatasetPicker:
+    """The dataset select (entries of ``datasets/``) and its rescan button."""
 
-    # -- behaviour --------------------------------------------------------------------------------
+    def __init__(self, services: Services, on_pick: Callable[[str | None], Awaitable[None]]) -> None:
+        self.ws = services.workspace
+        with ui.card().classes("w-full"):
+            card_title("Dataset")
+            with ui.row().classes("w-full items-center no-wrap"):
+                self.select = ui.select(self.options(), label="Dataset", on_change=lambda e: on_pick(e.value)) \
+                    .props("dense outlined").classes("grow").mark("dataset-select")
+                ui.button(icon="refresh", on_click=lambda: self.refresh()).props("flat round dense") \
+                    .tooltip("scan datasets/ again")
 
-    def show_check(check: dc.DatasetCheck | None, error: str | None = None) -> None:
-        st["check"], st["page"] = check, 1
-        bad_box.clear()
-        mask.set_content("")
-        mask_info.set_text("Click a preview row.")
-        stats_grid.clear()
-        chart.options["series"] = []
-        chart.set_visibility(False)
-        for el in (split_btn, stats_btn):
-            el.set_enabled(check is not None)
-        if check is None:
-            check_title.set_text(error or "Choose or import a dataset.")
-            check_title.classes(replace="text-base font-semibold" + (" text-negative" if error else ""))
-            check_info.set_text("")
-            drop_row.set_visibility(False)
-            bad_box.set_visibility(False)
-            no_bad.set_visibility(False)
-            table.rows = []
-            pager.max = 1
-            return
-        check_title.set_text(f"{check.label} · {check.layout}")
-        check_title.classes(replace="text-base font-semibold")
-        bad = check.bad
-        files = ", ".join(f"{f.name}: {len(f.rows) if f.kind == 'jsonl' else int(f.document is not None)}"
-                          for f in check.files[:6]) + (" …" if len(check.files) > 6 else "")
-        check_info.set_text(f"{check.good:,} usable samples ({files}) · {len(bad):,} bad line(s)")
-        with bad_box:
-            for b in bad[:BAD_SHOWN]:
-                ui.label(short(b, ws.root)).classes("font-mono text-xs text-negative").mark("bad-line")
-            if len(bad) > BAD_SHOWN:
-                ui.label(f"… and {len(bad) - BAD_SHOWN:,} more (forgellm dataset check lists all)") \
-                    .classes("text-xs")
-        bad_box.set_visibility(bool(bad))
-        no_bad.set_visibility(not bad)
-        drop_row.set_visibility(bool(bad) and check.good > 0)
-        drop_btn.set_text(f"Drop {len(bad):,} bad line(s)")
-        show_page(1)
+    def options(self) -> dict[str, str]:
+        return {d["key"]: d["label"] for d in list_datasets(self.ws)}
 
-    def show_page(page: int) -> None:
-        check = st["check"]
-        if check is None:
-            return
-        rows, total = dc.preview(check, page, PAGE_SIZE)
-        st["page"] = page
-        table.rows = rows
-        pager.max = max(1, math.ceil(total / PAGE_SIZE))
-        if pager.value != page:
-            pager.value = page
+    def refresh(self, select: str | None = None) -> None:
+        """Scan ``datasets/`` again; ``select`` (a new entry) becomes the chosen one."""
+        self.select.set_options(self.options(), value=select if select is not None else self.select.value)
 
-    async def open_dataset(key: str | None) -> None:
-        if not key:
-            show_check(None)
-            return
-        st["key"] = key
+
+class DatasetImport:
+    """Upload a file, or copy or link a file or folder of this machine into ``datasets/``."""
+
+    def __init__(self, services: Services, on_added: Added) -> None:
+        self.ws, self.on_added = services.workspace, on_added
+        with ui.card().classes("w-full").mark("dataset-import"):
+            card_title("Import")
+            self.uploader = ui.upload(
+                label=f"Upload .jsonl / .txt / .md (up to {human_bytes(MAX_UPLOAD_BYTES)})", auto_upload=True,
+                max_file_size=MAX_UPLOAD_BYTES, on_upload=self.upload,
+                on_rejected=lambda: ui.notify("File too large or not a dataset", type="warning"),
+            ).props("accept=.jsonl,.txt,.md flat bordered dense").classes("w-full").mark("dataset-upload")
+            ui.label("or from a file or folder on this machine").classes("text-xs text-grey-7")
+            self.path = ui.input("Path").props("dense outlined").classes("w-full").mark("dataset-path")
+            with ui.row().classes("w-full items-center gap-2"):
+                self.name = ui.input("Name (optional)").props("dense outlined").classes("w-40")
+                self.link = ui.switch("Link")
+                ui.button("Import", on_click=self.import_path).props("outline dense").mark("dataset-import-path")
+
+    async def upload(self, e: events.UploadEventArguments) -> None:
         try:
-            path = dataset_path(ws, key)
-            check = await run.io_bound(dc.check_dataset, path)
-        except (DataError, LibraryError, ValueError, OSError) as e:
-            show_check(None, f"{key}: {short(str(e), ws.root)}")
-            return
-        if st["key"] == key:
-            show_check(check)
-
-    def refresh_options(select: str | None = None) -> None:
-        picker.set_options(dataset_options(), value=select if select is not None else picker.value)
-
-    async def upload(e: events.UploadEventArguments) -> None:
-        try:
-            if e.file.size() > MAX_UPLOAD_BYTES:  # the browser's limit can be bypassed: check here too
-                raise LibraryError(f"{e.file.name}: over the upload limit of {human_bytes(MAX_UPLOAD_BYTES)}")
+            check_upload_size(e.file.name, e.file.size(), MAX_UPLOAD_BYTES)  # before reading it into memory
             data = await e.file.read()
-            path = await run.io_bound(store_upload, ws, e.file.name, data, MAX_UPLOAD_BYTES)
+            path = await run.io_bound(store_upload, self.ws, e.file.name, data, MAX_UPLOAD_BYTES)
         except LibraryError as err:
             ui.notify(str(err), type="negative", multi_line=True)
             return
         finally:
-            uploader.reset()
+            self.uploader.reset()
         ui.notify(f"Uploaded {path.name}")
-        refresh_options(path.name)
+        self.on_added(path.name)
 
-    async def import_local() -> None:
-        if not (local.value or "").strip():
+    async def import_path(self) -> None:
+        source = (self.path.value or "").strip()
+        if not source:
             ui.notify("Enter a file or folder path", type="warning")
             return
         try:
-            path = await run.io_bound(import_dataset, ws, local.value.strip(),
-                                      (local_name.value or "").strip() or None, bool(link.value))
+            path = await run.io_bound(import_dataset, self.ws, source, (self.name.value or "").strip() or None,
+                                      bool(self.link.value))
         except LibraryError as err:
             ui.notify(str(err), type="negative", multi_line=True)
             return
         ui.notify(f"Imported {path.name}")
-        local.set_value("")
-        refresh_options(path.name)
+        self.path.set_value("")
+        self.on_added(path.name)
 
-    async def drop() -> None:
-        check = st["check"]
+
+class TokenizerSettings:
+    """The model whose tokenizer and chat template are used, max_seq_length and the loss-on-all-turns switch."""
+
+    def __init__(self, services: Services) -> None:
+        models = {m["path"]: m["label"] for m in list_models(services.workspace)}
+        with ui.card().classes("w-full"):
+            card_title("Tokenizer and run settings")
+            self.model = ui.select(models, value=next(iter(models), None), label="Model (tokenizer, chat template)",
+                                   with_input=True).props("dense outlined").classes("w-full").mark("tok-model")
+            with ui.row().classes("w-full items-center gap-2"):
+                self.max_len = ui.number("max_seq_length", value=512, min=8, step=64, format="%d") \
+                    .props("dense outlined").classes("w-40").mark("max-seq")
+                self.all_turns = ui.switch("Loss on all assistant turns", value=True).mark("all-turns")
+
+    def seq_len(self) -> int:
+        return max(int(self.max_len.value or 512), 2)
+
+    def options(self) -> dict[str, Any]:
+        return {"mask_all_turns": self.all_turns.value}
+
+    async def tokenizer(self) -> Any | None:
+        """The chosen model's tokenizer, or None after telling why."""
+        if not self.model.value:
+            ui.notify("Choose a model first: its tokenizer and chat template are used", type="warning")
+            return None
+        try:
+            return await run.io_bound(dc.load_tokenizer, str(self.model.value))
+        except DataError as err:
+            ui.notify(str(err), type="negative", multi_line=True)
+            return None
+
+
+class SplitCard:
+    """Write a train/valid split of the opened dataset's usable samples."""
+
+    def __init__(self, current: Callable[[], Check], on_added: Added) -> None:
+        self.current, self.on_added = current, on_added
+        with ui.card().classes("w-full"):
+            card_title("Train/valid split")
+            with ui.row().classes("w-full items-center gap-2"):
+                self.fraction = ui.number("valid fraction", value=0.1, min=0.01, max=0.9, step=0.05) \
+                    .props("dense outlined").classes("w-32")
+                self.seed = ui.number("seed", value=0, format="%d").props("dense outlined").classes("w-24")
+                self.button = ui.button("Write split", on_click=self.split).props("outline dense").mark("split")
+            ui.label("Writes NAME-split/train.jsonl and valid.jsonl (usable samples only).") \
+                .classes("text-xs text-grey-7")
+
+    async def split(self) -> None:
+        check = self.current()
+        if check is None:
+            return
+        try:
+            path = await run.io_bound(dc.make_split, check, float(self.fraction.value or 0.1),
+                                      int(self.seed.value or 0))
+        except (DataError, OSError) as err:
+            ui.notify(str(err), type="negative", multi_line=True)
+            return
+        ui.notify(f"Wrote {path.name}/train.jsonl and valid.jsonl", type="positive")
+        self.on_added(path.name)
+
+
+class CheckCard:
+    """What the check found: the layout, usable samples per file, every bad line, and "Drop bad lines"."""
+
+    def __init__(self, services: Services, current: Callable[[], Check], on_added: Added) -> None:
+        self.ws_root, self.current, self.on_added = services.workspace.root, current, on_added
+        with ui.card().classes("w-full").mark("check-card"):
+            self.title = ui.label("Choose or import a dataset.").classes("text-base font-semibold") \
+                .mark("check-title")
+            self.info = ui.label("").classes("text-sm text-grey-8").mark("check-info")
+            self.no_bad = ui.label("Every line is valid.").classes("text-sm text-positive").mark("no-bad-lines")
+            self.bad_box = ui.scroll_area().classes("w-full h-40 border rounded").mark("bad-lines")
+            with ui.row().classes("items-center gap-3") as self.drop_row:
+                self.drop_btn = ui.button("Drop bad lines", icon="cleaning_services", on_click=self.drop) \
+                    .props("outline color=negative").mark("drop-bad")
+                ui.label("writes a cleaned copy next to the original; the original is kept") \
+                    .classes("text-xs text-grey-7")
+
+    def show(self, check: Check, error: str | None = None) -> None:
+        self.bad_box.clear()
+        if check is None:
+            self.title.set_text(error or "Choose or import a dataset.")
+            self.title.classes(replace="text-base font-semibold" + (" text-negative" if error else ""))
+            self.info.set_text("")
+            for el in (self.drop_row, self.bad_box, self.no_bad):
+                el.set_visibility(False)
+            return
+        self.title.set_text(f"{check.label} · {check.layout}")
+        self.title.classes(replace="text-base font-semibold")
+        bad = check.bad
+        files = ", ".join(f"{f.name}: {f.good}" for f in check.files[:6]) + (" …" if len(check.files) > 6 else "")
+        self.info.set_text(f"{check.good:,} usable samples ({files}) · {len(bad):,} bad line(s)")
+        with self.bad_box:
+            for b in bad[:BAD_SHOWN]:
+                ui.label(short(b, self.ws_root)).classes("font-mono text-xs text-negative").mark("bad-line")
+            if len(bad) > BAD_SHOWN:
+                ui.label(f"… and {len(bad) - BAD_SHOWN:,} more (forgellm dataset check lists all)") \
+                    .classes("text-xs")
+        self.bad_box.set_visibility(bool(bad))
+        self.no_bad.set_visibility(not bad)
+        self.drop_row.set_visibility(bool(bad) and check.good > 0)
+        self.drop_btn.set_text(f"Drop {len(bad):,} bad line(s)")
+
+    async def drop(self) -> None:
+        check = self.current()
         if check is None:
             return
         try:
@@ -299,78 +296,189 @@ def datasets_page(services: Services) -> None:
             return
         ui.notify(f"Wrote {path.name} without {len(check.bad)} bad line(s); {check.path.name} is kept",
                   type="positive", multi_line=True)
-        refresh_options(path.name)
+        self.on_added(path.name)
 
-    async def split() -> None:
-        check = st["check"]
+
+class PreviewCard:
+    """The usable samples, a page at a time; a click on a row asks what the model sees of it."""
+
+    def __init__(self, on_row: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self.check: Check = None
+        with ui.card().classes("w-full"):
+            card_title("Preview")
+            self.table = ui.table(columns=PREVIEW_COLUMNS, rows=[], row_key="index") \
+                .props("dense flat hide-pagination wrap-cells").classes("w-full cursor-pointer") \
+                .mark("preview-table")
+            self.table.pagination = {"rowsPerPage": 0}
+            self.pager = ui.pagination(1, 1, direction_links=True, on_change=lambda e: self.show_page(e.value)) \
+                .props("max-pages=7 boundary-numbers").mark("preview-pages")
+
+        async def row_click(e: events.GenericEventArguments) -> None:
+            row = e.args[1] if isinstance(e.args, list) and len(e.args) > 1 else None
+            if isinstance(row, dict):
+                await on_row(row)
+
+        self.table.on("rowClick", row_click)
+
+    def show(self, check: Check) -> None:
+        self.check = check
         if check is None:
-            return
-        try:
-            path = await run.io_bound(dc.make_split, check, float(fraction.value or 0.1), int(seed.value or 0))
-        except (DataError, OSError) as err:
-            ui.notify(str(err), type="negative", multi_line=True)
-            return
-        ui.notify(f"Wrote {path.name}/train.jsonl and valid.jsonl", type="positive")
-        refresh_options(path.name)
+            self.table.rows = []
+            self.pager.max = 1
+        else:
+            self.show_page(1)
 
-    async def tokenizer() -> Any | None:
-        if not model.value:
-            ui.notify("Choose a model first: its tokenizer and chat template are used", type="warning")
-            return None
-        try:
-            return await run.io_bound(dc.load_tokenizer, str(model.value))
-        except DataError as err:
-            ui.notify(str(err), type="negative", multi_line=True)
-            return None
-
-    def seq_len() -> int:
-        return max(int(max_len.value or 512), 2)
-
-    async def stats() -> None:
-        check = st["check"]
-        tok = await tokenizer() if check is not None else None
-        if tok is None:
+    def show_page(self, page: int) -> None:
+        if self.check is None:
             return
-        stats_btn.props("loading")
-        try:
-            result = await run.io_bound(dc.token_stats, check, tok, seq_len(), {"mask_all_turns": all_turns.value})
-        finally:
-            stats_btn.props(remove="loading")
-        if check is not st["check"]:
-            return
-        stats_grid.clear()
-        with stats_grid:
-            for label, value in stats_text(result, check.fmt):
-                ui.label(label).classes("text-grey-7")
-                ui.label(value)
-        chart.options.clear()
-        chart.options.update(histogram_options(result))
-        chart.set_visibility(True)
+        rows, total = dc.preview(self.check, page, PAGE_SIZE)
+        self.table.rows = rows
+        self.pager.max = max(1, math.ceil(total / PAGE_SIZE))
+        if self.pager.value != page:
+            self.pager.value = page
 
-    async def show_mask(e: events.GenericEventArguments) -> None:
-        check = st["check"]
-        row = e.args[1] if isinstance(e.args, list) and len(e.args) > 1 else None
-        if check is None or not isinstance(row, dict):
-            return
-        tok = await tokenizer()
+
+class MaskCard:
+    """One sample as the model sees it: trained, masked and cut tokens."""
+
+    def __init__(self, services: Services, settings: TokenizerSettings) -> None:
+        self.ws_root, self.settings = services.workspace.root, settings
+        with ui.card().classes("w-full").mark("mask-card"):
+            with ui.row().classes("w-full items-center gap-3"):
+                card_title("What the model sees")
+                ui.html('<span class="tok tok-trained">trained</span> <span class="tok tok-masked">masked '
+                        '(context only)</span> <span class="tok tok-cut">cut (beyond max_seq_length)</span>')
+            self.info = ui.label("Click a preview row.").classes("text-sm").mark("mask-info")
+            self.view = ui.html("").classes("w-full mask-tokens").mark("mask-view")
+
+    def clear(self) -> None:
+        self.view.set_content("")
+        self.info.set_text("Click a preview row.")
+
+    async def show(self, check: dc.DatasetCheck, row: dict[str, Any]) -> None:
+        tok = await self.settings.tokenizer()
         if tok is None:
             return
         where, _, _, sample = check.samples()[int(row["index"])]
+        seq_len = self.settings.seq_len()
         try:
-            view = await run.io_bound(dc.what_the_model_sees, tok, sample, check.fmt, seq_len(), where,
-                                      {"mask_all_turns": all_turns.value})
+            view = await run.io_bound(dc.what_the_model_sees, tok, sample, check.fmt, seq_len, where,
+                                      self.settings.options())
         except DataError as err:
-            mask_info.set_text(short(str(err), ws.root))
-            mask.set_content("")
+            self.info.set_text(short(str(err), self.ws_root))
+            self.view.set_content("")
             return
-        cut = view["total"] - seq_len() if view["truncated_at"] is not None else 0
-        mask_info.set_text(f"{short(where, ws.root)}: {view['total']:,} tokens, {view['trained']:,} trained"
-                           + (f", {cut:,} cut at max_seq_length {seq_len():,}" if cut else "")
+        cut = view["total"] - seq_len if view["truncated_at"] is not None else 0
+        self.info.set_text(f"{short(where, self.ws_root)}: {view['total']:,} tokens, {view['trained']:,} trained"
+                           + (f", {cut:,} cut at max_seq_length {seq_len:,}" if cut else "")
                            + (f" (first {view['shown']:,} shown)" if view["shown"] < view["total"] else ""))
-        mask.set_content(tokens_html(view))
+        self.view.set_content(tokens_html(view))
 
-    table.on("rowClick", show_mask)
-    show_check(None)
+
+class StatsCard:
+    """Token statistics of the opened dataset with the chosen tokenizer, and the length histogram."""
+
+    def __init__(self, settings: TokenizerSettings, current: Callable[[], Check]) -> None:
+        self.settings, self.current = settings, current
+        with ui.card().classes("w-full"):
+            with ui.row().classes("w-full items-center"):
+                card_title("Token statistics")
+                ui.space()
+                self.button = ui.button("Count tokens", icon="functions", on_click=self.count) \
+                    .props("outline dense").mark("stats-run")
+            self.grid = ui.grid(columns="auto 1fr").classes("gap-x-3 gap-y-1 text-sm").mark("stats")
+            self.chart = ui.echart({"series": []}).classes("w-full h-56").mark("stats-chart")
+
+    def clear(self) -> None:
+        self.grid.clear()
+        self.chart.options["series"] = []
+        self.chart.set_visibility(False)
+
+    async def count(self) -> None:
+        check = self.current()
+        tok = await self.settings.tokenizer() if check is not None else None
+        if check is None or tok is None:
+            return
+        self.button.props("loading")
+        try:
+            result = await run.io_bound(dc.token_stats, check, tok, self.settings.seq_len(), self.settings.options())
+        finally:
+            self.button.props(remove="loading")
+        if check is not self.current():
+            return
+        self.grid.clear()
+        with self.grid:
+            for label, value in stats_text(result, check.fmt):
+                ui.label(label).classes("text-grey-7")
+                ui.label(value)
+        self.chart.options.clear()
+        self.chart.options.update(histogram_options(result))
+        self.chart.set_visibility(True)
+
+
+class DatasetsPage:
+    """The settings column on the left, what the opened dataset holds on the right."""
+
+    def __init__(self, services: Services) -> None:
+        self.ws = services.workspace
+        self.check: Check = None
+        self.key: str | None = None
+        ui.add_css(TOKEN_CSS)
+        ui.label("Datasets").classes("text-2xl font-semibold")
+        with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
+            with ui.column().classes("w-[360px] max-lg:w-full gap-3 shrink-0"):
+                self.picker = DatasetPicker(services, on_pick=self.open)
+                self.importer = DatasetImport(services, on_added=self.picker.refresh)
+                self.settings = TokenizerSettings(services)
+                self.split = SplitCard(self.current, on_added=self.picker.refresh)
+            with ui.column().classes("grow gap-3 min-w-0"):
+                self.found = CheckCard(services, self.current, on_added=self.picker.refresh)
+                self.preview = PreviewCard(on_row=self.show_mask)
+                self.mask = MaskCard(services, self.settings)
+                self.stats = StatsCard(self.settings, self.current)
+        self.show(None)
+
+    def current(self) -> Check:
+        """The opened dataset's check, or None."""
+        return self.check
+
+    def show(self, check: Check, error: str | None = None) -> None:
+        """Make ``check`` the opened dataset (None: none, with ``error`` saying why) and reset the views."""
+        self.check = check
+        self.mask.clear()
+        self.stats.clear()
+        for button in (self.split.button, self.stats.button):
+            button.set_enabled(check is not None)
+        self.found.show(check, error)
+        self.preview.show(check)
+
+    async def open(self, key: str | None) -> None:
+        if not key:
+            self.show(None)
+            return
+        self.key = key
+        try:
+            path = dataset_path(self.ws, key)
+            check = await run.io_bound(dc.check_dataset, path)
+        except (DataError, LibraryError, ValueError, OSError) as e:
+            self.show(None, f"{key}: {short(str(e), self.ws.root)}")
+            return
+        if self.key == key:
+            self.show(check)
+
+    async def show_mask(self, row: dict[str, Any]) -> None:
+        if self.check is not None:
+            await self.mask.show(self.check, row)
+
+    def preselect(self, name: str) -> None:
+        """Open ``datasets/NAME`` if it is there (the ``?name=`` deep link)."""
+        if name in self.picker.select.options:
+            self.picker.select.set_value(name)
+
+
+def datasets_page(services: Services) -> None:
+    """Build the Datasets page for one client."""
+    page = DatasetsPage(services)
     chosen = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query).get("name")
-    if chosen and chosen[0] in picker.options:
-        picker.set_value(chosen[0])
+    if chosen:
+        page.preselect(chosen[0])

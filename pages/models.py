@@ -2,26 +2,27 @@
 (workspace only, confirmed), and the system panel.
 
 Everything it shows comes from :mod:`services.library` and :mod:`services.system`; imports run in a child
-process (:class:`services.library.imports.ImportJob`) kept on ``services.model_imports`` so they go on while
-the person browses elsewhere. One ``ui.timer`` polls the job and the machine status.
+process admitted by ``services.model_imports`` (:class:`services.library.imports.ImportJobs`), so they go on
+while the person browses elsewhere. The page is three components: :class:`ModelTable`, :class:`ImportCard` and
+:class:`SystemCard`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
-from services.library.imports import ImportJob, hub_offline_reason, source_kind
-from services.library.models import LibraryError, delete_model, hub_cached_models, list_models
+from services.jobs import DONE, FAILED
+from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob
+from services.library.models import LibraryError, check_deletable, delete_model, list_models
 from services.system import mlx_device, mlx_processes
 from services.units import human_bytes, human_count
 
 if TYPE_CHECKING:
     from app.composition import Services
 
-SOURCES = {"hub": "Hugging Face Hub", "folder": "Local folder", "gguf": "GGUF file"}
 SOURCE_HINTS = {"hub": "repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
                 "folder": "path of a model folder with config.json and .safetensors",
                 "gguf": "path of a llama .gguf file"}
@@ -74,179 +75,201 @@ def system_lines(services: Services) -> list[tuple[str, str]]:
     return lines
 
 
-def system_card(services: Services) -> None:
-    """A small card with CPU, RAM, swap, MLX memory, BLAS, device and free disk, refreshed every 2 s."""
-    with ui.card().classes("w-full").mark("system-panel"):
-        ui.label("System").classes("text-sm font-semibold text-grey-7")
-        grid = ui.grid(columns="auto 1fr").classes("gap-x-3 gap-y-1 text-sm")
+class SystemCard:
+    """CPU, RAM, swap, MLX memory, BLAS, device and free disk, refreshed every 2 s in place."""
 
-        def update() -> None:
-            grid.clear()
-            with grid:
-                for label, value in system_lines(services):
-                    ui.label(label).classes("text-grey-7")
-                    ui.label(value)
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.rows: list[tuple[ui.label, ui.label]] = []
+        with ui.card().classes("w-full").mark("system-panel"):
+            ui.label("System").classes("text-sm font-semibold text-grey-7")
+            self.grid = ui.grid(columns="auto 1fr").classes("gap-x-3 gap-y-1 text-sm")
+        self.update()
+        ui.timer(2.0, self.update)
 
-        update()
-        ui.timer(2.0, update)
+    def update(self) -> None:
+        lines = system_lines(self.services)
+        if len(lines) != len(self.rows):  # an MLX process came or went: lay the grid out again
+            self.grid.clear()
+            with self.grid:
+                self.rows = [(ui.label().classes("text-grey-7"), ui.label()) for _ in lines]
+        for (label_el, value_el), (label, value) in zip(self.rows, lines, strict=True):
+            label_el.set_text(label)
+            value_el.set_text(value)
 
 
-def models_page(services: Services) -> None:
-    """Build the Models page for one client."""
-    ws = services.workspace
-    state: dict[str, Any] = {"job_version": -1, "pending": None}
+class ModelTable:
+    """The catalogue table with a rescan button, and deletion behind a confirmation dialog."""
 
-    ui.label("Models").classes("text-2xl font-semibold")
-    with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
-        with ui.column().classes("grow gap-3 min-w-0"):
-            with ui.card().classes("w-full"):
-                with ui.row().classes("w-full items-center"):
-                    ui.label("Local models").classes("text-sm font-semibold text-grey-7")
-                    ui.space()
-                    ui.button(icon="refresh", on_click=lambda: refresh()).props("flat round dense") \
-                        .tooltip("scan again").mark("models-refresh")
-                table = ui.table(columns=COLUMNS, rows=[], row_key="key", pagination=15) \
-                    .props("dense flat").classes("w-full").mark("models-table")
-                for name, template in SLOTS.items():
-                    table.add_slot(name, template)
-                empty = ui.label("No models yet: import one below, or run `forgellm demo`.") \
-                    .classes("text-sm text-grey-7").mark("models-empty")
-            with ui.card().classes("w-full").mark("import-card"):
-                ui.label("Import a model").classes("text-sm font-semibold text-grey-7")
-                with ui.row().classes("w-full items-end gap-3"):
-                    kind = ui.toggle(SOURCES, value="hub", on_change=lambda: update_kind()) \
-                        .props("dense no-caps").mark("import-kind")
-                with ui.row().classes("w-full items-end gap-3"):
-                    source = ui.input("Repo id", placeholder=SOURCE_HINTS["hub"]).props("dense outlined") \
-                        .classes("w-[28rem]").mark("import-source")
-                    name = ui.input("Name in models/ (optional)").props("dense outlined").classes("w-64") \
-                        .mark("import-name")
-                    link = ui.switch("Link instead of copy").mark("import-link")
-                    dequantize = ui.switch("Dequantize to float32").mark("import-dequantize")
-                    dequantize.tooltip("Write float32 weights: larger on disk, about 3x faster on the CPU backend")
-                    start_btn = ui.button("Import", icon="download", on_click=lambda: start()).mark("import-start")
-                with ui.row().classes("w-full items-center gap-3") as progress_row:
-                    bar = ui.linear_progress(value=0, show_value=False).classes("w-96").mark("import-progress")
-                    job_text = ui.label("").classes("text-sm").mark("import-message")
-                    cancel_btn = ui.button("Cancel", icon="close", on_click=lambda: cancel()) \
-                        .props("flat dense").mark("import-cancel")
-        with ui.column().classes("w-[360px] max-lg:w-full gap-3 shrink-0"):
-            system_card(services)
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.pending: str | None = None
+        with ui.card().classes("w-full"):
+            with ui.row().classes("w-full items-center"):
+                ui.label("Local models").classes("text-sm font-semibold text-grey-7")
+                ui.space()
+                ui.button(icon="refresh", on_click=self.refresh).props("flat round dense") \
+                    .tooltip("scan again").mark("models-refresh")
+            self.table = ui.table(columns=COLUMNS, rows=[], row_key="key", pagination=15) \
+                .props("dense flat").classes("w-full").mark("models-table")
+            for name, template in SLOTS.items():
+                self.table.add_slot(name, template)
+            self.empty = ui.label("No models yet: import one below, or run `forgellm demo`.") \
+                .classes("text-sm text-grey-7").mark("models-empty")
+        with ui.dialog() as self.dialog, ui.card().classes("w-[28rem]"):
+            self.delete_text = ui.label("").classes("text-sm")
+            with ui.row().classes("w-full justify-end"):
+                ui.button("Cancel", on_click=self.dialog.close).props("flat").mark("model-delete-cancel")
+                ui.button("Delete", color="negative", on_click=self.delete).mark("model-delete-confirm")
+        self.table.on("delete_model", self.ask_delete)
 
-    with ui.dialog() as delete_dialog, ui.card().classes("w-[28rem]"):
-        delete_text = ui.label("").classes("text-sm")
-        with ui.row().classes("w-full justify-end"):
-            ui.button("Cancel", on_click=delete_dialog.close).props("flat").mark("model-delete-cancel")
-            ui.button("Delete", color="negative", on_click=lambda: do_delete()).mark("model-delete-confirm")
+    async def refresh(self) -> None:
+        models = await run.io_bound(list_models, self.services.workspace)
+        self.table.rows = model_rows(models or [])
+        self.empty.set_visibility(not models)
 
-    # -- behaviour --------------------------------------------------------------------------------
-
-    async def refresh() -> None:
-        models = await run.io_bound(list_models, ws)
-        table.rows = model_rows(models or [])
-        empty.set_visibility(not models)
-
-    def update_kind() -> None:
-        k = kind.value
-        source.props["label"] = SOURCE_FIELDS[k]
-        source.props["placeholder"] = SOURCE_HINTS[k]
-        link.set_visibility(k == "folder")
-        dequantize.set_visibility(k == "gguf")
-
-    def current_job() -> ImportJob | None:
-        return services.model_imports[-1] if services.model_imports else None
-
-    async def start() -> None:
-        text = (source.value or "").strip()
-        if not text:
-            ui.notify("Enter a repo id, folder or GGUF file first", type="warning")
-            return
-        job = current_job()
-        if job is not None and job.state == "running":
-            ui.notify("An import is already running", type="warning")
-            return
-        try:
-            kind_found = source_kind(text)
-            if kind_found != kind.value:
-                raise LibraryError(f"{text}: looks like a {SOURCES[kind_found]} source, not a {SOURCES[kind.value]}")
-            if kind_found == "hub":  # fail fast and clearly when offline (the cache is tried in the job)
-                reason = await run.io_bound(hub_offline_reason)
-                if reason and not any(r == text for r, _ in hub_cached_models()):
-                    raise LibraryError(f"cannot download {text} from the Hugging Face Hub: {reason}. Import a local "
-                                       "folder or GGUF file instead, or retry when online.")
-            job = ImportJob(ws, text, (name.value or "").strip() or None, link=bool(link.value),
-                            dequantize=bool(dequantize.value)).start()
-        except LibraryError as e:
-            job_text.set_text(str(e))
-            job_text.classes(replace="text-sm text-negative")
-            progress_row.set_visibility(True)
-            bar.set_visibility(False)
-            cancel_btn.set_visibility(False)
-            return
-        services.model_imports.append(job)
-        poll()
-
-    def cancel() -> None:
-        job = current_job()
-        if job is not None:
-            job.cancel()
-
-    def poll() -> None:
-        job = current_job()
-        if job is None or job.version == state["job_version"]:
-            return
-        state["job_version"] = job.version
-        progress_row.set_visibility(True)
-        running = job.state == "running"
-        bar.set_visibility(running or job.state == "done")
-        if job.fraction is None and running:
-            bar.props("indeterminate")
-        else:
-            bar.props(remove="indeterminate")
-        bar.set_value(job.fraction or 0)
-        cancel_btn.set_visibility(running)
-        start_btn.set_enabled(not running)
-        color = {"failed": "text-negative", "done": "text-positive"}.get(job.state, "")
-        job_text.classes(replace=f"text-sm {color}")
-        job_text.set_text(f"{job.source} → models/{job.name}: {job.message}")
-        if job.state != "running" and state.get("refreshed") != id(job):
-            state["refreshed"] = id(job)
-            if job.state == "done":
-                ui.notify(f"Imported models/{job.name}", type="positive")
-            ui.timer(0.01, refresh, once=True)
-
-    def ask_delete(e: events.GenericEventArguments) -> None:
+    def ask_delete(self, e: events.GenericEventArguments) -> None:
         key = e.args
-        row = next((r for r in table.rows if r["key"] == key), None)
+        row = next((r for r in self.table.rows if r["key"] == key), None)
         if row is None or not row["deletable"]:
             ui.notify("Only models inside the workspace can be deleted", type="warning")
             return
-        users = [r["id"] for r in services.manager.active()
-                 if r.get("model") and Path(r["model"]).resolve() == Path(row["path"]).resolve()]
-        if users:
-            ui.notify(f"{key} is used by the running run {users[0]}; stop it first", type="warning")
-            return
-        state["pending"] = key
-        what = "the link (the linked folder stays)" if row["linked"] else f"{human_bytes(row['disk_bytes'])} on disk"
-        delete_text.set_text(f"Delete {'published/' if row['source'] == 'published' else 'models/'}"
-                             f"{row['name'].removeprefix('published/')}? This removes {what}.")
-        delete_dialog.open()
-
-    async def do_delete() -> None:
-        key = state["pending"]
-        delete_dialog.close()
         try:
-            path = await run.io_bound(delete_model, ws, key)
+            check_deletable(self.services.workspace, key, self.services.manager.active())
+        except LibraryError as err:
+            ui.notify(str(err), type="warning")
+            return
+        self.pending = key
+        what = "the link (the linked folder stays)" if row["linked"] else f"{human_bytes(row['disk_bytes'])} on disk"
+        self.delete_text.set_text(f"Delete {'published/' if row['source'] == 'published' else 'models/'}"
+                                  f"{row['name'].removeprefix('published/')}? This removes {what}.")
+        self.dialog.open()
+
+    async def delete(self) -> None:
+        key = self.pending
+        self.dialog.close()
+        if key is None:
+            return
+        try:
+            path = await run.io_bound(delete_model, self.services.workspace, key, self.services.manager.active())
         except (LibraryError, ValueError, OSError) as e:
             ui.notify(f"Could not delete {key}: {e}", type="negative", multi_line=True)
             return
         ui.notify(f"Deleted {path}")
-        await refresh()
+        await self.refresh()
 
-    table.on("delete_model", ask_delete)
-    update_kind()
-    progress_row.set_visibility(False)
-    state["job_version"] = -1
-    poll()
-    ui.timer(0.5, poll)
-    ui.timer(0.01, refresh, once=True)  # the HF cache scan happens after the page is built
+
+class ImportCard:
+    """The import form (Hub repo, folder or GGUF file) and the current import's progress, message and Cancel."""
+
+    def __init__(self, services: Services, on_imported: Callable[[], Awaitable[None]]) -> None:
+        self.services, self.on_imported = services, on_imported
+        self.imports = services.model_imports
+        self.seen: tuple[int, int] | None = None  # (id, version) of the job last shown
+        self.refreshed: int | None = None  # id of the ended job the table was rescanned for
+        with ui.card().classes("w-full").mark("import-card"):
+            ui.label("Import a model").classes("text-sm font-semibold text-grey-7")
+            with ui.row().classes("w-full items-end gap-3"):
+                self.kind = ui.toggle(SOURCE_KINDS, value="hub", on_change=self.update_kind) \
+                    .props("dense no-caps").mark("import-kind")
+            with ui.row().classes("w-full items-end gap-3"):
+                self.source = ui.input("Repo id", placeholder=SOURCE_HINTS["hub"]).props("dense outlined") \
+                    .classes("w-[28rem]").mark("import-source")
+                self.name = ui.input("Name in models/ (optional)").props("dense outlined").classes("w-64") \
+                    .mark("import-name")
+                self.link = ui.switch("Link instead of copy").mark("import-link")
+                self.dequantize = ui.switch("Dequantize to float32").mark("import-dequantize")
+                self.dequantize.tooltip("Write float32 weights: larger on disk, about 3x faster on the CPU backend")
+                self.start_btn = ui.button("Import", icon="download", on_click=self.start).mark("import-start")
+            with ui.row().classes("w-full items-center gap-3") as self.progress_row:
+                self.bar = ui.linear_progress(value=0, show_value=False).classes("w-96").mark("import-progress")
+                self.message = ui.label("").classes("text-sm").mark("import-message")
+                self.cancel_btn = ui.button("Cancel", icon="close", on_click=self.cancel) \
+                    .props("flat dense").mark("import-cancel")
+        self.bar.bind_value_from(self.imports, "current", backward=lambda job: (job.fraction or 0) if job else 0)
+        self.update_kind()
+        self.progress_row.set_visibility(False)
+        self.poll()
+        ui.timer(0.5, self.poll)
+
+    def update_kind(self) -> None:
+        k = self.kind.value
+        self.source.props["label"] = SOURCE_FIELDS[k]
+        self.source.props["placeholder"] = SOURCE_HINTS[k]
+        self.link.set_visibility(k == "folder")
+        self.dequantize.set_visibility(k == "gguf")
+
+    async def start(self) -> None:
+        text = (self.source.value or "").strip()
+        if not text:
+            ui.notify("Enter a repo id, folder or GGUF file first", type="warning")
+            return
+        try:
+            await run.io_bound(self.imports.start, self.services.workspace, text,
+                               (self.name.value or "").strip() or None, kind=self.kind.value,
+                               link=bool(self.link.value), dequantize=bool(self.dequantize.value))
+        except ImportBusy as e:
+            ui.notify(str(e), type="warning")
+            return
+        except LibraryError as e:
+            self.show_refusal(str(e))
+            return
+        self.poll()
+
+    def show_refusal(self, text: str) -> None:
+        self.seen = None
+        self.message.set_text(text)
+        self.message.classes(replace="text-sm text-negative")
+        self.progress_row.set_visibility(True)
+        self.bar.set_visibility(False)
+        self.cancel_btn.set_visibility(False)
+
+    def cancel(self) -> None:
+        job = self.imports.current
+        if job is not None:
+            job.cancel()
+
+    def poll(self) -> None:
+        job = self.imports.current
+        if job is None or self.seen == (id(job), job.version):
+            return
+        self.seen = (id(job), job.version)
+        self.show(job)
+        if not job.running and self.refreshed != id(job):
+            self.refreshed = id(job)
+            if job.state == DONE:
+                ui.notify(f"Imported models/{job.name}", type="positive")
+            ui.timer(0.01, self.on_imported, once=True)
+
+    def show(self, job: ImportJob) -> None:
+        running = job.running
+        self.progress_row.set_visibility(True)
+        self.bar.set_visibility(running or job.state == DONE)
+        if job.fraction is None and running:
+            self.bar.props("indeterminate")
+        else:
+            self.bar.props(remove="indeterminate")
+        self.cancel_btn.set_visibility(running)
+        self.start_btn.set_enabled(not running)
+        color = {FAILED: "text-negative", DONE: "text-positive"}.get(job.state, "")
+        self.message.classes(replace=f"text-sm {color}")
+        self.message.set_text(f"{job.source} → models/{job.name}: {job.message}")
+
+
+class ModelsPage:
+    """The catalogue and the import card on the left, the system panel on the right."""
+
+    def __init__(self, services: Services) -> None:
+        ui.label("Models").classes("text-2xl font-semibold")
+        with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
+            with ui.column().classes("grow gap-3 min-w-0"):
+                self.table = ModelTable(services)
+                self.imports = ImportCard(services, on_imported=self.table.refresh)
+            with ui.column().classes("w-[360px] max-lg:w-full gap-3 shrink-0"):
+                self.system = SystemCard(services)
+        ui.timer(0.01, self.table.refresh, once=True)  # the HF cache scan happens after the page is built
+
+
+def models_page(services: Services) -> None:
+    """Build the Models page for one client."""
+    ModelsPage(services)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +18,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.errors import ForgeError, NotFound
+
 ENV_VAR = "FORGELLM_WORKSPACE"
+NAME_MAX = 100
+
+
+class BadName(ForgeError, ValueError):
+    """A name that is not one plain, portable folder or file name."""
+
+
+def safe_name(name: str, what: str = "name", *, max_len: int = NAME_MAX,
+              error: type[ForgeError] = BadName) -> str:
+    """``name`` if it is one plain folder or file name (letters, digits, ``.``, ``_``, ``-``; first a letter or
+    digit; at most ``max_len``): the one rule for every name ForgeLLM makes a folder or file of. Otherwise
+    ``error`` (a :class:`ForgeError` that is also a ``ValueError``) says what ``what`` may be."""
+    if not isinstance(name, str) or not name:
+        raise error(f"{what}: give a name")
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise error(f"{what} {name!r}: give a plain folder name, not a path (no '/', '\\', '..')")
+    if not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{max_len - 1}}}", name):
+        raise error(f"{what} {name!r}: use letters, digits, '.', '_' or '-' (at most {max_len}, first a letter or "
+                    "digit)")
+    return name
+
+
+def suggest_name(text: str, fallback: str, *, sep: str = "-", max_len: int = NAME_MAX) -> str:
+    """A name :func:`safe_name` accepts, made from ``text`` (a file name, a repo id): runs of other characters
+    become ``sep``; ``fallback`` when nothing is left."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", sep, text).strip("._-")[:max_len].rstrip("._-")
+    return name or fallback
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,17 @@ class Workspace:
         if resolved != self.root and self.root not in resolved.parents:
             raise ValueError(f"path {str(path)!r} is outside the workspace {self.root}")
         return resolved
+
+    def find(self, value: str | os.PathLike, kind: str) -> Path:
+        """A file or folder given as a path (a relative one: from the current folder), as a name under
+        ``kind`` (``models``, ``datasets``), or relative to the workspace root; resolved.
+        :class:`NotFound` says where it looked."""
+        p = Path(value).expanduser()
+        candidates = [p] if p.is_absolute() else [Path.cwd() / p, self.root / kind / p, self.root / p]
+        for c in candidates:
+            if c.exists():
+                return c.resolve()
+        raise NotFound(f"not found (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

@@ -61,6 +61,7 @@ def test_bad_lines_in_every_split_and_non_utf8(tmp_path):
                                     + json.dumps({"prompt": "a", "completion": "b"}).encode() + b"\n")
     check = dc.check_dataset(d)
     assert check.layout == "splits" and check.good == 7
+    assert [(f.name, f.good) for f in check.files] == [("train", 6), ("valid", 1)]
     assert [b.split(": ", 1)[0] for b in check.bad] == [f"{d}/valid.jsonl:2", f"{d}/valid.jsonl:3"]
     assert "not UTF-8" in check.bad[0] and "expected a chat row" in check.bad[1]
     clean = dc.write_clean_copy(check)
@@ -156,6 +157,7 @@ def test_documents_folder_reports_bad_documents(tmp_path):
     (d / "c.txt").write_text("  \n")
     check = dc.check_dataset(d)
     assert check.fmt == "documents" and check.good == 1
+    assert [f.good for f in check.files] == [1, 0, 0]
     assert check.bad == [f"{d}/b.md: not UTF-8 text (unexpected end of data at byte 3)",
                          f"{d}/c.txt: empty document"]
     clean = dc.write_clean_copy(check)

@@ -191,7 +191,7 @@ def test_hub_import_offline_from_the_cache(tiny_model, workspace, hub_cache, mon
 def test_import_job_copies_a_folder(tiny_model, workspace):
     job = ImportJob(workspace, str(tiny_model), "copied").start()
     assert job.wait(60) == "done", job.snapshot()
-    assert job.result == str(workspace.models / "copied") and job.fraction == 1.0
+    assert job.result == {"path": str(workspace.models / "copied")} and job.fraction == 1.0
     with pytest.raises(LibraryError, match="already exists"):
         ImportJob(workspace, str(tiny_model), "copied")
     with pytest.raises(LibraryError, match="not a Hub repo id"):
@@ -269,3 +269,138 @@ def test_cancel_a_gguf_import_leaves_nothing(workspace):
     job.cancel()
     assert job.wait(30) == "cancelled"
     assert list(workspace.models.iterdir()) == []  # neither the model nor a hidden temporary folder
+
+
+def test_safe_name_is_the_one_rule_for_folder_names():
+    from services.workspace import BadName, safe_name, suggest_name
+
+    assert safe_name("tiny-1.5_b") == "tiny-1.5_b" and safe_name("a" * 100) == "a" * 100
+    for bad, why in (("", "give a name"), ("..", "not a path"), ("a/b", "not a path"), ("a\\b", "not a path"),
+                     (".hidden", "first a letter or digit"), ("a b", "use letters"), ("a" * 101, "at most 100")):
+        with pytest.raises(BadName, match=why):
+            safe_name(bad, "model name")
+    with pytest.raises(LibraryError, match="dataset name 'a b'"):  # the caller's error type
+        safe_name("a b", "dataset name", error=LibraryError)
+    assert (suggest_name("my data (v2)", "x", sep="_"), suggest_name("..//", "model")) == ("my_data_v2", "model")
+    assert safe_name(suggest_name("Qwen/Qwen2.5 0.5B!", "model")) == "Qwen-Qwen2.5-0.5B"
+
+
+def test_the_callers_of_safe_name(workspace, chat_data):
+    from services.inference.service import save_preference
+    from services.publishing.rules import PublishError, published_path
+
+    with pytest.raises(PublishError, match=r"at most 96.*published into"):  # Hub repo names are shorter
+        published_path(workspace, "a" * 97)
+    assert published_path(workspace, "a" * 96) == workspace.published / ("a" * 96)
+    with pytest.raises(ValueError, match="dataset name 'a b': use letters"):
+        save_preference(workspace, "a b", "p", "c", "r")
+    with pytest.raises(LibraryError, match="dataset name '-x': use letters"):
+        import_dataset(workspace, chat_data, "-x")
+
+
+def test_check_model_folder_says_what_is_missing(tiny_model, tmp_path):
+    from services.errors import NotFound
+    from services.library.models import LibraryNotFound, check_model_folder
+
+    assert check_model_folder(tiny_model) == tiny_model.resolve()
+    with pytest.raises(LibraryNotFound, match=r"model folder .*nope does not exist") as e:
+        check_model_folder(tmp_path / "nope")
+    assert isinstance(e.value, NotFound) and isinstance(e.value, LibraryError)
+    with pytest.raises(LibraryError, match="is a file; give the model's folder"):
+        check_model_folder(tiny_model / "config.json")
+    with pytest.raises(LibraryError, match="has no config.json"):
+        check_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.npz").write_bytes(b"")
+    with pytest.raises(LibraryError, match=r"has no \.safetensors weights"):
+        check_model_folder(tmp_path)
+
+
+def test_find_model_by_name_published_name_or_path(tiny_model, workspace, tmp_path, monkeypatch):
+    from services.library.models import LibraryNotFound, find_model
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model, workspace.models / "tiny")
+    shutil.copytree(tiny_model, workspace.published / "pub")
+    assert find_model(workspace, "tiny") == (workspace.models / "tiny").resolve()
+    assert find_model(workspace, "published/pub") == (workspace.published / "pub").resolve()
+    assert find_model(workspace, str(tiny_model)) == tiny_model.resolve()
+    with pytest.raises(LibraryNotFound, match=r"model 'nope': not found \(looked in .*models"):
+        find_model(workspace, "nope")
+    (workspace.models / "empty").mkdir()
+    with pytest.raises(LibraryError, match="has no config.json"):
+        find_model(workspace, "empty")
+
+
+def test_training_refuses_a_model_folder_without_weights(workspace, chat_data, tmp_path):
+    from conftest import base_config
+
+    from services.config import ConfigProblems
+    from services.training.manager import RunManager
+
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigProblems, match=r"model = .*no-weights.*has no \.safetensors weights"):
+        RunManager(workspace).prepare_config(base_config(model, chat_data))
+
+
+def test_context_limit_from_any_key_the_config_uses(tiny_model, tmp_path):
+    from services.library.models import context_limit
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    assert context_limit(cfg) == cfg["max_position_embeddings"] > 0
+    nested = {k: v for k, v in cfg.items() if k != "max_position_embeddings"}
+    nested["text_config"] = {"max_seq_len": 777}
+    out = tmp_path / "nested"
+    shutil.copytree(tiny_model, out)
+    (out / "config.json").write_text(json.dumps(nested))
+    assert context_limit(nested) == 777 and model_info(out, "nested", "workspace")["context"] == 777
+    assert context_limit({"n_positions": 0}) is None
+
+
+def test_a_model_a_running_run_uses_is_not_deleted(tiny_model, workspace, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model, src)
+    import_folder(workspace, tiny_model, "busy")
+    import_folder(workspace, src, "linked", link=True)
+    runs = [{"id": "run-1", "model": str(workspace.models / "busy")}, {"id": "run-2", "model": str(src)},
+            {"id": "run-3"}]
+    with pytest.raises(LibraryError, match="busy is used by the running run run-1; stop it first"):
+        delete_model(workspace, "busy", runs)
+    with pytest.raises(LibraryError, match="used by the running run run-2"):  # through the link
+        delete_model(workspace, "linked", runs)
+    assert (workspace.models / "busy" / "config.json").is_file() and (workspace.models / "linked").is_symlink()
+    assert delete_model(workspace, "busy", runs[2:]) == (workspace.models / "busy").resolve()
+    assert not (workspace.models / "busy").exists()
+
+
+def test_import_jobs_admit_one_at_a_time(tiny_model, workspace, hub_cache, monkeypatch):
+    from services.library.imports import ImportBusy, ImportJobs
+
+    jobs = ImportJobs()
+    with pytest.raises(LibraryError, match="looks like a Local folder source, not a GGUF file"):
+        jobs.start(workspace, str(tiny_model), kind="gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(LibraryError, match=r"cannot download org/model from the Hugging Face Hub: offline mode"):
+        jobs.start(workspace, "org/model", kind="hub")
+    assert time.perf_counter() - t0 < 5 and jobs.current is None
+    first = jobs.start(workspace, str(tiny_model), "first", kind="folder")
+    assert jobs.running  # a child process takes far longer than this to start up
+    with pytest.raises(ImportBusy, match="already running"):
+        jobs.start(workspace, str(tiny_model), "second")
+    assert first.wait(60) == "done" and first.message.startswith("imported into") and jobs.jobs == [first]
+    fake_hub_cache(hub_cache, "org/cached", tiny_model)
+    cached = jobs.start(workspace, "org/cached", kind="hub")  # offline, but in the HF cache: admitted
+    assert cached.wait(60) == "done", cached.snapshot()
+    assert jobs.current is cached and (workspace.models / "cached" / "model.safetensors").is_file()
+    jobs.close()
+
+
+def test_upload_size_is_checked_before_reading():
+    from services.library.datasets import check_upload_size
+
+    check_upload_size("a.jsonl", 100, 100)
+    with pytest.raises(LibraryError, match="a.jsonl: 101 B is over the upload limit of 100 B"):
+        check_upload_size("a.jsonl", 101, 100)

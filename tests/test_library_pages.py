@@ -29,8 +29,7 @@ def services(workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     s = build_services(workspace)
     yield s
-    for job in s.model_imports:
-        job.cancel()
+    s.model_imports.close()
 
 
 @pytest.fixture
@@ -80,6 +79,19 @@ async def test_models_page_lists_imports_and_deletes(ui_user: User, services, ti
     ui_user.find(marker="model-delete-confirm").click()
     await wait_for(lambda: [r["name"] for r in table.rows] == ["tiny"])
     assert not (services.workspace.models / "copy").exists()
+
+
+async def test_models_page_refuses_to_delete_a_model_in_use(ui_user: User, services, tiny_model, monkeypatch):
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    run = {"id": "run-1", "model": str(services.workspace.models / "tiny")}
+    monkeypatch.setattr(services.manager, "active", lambda: [run])
+    await ui_user.open("/models")
+    table = el(ui_user, "models-table")
+    await wait_for(lambda: table.rows)
+    ui_user.find(marker="models-table").trigger("delete_model", "tiny")
+    await ui_user.should_see("tiny is used by the running run run-1; stop it first")
+    await ui_user.should_not_see("Delete models/tiny?")
+    assert (services.workspace.models / "tiny" / "config.json").is_file()
 
 
 async def test_hub_import_offline_says_why_quickly(ui_user: User, monkeypatch):

@@ -43,9 +43,9 @@ import psutil
 from services.errors import ForgeError
 from services.inference.requests import RequestError, adapter_files, adapter_label, normalize_request
 from services.jobs import REPO_ROOT, child_env
-from services.library.models import check_model_dir, model_size_bytes
+from services.library.models import LibraryError, check_model_folder, model_size_bytes
 from services.training.manager import RunManager, parse_ref
-from services.workspace import Workspace, append_jsonl
+from services.workspace import Workspace, append_jsonl, safe_name
 
 GB = 1e9
 RAM_HEADROOM = 1.5  # warn when free RAM < model size x this
@@ -410,9 +410,9 @@ class ModelService:
 
     def _check_paths(self, model_path: str | os.PathLike, adapter: str | os.PathLike | None) -> tuple[str, str | None]:
         try:
-            model = str(check_model_dir(model_path))
+            model = str(check_model_folder(model_path))
             adapter_dir = str(adapter_files(adapter)[0].parent) if adapter is not None else None
-        except RequestError as e:
+        except (RequestError, LibraryError) as e:
             raise self._fail(str(e)) from None
         return model, adapter_dir
 
@@ -632,9 +632,7 @@ def resolve_adapter(manager: RunManager, ref: str) -> Path:
 def save_preference(workspace: Workspace, dataset_name: str, prompt: str | list[dict[str, str]], chosen: str,
                     rejected: str) -> Path:
     """Append ``{"prompt", "chosen", "rejected"}`` to ``workspace/datasets/NAME/train.jsonl`` (DPO/ORPO format)."""
-    name = (dataset_name or "").strip()
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"dataset name {dataset_name!r}: give a plain folder name (no slashes)")
+    name = safe_name((dataset_name or "").strip(), "dataset name")
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{field}: expected a non-empty string")

@@ -51,7 +51,7 @@ from mlx_lm.utils import load as mlx_load
 from services import blas
 from services.errors import ForgeError
 from services.inference.requests import RequestError, adapter_files, adapter_label
-from services.library.models import check_model_dir, context_limit
+from services.library.models import LibraryError, check_model_folder, context_limit
 
 GB = 1e9
 Emit = Callable[[dict[str, Any]], None]
@@ -132,7 +132,7 @@ class Engine:
         mx.clear_cache()
 
     def load_base(self, model_path: str) -> None:
-        path = check_model_dir(model_path)
+        path = check_model_folder(model_path)
         self.reset()
         try:
             self.model, self.tokenizer, self.model_config = mlx_load(str(path), return_config=True)
@@ -202,7 +202,7 @@ class Engine:
 
     def load(self, model_path: str, adapter_path: str | None) -> dict[str, Any]:
         """Make ``model_path`` + ``adapter_path`` the active model, reusing the loaded base when possible."""
-        resolved = str(check_model_dir(model_path))
+        resolved = str(check_model_folder(model_path))
         reloaded = False
         if self.model is None or self.model_path != resolved or self.dirty:
             self.load_base(resolved)
@@ -470,7 +470,7 @@ class Server:
         try:
             result = self.dispatch(msg, rid)
             self.send({"id": rid, "type": "done", **result})
-        except (WorkerError, RequestError) as e:
+        except (WorkerError, RequestError, LibraryError) as e:
             self.send({"id": rid, "type": "error", "message": str(e)})
         except Exception as e:  # noqa: BLE001 (report, keep serving)
             traceback.print_exc()

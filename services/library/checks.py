@@ -52,6 +52,11 @@ class FileCheck:
     bad_lines: list[int] = field(default_factory=list)  # 0: the whole file
     document: Document | None = None
 
+    @property
+    def good(self) -> int:
+        """Usable samples: the good rows, or 1 for a usable document."""
+        return len(self.rows) if self.kind == "jsonl" else int(self.document is not None)
+
 
 @dataclass
 class DatasetCheck:
@@ -71,7 +76,7 @@ class DatasetCheck:
 
     @property
     def good(self) -> int:
-        return sum(len(f.rows) if f.kind == "jsonl" else f.document is not None for f in self.files)
+        return sum(f.good for f in self.files)
 
     def samples(self) -> list[tuple[str, str, int, Any]]:
         """``(where, file name, line, row or Document)`` of every usable sample, in file order."""
@@ -85,8 +90,7 @@ class DatasetCheck:
 
     def summary(self) -> dict[str, Any]:
         return {"path": str(self.path), "layout": self.layout, "format": self.fmt, "label": self.label,
-                "files": {f.name: {"good": len(f.rows) if f.kind == "jsonl" else int(f.document is not None),
-                                   "bad": len(f.bad)} for f in self.files},
+                "files": {f.name: {"good": f.good, "bad": len(f.bad)} for f in self.files},
                 "samples": self.good, "bad_lines": len(self.bad)}
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from services.library.models import LibraryError, check_name
+from services.library.models import LibraryError, LibraryNotFound, check_name
 from services.units import human_bytes
-from services.workspace import Workspace, disk_size, staged, write_atomic
+from services.workspace import Workspace, disk_size, staged, suggest_name, write_atomic
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".md")
 
@@ -66,7 +65,7 @@ def dataset_path(ws: Workspace, key: str) -> Path:
     """``datasets/KEY`` (a direct entry, nothing outside the workspace)."""
     path = ws.inside(ws.datasets / key)
     if path.parent != ws.inside(ws.datasets) or not path.exists():
-        raise LibraryError(f"dataset {key!r}: no such file or folder in {ws.datasets}")
+        raise LibraryNotFound(f"dataset {key!r}: no such file or folder in {ws.datasets}")
     return path
 
 
@@ -81,16 +80,20 @@ def unique_path(folder: Path, name: str) -> Path:
     return p
 
 
+def check_upload_size(filename: str, size: int, max_bytes: int) -> None:
+    """Refuse an upload over ``max_bytes`` (the browser's limit can be bypassed); callers check before reading it."""
+    if size > max_bytes:
+        raise LibraryError(f"{filename}: {human_bytes(size)} is over the upload limit of {human_bytes(max_bytes)}")
+
+
 def store_upload(ws: Workspace, filename: str, data: bytes, max_bytes: int) -> Path:
     """Write an uploaded dataset file into ``datasets/`` atomically, after checking its size, name and type."""
-    if len(data) > max_bytes:
-        raise LibraryError(f"{filename}: {human_bytes(len(data))} is over the upload limit of {human_bytes(max_bytes)}")
+    check_upload_size(filename, len(data), max_bytes)
     base = Path(filename or "").name
     suffix = Path(base).suffix.lower()
     if suffix not in DATASET_SUFFIXES:
         raise LibraryError(f"{filename}: unsupported file type {suffix or '(none)'}; upload .jsonl, .txt or .md")
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(base).stem).strip("._-") or "dataset"
-    target = unique_path(ws.datasets, stem[:90] + suffix)
+    target = unique_path(ws.datasets, suggest_name(Path(base).stem, "dataset", sep="_", max_len=90) + suffix)
     write_atomic(target, data)
     return target
 

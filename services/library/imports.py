@@ -1,31 +1,28 @@
 """Model imports: a Hub repo id (``snapshot_download`` into a hidden partial folder that a retry
 resumes), a local folder (copied or linked) or a GGUF file (:func:`services.library.gguf.import_gguf`). The app
 runs an import in a child process (:class:`ImportJob`, ``python -m services.library.imports``) so it can be
-cancelled and never loads MLX into the UI process."""
+cancelled and never loads MLX into the UI process; :class:`ImportJobs` admits one import at a time."""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.jobs import REPO_ROOT, child_env
-from services.library.models import LibraryError, check_name, hub_cache_dir, weight_files
+from services.jobs import ChildJob, emit
+from services.library.models import LibraryError, check_model_folder, check_name, hub_cache_dir, hub_cached_models
 from services.units import human_bytes
-from services.workspace import Workspace, disk_size, staged
+from services.workspace import Workspace, disk_size, staged, suggest_name
 
 Progress = Callable[[str, float | None, str], None]  # (phase, fraction 0..1 or None, message)
 
@@ -37,6 +34,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tikt
 
 
 HUB_TIMEOUT = 3.0  # seconds to decide the Hub is unreachable
+
+
+SOURCE_KINDS = {"hub": "Hugging Face Hub", "folder": "Local folder", "gguf": "GGUF file"}
 
 
 def source_kind(source: str) -> str:
@@ -54,12 +54,13 @@ def source_kind(source: str) -> str:
 
 
 def default_name(source: str, kind: str) -> str:
+    """The name in ``models/`` an import of ``source`` gets when none is given."""
     if kind == "hub":
         base = source.split("/")[-1]
     else:
         p = Path(source).expanduser()
         base = p.stem if kind == "gguf" else p.resolve().name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-") or "model"
+    return suggest_name(base, "model")
 
 
 def _target(ws: Workspace, name: str) -> Path:
@@ -70,20 +71,10 @@ def _target(ws: Workspace, name: str) -> Path:
     return target
 
 
-def _check_model_folder(folder: Path) -> None:
-    if not (folder / "config.json").is_file():
-        raise LibraryError(f"{folder}: no config.json, not a Hugging Face / mlx-lm model folder")
-    if not weight_files(folder):
-        raise LibraryError(f"{folder}: no .safetensors weights (MLX needs safetensors; convert other formats first)")
-
-
 def import_folder(ws: Workspace, source: str | os.PathLike, name: str | None = None, link: bool = False,
                   progress: Progress | None = None) -> Path:
     """Copy a model folder into ``models/NAME`` (staged, then renamed), or link to it."""
-    src = Path(source).expanduser().resolve()
-    if not src.is_dir():
-        raise LibraryError(f"{src}: no such folder")
-    _check_model_folder(src)
+    src = check_model_folder(source)
     target = _target(ws, name or default_name(str(src), "folder"))
     if link:
         target.symlink_to(src, target_is_directory=True)
@@ -226,7 +217,7 @@ def import_hub(ws: Workspace, repo: str, name: str | None = None, revision: str 
         stop.set()
         watcher.join()
     shutil.rmtree(partial / ".cache", ignore_errors=True)
-    _check_model_folder(partial)
+    check_model_folder(partial)
     os.rename(partial, target)
     if progress:
         progress("done", 1.0, str(target))
@@ -244,11 +235,12 @@ def import_model(ws: Workspace, source: str, name: str | None = None, *, link: b
     return import_hub(ws, source, name, revision=revision, progress=progress)
 
 
-class ImportJob:
-    """A model import running in a child process; plain attributes for the UI to poll, ``cancel`` kills it.
+class ImportJob(ChildJob):
+    """A model import running in a child process (a :class:`services.jobs.ChildJob`); ``name`` is its folder
+    in ``models/``, ``result["path"]`` the imported folder once done.
 
-    ``state``: running | done | failed | cancelled. A cancelled Hub download keeps its partial folder, so
-    importing the same repo again (under any name) resumes it.
+    A cancelled Hub download keeps its partial folder, so importing the same repo again (under any name)
+    resumes it.
     """
 
     def __init__(self, ws: Workspace, source: str, name: str | None = None, *, link: bool = False,
@@ -257,80 +249,57 @@ class ImportJob:
         self.source, self.ws = source, ws
         self.name = name or default_name(source, self.kind)
         _target(ws, self.name)
-        self.cmd = [sys.executable, "-m", "services.library.imports", "--workspace", str(ws.root), source,
-                    "--name", self.name] + (["--link"] if link else []) + (["--dequantize"] if dequantize else []) \
-            + (["--revision", revision] if revision else [])
-        self.state, self.phase, self.fraction, self.message = "running", "start", None, "starting"
-        self.error: str | None = None
-        self.result: str | None = None
-        self.version = 0
-        self._proc: subprocess.Popen | None = None
-        self._cancelled = False
+        args = ["--workspace", str(ws.root), source, "--name", self.name] + (["--link"] if link else []) \
+            + (["--dequantize"] if dequantize else []) + (["--revision", revision] if revision else [])
+        super().__init__("services.library.imports", args, what="import", cancelled_message="cancelled" + (
+            "; import the same repo again to resume the download" if self.kind == "hub" else ""))
 
-    def start(self) -> ImportJob:
-        self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      cwd=REPO_ROOT, env=child_env(TOKENIZERS_PARALLELISM="false"),
-                                      start_new_session=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        tail: list[str] = []
-        for line in self._proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                tail = (tail + [line.rstrip()])[-5:]
-                continue
-            if "progress" in msg:
-                self.phase, self.fraction, self.message = msg["progress"]
-            elif "done" in msg:
-                self.result = msg["done"]
-            elif "error" in msg:
-                self.error = msg["error"]
-            self.version += 1
-        rc = self._proc.wait()
-        if self._cancelled:
-            self.state, self.message = "cancelled", "cancelled" + (
-                "; import the same repo again to resume the download" if self.kind == "hub" else "")
-        elif rc == 0 and self.result:
-            self.state, self.fraction, self.message = "done", 1.0, f"imported into {self.result}"
-        else:
-            self.state = "failed"
-            self.error = self.error or f"the import process ended with code {rc}: {' | '.join(tail) or 'no output'}"
-            self.message = self.error
-        self.version += 1
+class ImportBusy(LibraryError):
+    """Another import is running: the app runs one at a time."""
 
-    def cancel(self, grace: float = 10.0) -> None:
-        """Stop the import: SIGTERM to its process group, SIGKILL after ``grace`` seconds if still there."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        self._cancelled = True
 
-        def kill(sig: int) -> None:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+class ImportJobs:
+    """The app's model imports, newest last, one running at a time; held by the composition root so an import
+    goes on while the person browses elsewhere."""
 
-        kill(signal.SIGTERM)
-        timer = threading.Timer(grace, kill, args=(signal.SIGKILL,))
-        timer.daemon = True
-        timer.start()
+    def __init__(self) -> None:
+        self.jobs: list[ImportJob] = []
+        self._lock = threading.Lock()
 
-    def wait(self, timeout: float = 600.0) -> str:
-        deadline = time.time() + timeout
-        while self.state == "running" and time.time() < deadline:
-            time.sleep(0.05)
-        return self.state
+    @property
+    def current(self) -> ImportJob | None:
+        """The newest import (running or ended), or None."""
+        return self.jobs[-1] if self.jobs else None
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state, "phase": self.phase, "fraction": self.fraction, "message": self.message,
-                "error": self.error, "result": self.result, "kind": self.kind, "name": self.name,
-                "source": self.source}
+    @property
+    def running(self) -> bool:
+        return self.current is not None and self.current.running
+
+    def start(self, ws: Workspace, source: str, name: str | None = None, *, kind: str | None = None,
+              link: bool = False, dequantize: bool = False, revision: str | None = None) -> ImportJob:
+        """Admit and start an import: none other running (:class:`ImportBusy`), ``source`` of ``kind`` when
+        given, and a Hub repo refused at once when the Hub cannot be reached and the HF cache lacks it. It can
+        take the Hub probe's few seconds: call it off the event loop."""
+        with self._lock:
+            if self.running:
+                raise ImportBusy("An import is already running")
+            found = source_kind(source)
+            if kind is not None and found != kind:
+                raise LibraryError(f"{source}: looks like a {SOURCE_KINDS[found]} source, not a {SOURCE_KINDS[kind]}")
+            if found == "hub":  # fail fast and clearly when offline (the job itself copies from the cache)
+                reason = hub_offline_reason()
+                if reason and not any(r == source for r, _ in hub_cached_models()):
+                    raise LibraryError(f"cannot download {source} from the Hugging Face Hub: {reason}. Import a "
+                                       "local folder or GGUF file instead, or retry when online.")
+            job = ImportJob(ws, source, name, link=link, dequantize=dequantize, revision=revision).start()
+            self.jobs.append(job)
+            return job
+
+    def close(self) -> None:
+        """Cancel the running import, if any (a Hub download keeps its partial folder)."""
+        for job in self.jobs:
+            job.cancel()
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -350,18 +319,15 @@ def _child_main(argv: list[str] | None = None) -> int:
         raise SystemExit(143)  # unwinds, so temporary folders are removed
 
     signal.signal(signal.SIGTERM, on_term)
-
-    def emit(obj: dict) -> None:
-        print(json.dumps(obj), flush=True)
-
     try:
         path = import_model(Workspace.resolve(args.workspace), args.source, args.name, link=args.link,
                             dequantize=args.dequantize, revision=args.revision,
-                            progress=lambda ph, fr, msg: emit({"progress": [ph, fr, msg]}))
+                            progress=lambda ph, fr, msg: emit("progress", phase=ph, fraction=fr, message=msg))
     except LibraryError as e:
-        emit({"error": str(e)})
+        emit("error", message=str(e))
         return 2
-    emit({"done": str(path)})
+    emit("progress", phase="done", fraction=1.0, message=f"imported into {path}")
+    emit("result", path=str(path))
     return 0
 
 

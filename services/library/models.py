@@ -3,28 +3,25 @@
 Models come from the workspace's ``models/`` and ``published/`` and from the Hugging Face cache; each
 entry says architecture, parameter count (read from the safetensors headers, nothing is loaded), dtype or
 quantization, size on disk, context length and whether it has a chat template. Only workspace entries can
-be deleted."""
+be deleted, and not while a run trains on them. :func:`check_model_folder` is the one test of "is this a
+model folder" and :func:`find_model` the one lookup of a model by name or path."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import shutil
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from services.errors import ForgeError
-from services.inference.requests import RequestError
+from services.errors import ForgeError, NotFound
 from services.units import human_bytes, human_count
-from services.workspace import Workspace, disk_size, files_stamp, read_json
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
+from services.workspace import Workspace, disk_size, files_stamp, read_json, safe_name
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U32": "uint32",
                 "I64": "int64", "I32": "int32", "U8": "uint8", "I8": "int8", "BOOL": "bool"}
@@ -34,10 +31,13 @@ class LibraryError(ForgeError, ValueError):
     """An import, deletion or lookup that cannot be done; the message says what and where."""
 
 
+class LibraryNotFound(LibraryError, NotFound):
+    """A model or dataset that is not there; the message names it and where it was looked for."""
+
+
 def check_name(name: str, what: str = "name") -> str:
-    if not NAME_RE.match(name or ""):
-        raise LibraryError(f"{what} {name!r}: use letters, digits, '.', '_' or '-' (at most 100, no leading dot)")
-    return name
+    """``name`` if :func:`services.workspace.safe_name` accepts it, else :class:`LibraryError`."""
+    return safe_name(name, what, error=LibraryError)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -58,7 +58,49 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a model folder (the only weights mlx-lm loads)."""
     return sorted(p for p in Path(folder).glob("*.safetensors") if p.is_file())
+
+
+def model_size_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files in a model folder (what loading it puts in memory, roughly)."""
+    return sum(f.stat().st_size for f in weight_files(Path(folder)))
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """The resolved model folder at ``path`` if it has a ``config.json`` and safetensors weights; otherwise
+    :class:`LibraryError` (:class:`LibraryNotFound` when nothing is there) saying what is missing where."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LibraryNotFound(f"model folder {p} does not exist")
+    if not p.is_dir():
+        raise LibraryError(f"model path {p} is a file; give the model's folder (with config.json)")
+    if not (p / "config.json").is_file():
+        raise LibraryError(f"model folder {p} has no config.json: not an MLX / Hugging Face model folder")
+    if not weight_files(p):
+        raise LibraryError(f"model folder {p} has no .safetensors weights (MLX needs safetensors; convert other "
+                           "formats first)")
+    return p.resolve()
+
+
+def find_model(ws: Workspace, value: str | os.PathLike) -> Path:
+    """The model folder named by ``value``: a path, a name under ``models/``, or ``published/NAME``
+    (see :meth:`Workspace.find`), checked by :func:`check_model_folder`."""
+    try:
+        path = ws.find(value, "models")
+    except NotFound as e:
+        raise LibraryNotFound(f"model {str(value)!r}: {e}") from None
+    return check_model_folder(path)
+
+
+def context_limit(model_config: dict[str, Any]) -> int | None:
+    """The model's context length from its config.json, if it states one."""
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length", "seq_length"):
+        value = model_config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = model_config.get("text_config")
+    return context_limit(text) if isinstance(text, dict) else None
 
 
 def tensor_shapes(folder: Path, quantization: dict | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -138,7 +180,7 @@ def model_info(path: Path, key: str, source: str, label: str | None = None) -> d
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "?")
     arch = cfg.get("model_type") or (cfg.get("architectures") or ["?"])[0]
     size = disk_size(path)
-    weights = sum(f.stat().st_size for f in weight_files(path))
+    weights = model_size_bytes(path)
     layers = tc.get("num_hidden_layers")
     detail = f"{arch}" + (f", {human_count(params)} params" if params else "") + f", {human_bytes(size)}"
     name = label or key
@@ -146,7 +188,7 @@ def model_info(path: Path, key: str, source: str, label: str | None = None) -> d
         "key": key, "name": name, "label": f"{name} ({detail})", "source": source, "path": str(path),
         "arch": arch, "architecture": (cfg.get("architectures") or [arch])[0], "params": params, "dtype": dtype,
         "size": weights, "disk_bytes": size, "layers": layers, "hidden": tc.get("hidden_size"),
-        "vocab": tc.get("vocab_size"), "context": tc.get("max_position_embeddings"),
+        "vocab": tc.get("vocab_size"), "context": context_limit(cfg),
         "chat_template": has_chat_template(path), "safetensors": bool(weights),
         "deletable": source in ("workspace", "published"), "linked": path.is_symlink(),
     }
@@ -200,20 +242,32 @@ def list_models(ws: Workspace, hub: bool = True) -> list[dict[str, Any]]:
     return out
 
 
-def find_model(ws: Workspace, key: str) -> dict[str, Any]:
-    for m in list_models(ws):
-        if m["key"] == key or m["path"] == key:
-            return m
-    raise LibraryError(f"model {key!r}: not in the workspace's models/ or published/, nor in the HF cache")
+def runs_using(model: str | os.PathLike, runs: Iterable[dict[str, Any]]) -> list[str]:
+    """Ids of the runs (``run.json`` records) whose model is the folder ``model``."""
+    target = Path(model).resolve()
+    return [r["id"] for r in runs if r.get("model") and Path(r["model"]).resolve() == target]
 
 
-def delete_model(ws: Workspace, key: str) -> Path:
-    """Remove ``models/NAME`` or ``published/NAME`` (a linked import: only the link). Nothing outside."""
+def check_deletable(ws: Workspace, key: str, active_runs: Iterable[dict[str, Any]] = ()) -> Path:
+    """The folder (a link is not followed) of ``models/NAME`` or ``published/NAME`` if it may be deleted: not
+    outside those folders, and no run of ``active_runs`` (running runs' ``run.json`` records) trains on it."""
     base, name = (ws.published, key.split("/", 1)[1]) if key.startswith("published/") else (ws.models, key)
-    if not NAME_RE.match(name):
+    try:
+        check_name(name)
+    except LibraryError:
         raise LibraryError(f"model {key!r}: not a folder of {ws.models} or {ws.published}; only workspace models "
-                           "can be deleted")
-    path = base / name
+                           "can be deleted") from None
+    users = runs_using(base / name, active_runs)
+    if users:
+        raise LibraryError(f"{key} is used by the running run {users[0]}; stop it first")
+    return base / name
+
+
+def delete_model(ws: Workspace, key: str, active_runs: Iterable[dict[str, Any]] = ()) -> Path:
+    """Remove ``models/NAME`` or ``published/NAME`` (a linked import: only the link) if :func:`check_deletable`
+    allows it."""
+    path = check_deletable(ws, key, active_runs)
+    base = path.parent
     if path.is_symlink():
         path.unlink()
         return path
@@ -222,49 +276,3 @@ def delete_model(ws: Workspace, key: str) -> Path:
         raise LibraryError(f"model {key!r}: no such folder in {base}; only workspace models can be deleted")
     shutil.rmtree(resolved)
     return resolved
-
-
-"""Generation requests and model/adapter folders, in plain Python (no MLX): shared by the UI-side
-:class:`services.inference.service.ModelService` and the :mod:`services.inference.worker` process.
-
-A request is a plain dict::
-
-    {"prompt": "text" | None, "messages": [{"role": ..., "content": ...}] | None, "system": str | None,
-     "format": "auto" | "chat" | "completion", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-     "repetition_penalty": 1.0, "repetition_context_size": 20, "max_tokens": 256, "seed": None,
-     "max_kv_size": None, "ignore_eos": False}
-
-``format: auto`` uses the tokenizer's chat template when it has one, raw completion otherwise.
-"""
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
-
-
-def model_size_bytes(model_dir: str | os.PathLike) -> int:
-    """Bytes of the weight files in a model folder (what loading it puts in memory, roughly)."""
-    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """A loadable model folder, or :class:`RequestError` that says what is missing where."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise RequestError(f"model folder {p} does not exist")
-    if not p.is_dir():
-        raise RequestError(f"model path {p} is a file; give the model's folder (with config.json)")
-    if not (p / "config.json").is_file():
-        raise RequestError(f"model folder {p} has no config.json: not an MLX / Hugging Face model folder")
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir() if f.is_file()):
-        raise RequestError(f"model folder {p} has no weight files (*.safetensors)")
-    return p.resolve()
-
-
-def context_limit(model_config: dict[str, Any]) -> int | None:
-    """The model's context length from its config.json, if it states one."""
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length", "seq_length"):
-        value = model_config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    text = model_config.get("text_config")
-    return context_limit(text) if isinstance(text, dict) else None

@@ -6,7 +6,6 @@ import MLX) to check a form before it starts a publish in a child process.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from services.errors import ForgeError
-from services.workspace import Workspace
+from services.workspace import BadName, Workspace, safe_name
 
 if TYPE_CHECKING:
     from services.training.folder import RunFolder
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+HUB_NAME_MAX = 96  # the longest Hugging Face repository name
 
 
 class PublishError(ForgeError, ValueError):
@@ -32,14 +31,10 @@ class PublishError(ForgeError, ValueError):
 def published_path(workspace: Workspace, name: str, *, overwrite: bool = False) -> Path:
     """``workspace/published/NAME`` after checking NAME cannot escape it; refuses an existing NAME unless overwrite."""
     where = workspace.published
-    if not isinstance(name, str) or not name:
-        raise PublishError(f"name: give a folder name for the model in {where}")
-    if "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name) or "\0" in name:
-        raise PublishError(f"name {name!r}: give a plain folder name, not a path (no '/', '\\', '..'); "
-                           f"models are published into {where}")
-    if not NAME_RE.fullmatch(name):
-        raise PublishError(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 96, first a letter or "
-                           "digit), as Hugging Face repository names allow")
+    try:
+        safe_name(name, "name", max_len=HUB_NAME_MAX)
+    except BadName as e:
+        raise PublishError(f"{e}; models are published into {where}") from None
     target = where / name
     if target.is_symlink():
         raise PublishError(f"{target} is a symbolic link; refusing to publish through it (remove it first)")

@@ -32,7 +32,9 @@ import psutil
 from services import __version__
 from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
+from services.errors import NotFound
 from services.jobs import REPO_ROOT, child_env
+from services.library.models import LibraryError, check_model_folder
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, read_json
@@ -71,13 +73,10 @@ class RunManager:
 
     def resolve_path(self, value: str, kind: str, field: str) -> Path:
         """A model or dataset path: as given, or relative to the workspace's ``models/``/``datasets/``."""
-        p = Path(value).expanduser()
-        root = self.workspace.root
-        candidates = [p] if p.is_absolute() else [Path.cwd() / p, root / kind / p, root / p]
-        for c in candidates:
-            if c.exists():
-                return c.resolve()
-        raise ConfigError(field, value, f"not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+        try:
+            return self.workspace.find(value, kind)
+        except NotFound as e:
+            raise ConfigError(field, value, str(e)) from None
 
     def prepare_config(self, user_cfg: dict[str, Any]) -> dict[str, Any]:
         """Resolve defaults and paths and check everything that can be checked without loading the model.
@@ -93,9 +92,11 @@ class RunManager:
         if "model" not in flagged:
             try:
                 model = self.resolve_path(cfg["model"], "models", "model")
+                try:
+                    check_model_folder(model)
+                except LibraryError as e:
+                    raise ConfigError("model", cfg["model"], str(e)) from None
                 model_cfg = read_json(model / "config.json")
-                if model_cfg is None:
-                    raise ConfigError("model", cfg["model"], f"{model} has no config.json: not an mlx-lm model folder")
                 cfg["model"] = str(model)
                 if not errors:  # the checks against the model need a valid config
                     config_mod.check_against_model(cfg, model_cfg)
