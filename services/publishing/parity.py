@@ -43,9 +43,9 @@ FLOAT_LOSS_RTOL = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 5e-3}
 QUANT_PPL_TOLERANCE = {2: 0.5, 3: 0.25, 4: 0.10, 5: 0.06, 6: 0.04, 8: 0.02}
 # A quantized export must also keep at least this share of the fine-tune's loss improvement over the base.
 MIN_RETAINED = 0.5
-PHASES = ("loading", "fusing", "quantizing", "saving", "parity", "card")
 
 Progress = Callable[[str, float, str], None]
+
 
 @dataclass
 class ParityInputs:
