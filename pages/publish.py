@@ -218,6 +218,7 @@ class PublishForm:
                 "license": (self.license.value or "").strip() or None, "overwrite": bool(self.overwrite.value)}
 
     def options_problem(self) -> str | None:
+        """Why the options cannot be published from this run's base model (None: they can)."""
         try:
             check_options(self.options(), self.base, self.base_cfg)
         except PublishError as e:
@@ -225,10 +226,12 @@ class PublishForm:
         return None
 
     def options_changed(self) -> None:
+        """Enable the group size only for quantization; show the options' problem."""
         self.group.set_enabled(bool(self.quantize.value))
         self.options_error.set_text(self.options_problem() or "")
 
     def checkpoint_changed(self) -> None:
+        """Say why the chosen checkpoint; follow it with the suggested name unless the name was edited."""
         default = choose_checkpoint(self.folder)
         choice = default if self.ckpt.value == default.iteration else choose_checkpoint(self.folder, self.ckpt.value)
         self.why.set_text(choice.reason[0].upper() + choice.reason[1:])
@@ -268,6 +271,7 @@ class PublishProgress:
         self.card.set_visibility(False)
 
     def show(self, job: dict[str, Any]) -> None:
+        """Show one state of a job (:meth:`PublishJobs.get`)."""
         status = job["status"]
         running = status == "running"
         self.card.set_visibility(True)
@@ -330,6 +334,7 @@ class PublishPage:
         ui.timer(POLL_SECONDS, self.poll)
 
     def start(self) -> None:
+        """Start a publish of the form's choice (a refusal is notified; nothing starts)."""
         if not self.form.ready():
             return
         try:
@@ -343,10 +348,12 @@ class PublishPage:
         self.poll()
 
     def cancel(self) -> None:
+        """Cancel the followed publish."""
         if self.job:
             self.jobs.cancel(self.job)
 
     def poll(self) -> None:
+        """Redraw the progress (and the result, once) when the jobs moved."""
         if self.job is None or self.jobs.version == self.seen:
             return
         self.seen = self.jobs.version

@@ -37,8 +37,9 @@ class _Publish:
     job: ChildJob
 
     def state(self) -> dict[str, Any]:
+        """Plain data for the pages; a cancelled publish reads as failed with the error "cancelled"."""
         snap = self.job.snapshot()
-        status = FAILED if snap["state"] == CANCELLED else snap["state"]  # a cancelled publish published nothing
+        status = FAILED if snap["state"] == CANCELLED else snap["state"]
         error = snap["error"] or ("cancelled" if snap["state"] == CANCELLED else None)
         return {"id": self.id, "run_id": self.run_id, "iteration": self.iteration, "name": self.name,
                 "options": dict(self.options), "status": status, "phase": snap["phase"],

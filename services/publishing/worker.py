@@ -55,6 +55,7 @@ def run(workspace: Workspace, ref: str, name: str, options: dict[str, Any]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``WORKSPACE RUN[@ITER] NAME OPTIONS_JSON``: exit 0 when published, 2 when not."""
     workspace, ref, name, options = (argv if argv is not None else sys.argv[1:])[:4]
     return 0 if run(Workspace.resolve(workspace), ref, name, json.loads(options)) is not None else 2
 
