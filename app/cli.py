@@ -372,25 +372,23 @@ def _progress_line(line: str, tty: bool) -> None:
 def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
     """Publish RUN[@ITER]; exit 0 (parity passed), 2 (refused or failed), 3 (published, parity failed).
 
-    With ``--json`` every line on stdout is one JSON object: ``{"type": "progress", "phase", "fraction",
-    "message"}`` while it works, then ``{"type": "result", ...PublishResult, "summary"}`` or
-    ``{"type": "error", "message"}``.
+    With ``--json`` stdout is the publish worker's JSON lines (:mod:`services.publishing.worker`):
+    ``{"type": "progress", "phase", "fraction", "message"}`` while it works, then
+    ``{"type": "result", ...PublishResult, "summary"}`` or ``{"type": "error", "message"}``.
     """
-    import json
-    import traceback
+    from services.publishing import worker
+    from services.publishing.parity import parity_summary
+    from services.publishing.publish import publish
+    from services.publishing.rules import PublishError
 
-    from services.publishing.publisher import PublishError, parity_summary, publish
-
-    as_json = getattr(args, "json", False)
-    tty = sys.stdout.isatty() and not as_json
-
-    def emit(event: dict) -> None:
-        print(json.dumps(event), flush=True)
+    if getattr(args, "json", False):
+        options = {"dequantize": args.dequantize, "quantize_bits": args.quantize, "group_size": args.group_size,
+                   "gguf": args.gguf, "license": args.license, "overwrite": args.overwrite}
+        fields = worker.run(manager.workspace, args.run, args.name, options)
+        return 2 if fields is None else 0 if fields["parity"]["passed"] else 3
+    tty = sys.stdout.isatty()
 
     def progress(phase: str, fraction: float, message: str) -> None:
-        if as_json:
-            emit({"type": "progress", "phase": phase, "fraction": fraction, "message": message})
-            return
         _progress_line(f"[{fraction:4.0%}] {phase}: {message}", tty)
 
     try:
@@ -399,21 +397,9 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
                          quantize_bits=args.quantize, group_size=args.group_size, gguf=args.gguf,
                          license=args.license, overwrite=args.overwrite, progress=progress)
     except (PublishError, ConfigError) as e:
-        if as_json:
-            emit({"type": "error", "message": str(e)})
-        else:
-            print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # JSON mode: the caller gets a reason instead of a bare exit code
-        if not as_json:
-            raise
-        traceback.print_exc()
-        emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+        print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
         return 2
     parity = result.parity
-    if as_json:
-        emit({"type": "result", **result.to_dict(), "summary": parity_summary(parity)})
-        return 0 if parity["passed"] else 3
     if tty:
         print()
     print(f"published {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
@@ -450,7 +436,7 @@ def cmd_export_dashboard(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.publishing.publisher import UploadError, upload
+    from services.publishing.hub import UploadError, upload
     from services.publishing.rules import published_folder
 
     path = published_folder(manager.workspace, args.name)

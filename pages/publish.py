@@ -16,22 +16,25 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from pages.common import fmt_loss, page_column
-from services.publishing.jobs import PublishJobs
 from services.publishing.rules import (
     GGUF_MODEL_TYPES,
     GROUP_SIZES,
     PublishError,
+    base_model,
     check_options,
     choose_checkpoint,
     published_folder,
     published_path,
     split_front_matter,
+    suggest_name,
 )
 from services.units import human_bytes
 from services.workspace import Workspace, read_json
 
 if TYPE_CHECKING:
     from app.composition import Services
+    from services.publishing.jobs import PublishJobs
+    from services.training.folder import RunFolder
 
 POLL_SECONDS = 0.5
 MARKDOWN_EXTRAS = ["fenced-code-blocks", "tables", "code-friendly"]
@@ -46,19 +49,6 @@ CHECK_COLUMNS: list[dict[str, Any]] = [
 
 
 # ----------------------------------------------------------------------------------------- pure helpers
-
-
-def jobs_of(services: Services) -> PublishJobs:
-    """The app's publish jobs (made on first use when the services were built without them)."""
-    if getattr(services, "publisher_jobs", None) is None:
-        services.publisher_jobs = PublishJobs(services.workspace)
-    return services.publisher_jobs  # type: ignore[return-value]
-
-
-def suggest_name(run_name: str, iteration: int) -> str:
-    """A valid default folder name from the run's name and the checkpoint."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-._")[:80] or "model"
-    return f"{stem}-{iteration}"
 
 
 def name_problem(workspace: Workspace, name: str | None, overwrite: bool = False) -> str | None:
@@ -162,190 +152,221 @@ def publish_page(services: Services, run_id: str, iteration: str | None = None) 
     """Build ``/runs/{run_id}/publish``; ``iteration`` preselects a checkpoint (default: the best)."""
     _card_styles()
     with page_column():
-        _build_publish(services, run_id, iteration)
+        PublishPage(services, run_id, iteration)
 
 
-def _build_publish(services: Services, run_id: str, iteration: str | None) -> None:
-    manager, ws, jobs = services.manager, services.workspace, jobs_of(services)
-    with ui.row().classes("w-full items-center gap-3"):
-        ui.button(icon="arrow_back", on_click=lambda: ui.navigate.to(f"/runs/{run_id}")).props("flat round") \
-            .tooltip("Back to the run").mark("back-to-run")
-        ui.label("Publish a checkpoint").classes("text-2xl font-semibold")
-    try:
-        folder = manager.folder(run_id)
-        info = manager.get(run_id)
-        cfg = folder.config()
-    except (ValueError, OSError) as e:
-        ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
-        return
-    its = folder.checkpoint_iterations()
-    run_name = info.get("name") or run_id
-    with ui.row().classes("items-center gap-2 text-sm"):
-        ui.label("Run").classes("text-grey-7")
-        ui.link(f"{run_name} ({run_id})", f"/runs/{run_id}").mark("publish-run")
-        ui.label(f"· base model {Path(cfg.get('model', '?')).name} · {info.get('status')}").classes("text-grey-7")
-    if not its:
-        ui.label("This run has no checkpoint yet: publish one once the run has saved a checkpoint.") \
-            .classes("text-grey-7").mark("no-checkpoints")
-        return
-    base = Path(cfg.get("model", ""))
-    base_cfg = read_json(base / "config.json", {}) or {}
-    model_type = base_cfg.get("model_type") or "?"
-    base_quantized = bool(base_cfg.get("quantization"))
+class PublishForm:
+    """The publish form: checkpoint, name, licence and export options, checked with the publishing rules as they
+    change. ``on_publish`` runs when the Publish button is pressed."""
 
-    requested: int | None = None
-    if iteration not in (None, ""):
-        if str(iteration).isdigit() and int(iteration) in its:
-            requested = int(iteration)
-        else:
-            ui.label(f"Run {run_id} has no checkpoint {iteration}; showing the best instead.") \
-                .classes("text-sm text-warning").mark("bad-iteration")
-    first, _ = choose_checkpoint(folder, requested)
+    def __init__(self, ws: Workspace, folder: RunFolder, info: dict[str, Any], first: int, on_publish: Any):
+        self.folder = folder
+        self.run_name = info.get("name") or folder.id
+        self.base, base_cfg = base_model(folder.config())
+        self.base_cfg = base_cfg or {}
+        self.suggested = suggest_name(self.run_name, first)
+        model_type = self.base_cfg.get("model_type") or "?"
+        base_quantized = bool(self.base_cfg.get("quantization"))
+        with ui.card().classes("w-full gap-3").props("flat bordered").mark("publish-form"):
+            with ui.row().classes("w-full items-start gap-4"):
+                self.ckpt = ui.select(checkpoint_options(info, folder.checkpoint_iterations()), value=first,
+                                      label="Checkpoint", on_change=self.checkpoint_changed) \
+                    .props("dense outlined").classes("w-80").mark("publish-checkpoint")
+                with ui.column().classes("gap-0 grow"):
+                    ui.label("Why this checkpoint").classes("text-xs text-grey-7")
+                    self.why = ui.label("").classes("text-sm").mark("checkpoint-why")
+            with ui.row().classes("w-full items-start gap-4"):
+                self.name = ui.input("Name", value=self.suggested).props("dense outlined bottom-slots") \
+                    .classes("w-96").mark("publish-name")
+                self.name.tooltip(f"Folder name under {ws.published}: letters, digits, '.', '_' and '-'")
+                self.overwrite = ui.checkbox("Replace an existing model of this name",
+                                             on_change=lambda: self.name.validate()).mark("publish-overwrite")
+                self.name.validation = lambda v: name_problem(ws, v, bool(self.overwrite.value))
+                self.license = ui.input("Licence", placeholder="default: the base model's") \
+                    .props("dense outlined").classes("w-56").mark("publish-license")
+            with ui.row().classes("w-full items-center gap-6"):
+                with ui.column().classes("gap-0"):
+                    ui.label("Quantize").classes("text-xs text-grey-7")
+                    self.quantize = ui.toggle(QUANTIZE, value=0, on_change=self.options_changed) \
+                        .props("dense no-caps").mark("publish-quantize")
+                with ui.column().classes("gap-0"):
+                    ui.label("Group size").classes("text-xs text-grey-7")
+                    self.group = ui.toggle(list(GROUP_SIZES), value=64, on_change=self.options_changed) \
+                        .props("dense no-caps").mark("publish-group-size")
+                self.dequantize = ui.checkbox("Dequantize", on_change=self.options_changed) \
+                    .mark("publish-dequantize")
+                self.dequantize.tooltip("Write float weights from a quantized base model (needed to re-quantize "
+                                        "or for GGUF)")
+                self.gguf = ui.checkbox("Also write GGUF", on_change=self.options_changed).mark("publish-gguf")
+            ui.label(f"Base model {self.base.name}: {model_type}"
+                     + (", quantized" if base_quantized else ", float weights")
+                     + f". GGUF (for llama.cpp / Ollama) is written by mlx-lm only for {', '.join(GGUF_MODEL_TYPES)} "
+                     "models with float weights; quantize = none. Group size applies to 4/8-bit quantization.") \
+                .classes("text-xs text-grey-7").mark("publish-hint")
+            self.options_error = ui.label("").classes("text-sm text-negative").mark("options-error")
+            with ui.row().classes("items-center gap-3"):
+                self.go = ui.button("Publish", icon="publish", on_click=on_publish).mark("publish-go")
+                ui.label("Fuses the checkpoint into a standalone model, checks it against base + checkpoint and "
+                         "writes a model card.").classes("text-xs text-grey-7")
+        self.checkpoint_changed()
+        self.options_changed()
 
-    # -- the form ----------------------------------------------------------------------------------
-    with ui.card().classes("w-full gap-3").props("flat bordered").mark("publish-form"):
-        with ui.row().classes("w-full items-start gap-4"):
-            ckpt = ui.select(checkpoint_options(info, its), value=first, label="Checkpoint",
-                             on_change=lambda: checkpoint_changed()).props("dense outlined").classes("w-80") \
-                .mark("publish-checkpoint")
-            with ui.column().classes("gap-0 grow"):
-                ui.label("Why this checkpoint").classes("text-xs text-grey-7")
-                why = ui.label("").classes("text-sm").mark("checkpoint-why")
-        with ui.row().classes("w-full items-start gap-4"):
-            name = ui.input("Name", value=suggest_name(run_name, first)).props("dense outlined bottom-slots") \
-                .classes("w-96").mark("publish-name")
-            name.tooltip(f"Folder name under {ws.published}: letters, digits, '.', '_' and '-'")
-            overwrite = ui.checkbox("Replace an existing model of this name", on_change=lambda: name.validate()) \
-                .mark("publish-overwrite")
-            name.validation = lambda v: name_problem(ws, v, bool(overwrite.value))
-            license_ = ui.input("Licence", placeholder="default: the base model's").props("dense outlined") \
-                .classes("w-56").mark("publish-license")
-        with ui.row().classes("w-full items-center gap-6"):
-            with ui.column().classes("gap-0"):
-                ui.label("Quantize").classes("text-xs text-grey-7")
-                quantize = ui.toggle(QUANTIZE, value=0, on_change=lambda: options_changed()) \
-                    .props("dense no-caps").mark("publish-quantize")
-            with ui.column().classes("gap-0"):
-                ui.label("Group size").classes("text-xs text-grey-7")
-                group = ui.toggle(list(GROUP_SIZES), value=64, on_change=lambda: options_changed()) \
-                    .props("dense no-caps").mark("publish-group-size")
-            dequantize = ui.checkbox("Dequantize", on_change=lambda: options_changed()).mark("publish-dequantize")
-            dequantize.tooltip("Write float weights from a quantized base model (needed to re-quantize or for GGUF)")
-            gguf = ui.checkbox("Also write GGUF", on_change=lambda: options_changed()).mark("publish-gguf")
-        ui.label(f"Base model {base.name}: {model_type}" + (", quantized" if base_quantized else ", float weights")
-                 + f". GGUF (for llama.cpp / Ollama) is written by mlx-lm only for {', '.join(GGUF_MODEL_TYPES)} "
-                 "models with float weights; quantize = none. Group size applies to 4/8-bit quantization.") \
-            .classes("text-xs text-grey-7").mark("publish-hint")
-        options_error = ui.label("").classes("text-sm text-negative").mark("options-error")
-        with ui.row().classes("items-center gap-3"):
-            go_btn = ui.button("Publish", icon="publish", on_click=lambda: start()).mark("publish-go")
-            ui.label("Fuses the checkpoint into a standalone model, checks it against base + checkpoint and "
-                     "writes a model card.").classes("text-xs text-grey-7")
+    def options(self) -> dict[str, Any]:
+        """The export options as :class:`~services.publishing.jobs.PublishJobs` takes them."""
+        return {"dequantize": bool(self.dequantize.value), "quantize_bits": self.quantize.value or None,
+                "group_size": int(self.group.value), "gguf": bool(self.gguf.value),
+                "license": (self.license.value or "").strip() or None, "overwrite": bool(self.overwrite.value)}
 
-    # -- progress and result -------------------------------------------------------------------------
-    with ui.card().classes("w-full gap-2").props("flat bordered").mark("publish-progress") as progress_card:
-        with ui.row().classes("w-full items-center gap-3"):
-            phase = ui.label("").classes("font-medium").mark("publish-phase")
-            message = ui.label("").classes("text-sm text-grey-7 grow").mark("publish-message")
-            cancel_btn = ui.button("Cancel", icon="close", on_click=lambda: cancel()).props("flat dense") \
-                .mark("publish-cancel")
-        bar = ui.linear_progress(value=0, show_value=False).props("rounded size=10px instant-feedback") \
-            .mark("publish-bar")
-        error = ui.label("").classes("text-negative whitespace-pre-line").mark("publish-error")
-        with ui.expansion("Log", icon="article").classes("w-full text-sm").props("dense") as log_box:
-            log = ui.code("", language="text").classes("w-full max-h-64 overflow-auto text-xs").mark("publish-log")
-    progress_card.set_visibility(False)
-    result_box = ui.column().classes("w-full gap-3").mark("publish-result")
-
-    state: dict[str, Any] = {"job": None, "seen": -1, "suggested": name.value, "shown": None}
-
-    def current_options() -> dict[str, Any]:
-        return {"dequantize": bool(dequantize.value), "quantize_bits": quantize.value or None,
-                "group_size": int(group.value), "gguf": bool(gguf.value),
-                "license": (license_.value or "").strip() or None, "overwrite": bool(overwrite.value)}
-
-    def options_problem() -> str | None:
-        o = current_options()
+    def options_problem(self) -> str | None:
+        """Why the options cannot be published from this run's base model (None: they can)."""
         try:
-            check_options(base, base_cfg, dequantize=o["dequantize"], quantize_bits=o["quantize_bits"],
-                          group_size=o["group_size"], gguf=o["gguf"])
+            check_options(self.options(), self.base, self.base_cfg)
         except PublishError as e:
             return str(e)
         return None
 
-    def options_changed() -> None:
-        group.set_enabled(bool(quantize.value))
-        options_error.set_text(options_problem() or "")
+    def options_changed(self) -> None:
+        """Enable the group size only for quantization; show the options' problem."""
+        self.group.set_enabled(bool(self.quantize.value))
+        self.options_error.set_text(self.options_problem() or "")
 
-    def checkpoint_changed() -> None:
-        it = ckpt.value
-        default, reason = choose_checkpoint(folder, None)
-        if it != default:
-            reason = choose_checkpoint(folder, it)[1]
-            reason = reason.removeprefix("requested (").removesuffix(")")
-        why.set_text(reason[0].upper() + reason[1:])
-        if (name.value or "") == state["suggested"]:
-            state["suggested"] = suggest_name(run_name, it)
-            name.set_value(state["suggested"])
+    def checkpoint_changed(self) -> None:
+        """Say why the chosen checkpoint; follow it with the suggested name unless the name was edited."""
+        default = choose_checkpoint(self.folder)
+        choice = default if self.ckpt.value == default.iteration else choose_checkpoint(self.folder, self.ckpt.value)
+        self.why.set_text(choice.reason[0].upper() + choice.reason[1:])
+        if (self.name.value or "") == self.suggested:
+            self.suggested = suggest_name(self.run_name, self.ckpt.value)
+            self.name.set_value(self.suggested)
 
-    def start() -> None:
-        if not name.validate():
-            return
-        problem = options_problem()
-        if problem:
-            options_error.set_text(problem)
-            return
-        it = ckpt.value if ckpt.value != choose_checkpoint(folder, None)[0] else None  # None: "the best", said so
+    def iteration(self) -> int | None:
+        """The chosen checkpoint; None when it is the default, so the publish records it as "the best"."""
+        return self.ckpt.value if self.ckpt.value != choose_checkpoint(self.folder).iteration else None
+
+    def ready(self) -> bool:
+        """Whether the name and the options can be published (else the problem is shown next to them)."""
+        if not self.name.validate():
+            return False
+        problem = self.options_problem()
+        self.options_error.set_text(problem or "")
+        return problem is None
+
+
+class PublishProgress:
+    """The progress card of one publish job: phase, message, bar, error and log."""
+
+    def __init__(self, on_cancel: Any):
+        with ui.card().classes("w-full gap-2").props("flat bordered").mark("publish-progress") as self.card:
+            with ui.row().classes("w-full items-center gap-3"):
+                self.phase = ui.label("").classes("font-medium").mark("publish-phase")
+                self.message = ui.label("").classes("text-sm text-grey-7 grow").mark("publish-message")
+                self.cancel = ui.button("Cancel", icon="close", on_click=on_cancel).props("flat dense") \
+                    .mark("publish-cancel")
+            self.bar = ui.linear_progress(value=0, show_value=False).props("rounded size=10px instant-feedback") \
+                .mark("publish-bar")
+            self.error = ui.label("").classes("text-negative whitespace-pre-line").mark("publish-error")
+            with ui.expansion("Log", icon="article").classes("w-full text-sm").props("dense") as self.log_box:
+                self.log = ui.code("", language="text").classes("w-full max-h-64 overflow-auto text-xs") \
+                    .mark("publish-log")
+        self.card.set_visibility(False)
+
+    def show(self, job: dict[str, Any]) -> None:
+        """Show one state of a job (:meth:`PublishJobs.get`)."""
+        status = job["status"]
+        running = status == "running"
+        self.card.set_visibility(True)
+        self.cancel.set_visibility(running)
+        self.phase.set_text(PHASE_TEXT.get(job["phase"], job["phase"]) if status != "failed" else "Failed")
+        self.message.set_text(f"{job['name']}: {job['message']}" if running else
+                              (f"published {job['name']}" if status == "done" else ""))
+        self.bar.set_value(job["fraction"])
+        self.bar.props(f"color={'negative' if status == 'failed' else 'primary'}")
+        self.error.set_text(job["error"] or "")
+        self.error.set_visibility(bool(job["error"]))
+        self.log.set_content("\n".join(job["log"][-60:]))
+        if status == "failed":
+            self.log_box.open()
+
+
+class PublishPage:
+    """``/runs/{run_id}/publish``: the run, the form, the progress of its publish job and the result."""
+
+    def __init__(self, services: Services, run_id: str, iteration: str | None):
+        self.ws, self.run_id = services.workspace, run_id
+        self.jobs: PublishJobs = services.publisher_jobs  # type: ignore[assignment]  # build_services makes it
+        self.job: str | None = None
+        self.seen, self.shown = -1, None
+        with ui.row().classes("w-full items-center gap-3"):
+            ui.button(icon="arrow_back", on_click=lambda: ui.navigate.to(f"/runs/{run_id}")).props("flat round") \
+                .tooltip("Back to the run").mark("back-to-run")
+            ui.label("Publish a checkpoint").classes("text-2xl font-semibold")
         try:
-            state["job"] = jobs.start(run_id, it, (name.value or "").strip(), current_options())
+            folder = services.manager.folder(run_id)
+            info = services.manager.get(run_id)
+            cfg = folder.config()
+        except (ValueError, OSError) as e:
+            ui.label(f"Run {run_id}: {e}").classes("text-negative").mark("run-missing")
+            return
+        its = folder.checkpoint_iterations()
+        with ui.row().classes("items-center gap-2 text-sm"):
+            ui.label("Run").classes("text-grey-7")
+            ui.link(f"{info.get('name') or run_id} ({run_id})", f"/runs/{run_id}").mark("publish-run")
+            ui.label(f"· base model {Path(cfg.get('model', '?')).name} · {info.get('status')}") \
+                .classes("text-grey-7")
+        if not its:
+            ui.label("This run has no checkpoint yet: publish one once the run has saved a checkpoint.") \
+                .classes("text-grey-7").mark("no-checkpoints")
+            return
+        requested: int | None = None
+        if iteration not in (None, ""):
+            if str(iteration).isdigit() and int(iteration) in its:
+                requested = int(iteration)
+            else:
+                ui.label(f"Run {run_id} has no checkpoint {iteration}; showing the best instead.") \
+                    .classes("text-sm text-warning").mark("bad-iteration")
+        self.form = PublishForm(self.ws, folder, info, choose_checkpoint(folder, requested).iteration, self.start)
+        self.progress = PublishProgress(self.cancel)
+        self.result_box = ui.column().classes("w-full gap-3").mark("publish-result")
+        running = self.jobs.running()
+        if running and running["run_id"] == run_id:  # a publish of this run is under way: follow it
+            self.job = running["id"]
+        self.poll()
+        ui.timer(POLL_SECONDS, self.poll)
+
+    def start(self) -> None:
+        """Start a publish of the form's choice (a refusal is notified; nothing starts)."""
+        if not self.form.ready():
+            return
+        try:
+            self.job = self.jobs.start(self.run_id, self.form.iteration(), (self.form.name.value or "").strip(),
+                                       self.form.options())
         except PublishError as e:
             ui.notify(str(e), type="negative", multi_line=True)
             return
-        state["seen"], state["shown"] = -1, None
-        result_box.clear()
-        poll()
+        self.seen, self.shown = -1, None
+        self.result_box.clear()
+        self.poll()
 
-    def cancel() -> None:
-        if state["job"]:
-            jobs.cancel(state["job"])
+    def cancel(self) -> None:
+        """Cancel the followed publish."""
+        if self.job:
+            self.jobs.cancel(self.job)
 
-    def poll() -> None:
-        if state["job"] is None or jobs.version == state["seen"]:
+    def poll(self) -> None:
+        """Redraw the progress (and the result, once) when the jobs moved."""
+        if self.job is None or self.jobs.version == self.seen:
             return
-        state["seen"] = jobs.version
-        job = jobs.get(state["job"])
+        self.seen = self.jobs.version
+        job = self.jobs.get(self.job)
         if job is None:
             return
-        running = job["status"] == "running"
-        progress_card.set_visibility(True)
-        go_btn.set_enabled(not running)
-        cancel_btn.set_visibility(running)
-        phase.set_text(PHASE_TEXT.get(job["phase"], job["phase"]) if job["status"] != "failed" else "Failed")
-        message.set_text(f"{job['name']}: {job['message']}" if running else
-                         (f"published {job['name']}" if job["status"] == "done" else ""))
-        bar.set_value(job["fraction"])
-        bar.props(f"color={'negative' if job['status'] == 'failed' else 'primary'}")
-        error.set_text(job["error"] or "")
-        error.set_visibility(bool(job["error"]))
-        log.set_content("\n".join(job["log"][-60:]))
-        if job["status"] == "failed":
-            log_box.open()
-        if job["status"] == "done" and state["shown"] != job["id"]:
-            state["shown"] = job["id"]
-            show_result(job["result"] or {})
-
-    def show_result(result: dict[str, Any]) -> None:
-        result_box.clear()
-        with result_box:
-            _result_view(ws, result)
-
-    running = jobs.running()
-    if running and running["run_id"] == run_id:  # a publish of this run is under way: follow it
-        state["job"] = running["id"]
-    checkpoint_changed()
-    options_changed()
-    poll()
-    ui.timer(POLL_SECONDS, poll)
+        self.progress.show(job)
+        self.form.go.set_enabled(job["status"] != "running")
+        if job["status"] == "done" and self.shown != job["id"]:
+            self.shown = job["id"]
+            self.result_box.clear()
+            with self.result_box:
+                _result_view(self.ws, job["result"] or {})
 
 
 def _result_view(ws: Workspace, result: dict[str, Any]) -> None:

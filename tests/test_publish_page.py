@@ -1,7 +1,7 @@
 """Publish page and model card page through NiceGUI's simulated user, with real services and a real publish.
 
 One tiny LoRA run is trained once per module; each test works on its own copy of that workspace. The publish
-itself runs ``forgellm publish --json`` in a child process, as in the app.
+itself runs the publish worker (``python -m services.publishing.worker``) in a child process, as in the app.
 """
 
 from __future__ import annotations
@@ -150,3 +150,16 @@ async def test_publish_jobs_refuse_bad_names_up_front_and_report_the_publishers_
     job = jobs.get(job_id)
     assert job["status"] == "failed" and job["returncode"] == 2 and "no-such-run" in job["error"], job
     assert list(services.workspace.published.iterdir()) == []
+
+
+async def test_a_cancelled_publish_failed_and_says_so_and_one_runs_at_a_time(services, trained):
+    _, run_id = trained
+    jobs = services.publisher_jobs
+    job_id = jobs.start(run_id, None, "gone")
+    with pytest.raises(PublishError, match="another publish is running"):
+        jobs.start(run_id, None, "second")
+    assert jobs.cancel(job_id)
+    await wait_for(lambda: jobs.get(job_id)["status"] != "running", timeout=60)
+    job = jobs.get(job_id)
+    assert job["status"] == "failed" and job["error"] == "cancelled", job
+    assert not (services.workspace.published / "gone").exists()

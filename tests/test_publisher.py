@@ -15,13 +15,15 @@ from mlx_lm import load as mlx_load
 
 from app.cli import main as cli_main
 from services.library.tiny_model import build_tiny_model
-from services.publishing.publisher import (
+from services.publishing.hub import UploadError, upload
+from services.publishing.publish import list_published, parity_check, publish
+from services.publishing.rules import (
     PublishError,
-    UploadError,
-    list_published,
-    parity_check,
-    publish,
-    upload,
+    base_model,
+    check_options,
+    choose_checkpoint,
+    published_path,
+    suggest_name,
 )
 from services.training.manager import RunManager
 from services.workspace import Workspace
@@ -133,14 +135,16 @@ def test_parity_check_flags_a_broken_export(trained):
 
 
 def test_an_export_that_lost_the_fine_tune_is_flagged_and_strict_publishes_nothing(trained, monkeypatch):
-    import services.publishing.publisher as publisher
+    from mlx.utils import tree_unflatten
+
+    import services.publishing.publish as publish_module
 
     def drop_adapters(model, dequantize=False):  # the classic silent failure: the base weights are written
         lora = [(n, m.linear) for n, m in model.named_modules() if hasattr(m, "fuse")]
-        model.update_modules(publisher.tree_unflatten(lora))
+        model.update_modules(tree_unflatten(lora))
         return len(lora)
 
-    monkeypatch.setattr(publisher, "fuse", drop_adapters)
+    monkeypatch.setattr(publish_module, "fuse", drop_adapters)
     ws, folder = trained
     with pytest.raises(PublishError, match="parity check failed, nothing published"):
         publish(ws, folder.id, name="lost", strict=True)
@@ -189,7 +193,7 @@ def test_quantized_exports_report_their_loss_delta(trained):
 
 
 def test_a_failed_quantized_export_says_what_to_try():
-    from services.publishing.publisher import compare
+    from services.publishing.parity import compare
 
     def measured(loss: float) -> dict:
         return {"loss": loss, "tokens": 100, "greedy": [{"tokens": [1, 2], "text": "a b"}], "logits": []}
@@ -234,6 +238,59 @@ def test_gguf_is_refused_with_a_clear_message_for_qwen3_and_quantized(tmp_path, 
     for bad in ({"quantize_bits": 3}, {"quantize_bits": 4, "group_size": 48}):
         with pytest.raises(PublishError, match="choose one of"):
             publish(ws2, folder.id, name="bad", **bad)
+
+
+def test_the_checkpoint_choice_says_why_in_fields_not_in_text_to_parse_apart(trained):
+    _, folder = trained
+    best = choose_checkpoint(folder)
+    assert not best.requested and best.why == best.reason and best.reason.startswith("best validation loss")
+    other = 10 if best.iteration == 20 else 20
+    asked = choose_checkpoint(folder, other)
+    assert asked.requested and asked.iteration == other
+    assert asked.why == f"requested ({asked.reason})"
+    assert asked.reason.startswith(f"iteration {other}, validation loss ")
+    assert f"the best is {best.iteration}" in asked.reason
+    again = choose_checkpoint(folder, best.iteration)
+    assert again.requested and again.reason.endswith("; also the best by validation loss")
+
+
+def test_suggested_names_are_publishable(tmp_path):
+    ws = Workspace.resolve(tmp_path / "ws")
+    cases = (("My run: v2!", "My-run-v2-20"), ("../..", "model-20"), ("a" * 200, "a" * 80 + "-20"))
+    for run_name, expected in cases:
+        assert suggest_name(run_name, 20) == expected
+        assert published_path(ws, expected) == ws.published / expected
+
+
+def test_one_check_of_the_export_options_with_and_without_the_base_model(tiny_model, tmp_path):
+    base_cfg = json.loads((tiny_model / "config.json").read_text())
+    quantized = {**base_cfg, "quantization": {"bits": 4, "group_size": 64}}
+    check_options({})
+    check_options({"quantize_bits": 4, "group_size": 32, "license": "mit", "overwrite": True}, tiny_model, base_cfg)
+    check_options({"gguf": True}, tiny_model, base_cfg)
+    check_options({"quantize_bits": 8}, tiny_model, None)  # the base model's rules need its config
+    check_options({"quantize_bits": 8, "dequantize": True}, tiny_model, quantized)
+    with pytest.raises(PublishError, match=r"unknown option\(s\) \['bits'\]"):
+        check_options({"bits": 4})
+    with pytest.raises(PublishError, match="quantize_bits 3: choose one of"):
+        check_options({"quantize_bits": 3})
+    with pytest.raises(PublishError, match="group_size 48: choose one of"):
+        check_options({"group_size": 48})
+    with pytest.raises(PublishError, match="GGUF export needs float weights"):
+        check_options({"gguf": True, "quantize_bits": 4})
+    with pytest.raises(PublishError, match="already quantized; add dequantize"):
+        check_options({"quantize_bits": 8}, tiny_model, quantized)
+    with pytest.raises(PublishError, match="is quantized; add dequantize"):
+        check_options({"gguf": True}, tiny_model, quantized)
+    with pytest.raises(PublishError, match="only for llama, mistral, mixtral.*'qwen3'"):
+        check_options({"gguf": True}, tiny_model, {**base_cfg, "model_type": "qwen3"})
+
+
+def test_the_base_model_of_a_run_config(tiny_model, tmp_path):
+    base, cfg = base_model({"model": str(tiny_model)})
+    assert base == tiny_model and cfg is not None and cfg["model_type"] == "llama"
+    assert base_model({"model": str(tmp_path / "gone")}) == (tmp_path / "gone", None)
+    assert base_model({})[1] is None
 
 
 def test_upload_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ def _quant_bits(path: Path, name: str, weight: mx.array, scales: mx.array) -> in
     return bits
 
 
-def _convert_weights(path: Path, raw: dict[str, mx.array], dequantize: bool) -> tuple[dict, dict | None]:
+def convert_weights(path: Path, raw: dict[str, mx.array], dequantize: bool) -> tuple[dict, dict | None]:
     """Renamed weights, and the mlx-lm ``quantization`` config (None when nothing stays quantized)."""
     weights = {_rename(path, k): v for k, v in raw.items()}
     quantized: dict[str, int] = {}
@@ -265,7 +265,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dequantize: bool 
     if "tokenizer.ggml.tokens" not in meta:
         raise _fail(path, "it has no embedded tokenizer (tokenizer.ggml.tokens)")
 
-    weights, quantization = _convert_weights(path, raw, dequantize)
+    weights, quantization = convert_weights(path, raw, dequantize)
     config = _model_config(path, meta, weights)
     if quantization is not None:
         config["quantization"] = quantization

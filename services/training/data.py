@@ -312,18 +312,19 @@ def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequenc
 # ----------------------------------------------------------------------------------------- IFT
 
 
-def _chat_tokens(tokenizer: Any, messages: list[dict], tools: Any = None, gen: bool = False) -> list[int]:
+def chat_tokens(tokenizer: Any, messages: list[dict], tools: Any = None, gen: bool = False) -> list[int]:
+    """``messages`` through the tokenizer's chat template as token ids (``gen``: with the generation prompt)."""
     return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, return_dict=False))
 
 
 def render_chat(tokenizer: Any, messages: list[dict], tools: Any, all_turns: bool, where: str) -> Sample:
     """Chat-template a conversation; loss on every assistant turn (or the last one only)."""
-    tokens = _chat_tokens(tokenizer, messages, tools)
+    tokens = chat_tokens(tokenizer, messages, tools)
     mask = [False] * len(tokens)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i in turns if all_turns else turns[-1:]:
-        start = _chat_tokens(tokenizer, messages[:i], tools, gen=True)
-        end = _chat_tokens(tokenizer, messages[: i + 1], tools)
+        start = chat_tokens(tokenizer, messages[:i], tools, gen=True)
+        end = chat_tokens(tokenizer, messages[: i + 1], tools)
         if tokens[: len(start)] != start or tokens[: len(end)] != end:
             raise DataError(
                 f"{where}: the model's chat template does not render turn {i} as a prefix of the whole "
@@ -351,7 +352,7 @@ def render_row(tokenizer: Any, row: dict, fmt: str, cfg: dict[str, Any], where: 
         messages = row[cfg.get("chat_feature") or "messages"]
     masked = cfg.get("mask_all_turns") or cfg.get("mask_prompt")
     if not masked:
-        tokens = _chat_tokens(tokenizer, messages, row.get("tools"))
+        tokens = chat_tokens(tokenizer, messages, row.get("tools"))
         return Sample(tokens, [False] + [True] * (len(tokens) - 1))
     return render_chat(tokenizer, messages, row.get("tools"), bool(cfg.get("mask_all_turns")), where)
 
