@@ -58,7 +58,6 @@ from services import __version__
 from services.config import ConfigError
 from services.errors import ForgeError
 from services.inference.requests import RequestError, adapter_files
-from services.inference.service import resolve_adapter
 from services.library.imports import hub_offline_reason
 from services.publishing.rules import (
     PublishError,
@@ -70,6 +69,7 @@ from services.publishing.rules import check_options as _check_options
 from services.training.batching import eval_batches, masked_loss
 from services.training.data import DataError, _chat_tokens
 from services.training.folder import RunFolder, history
+from services.training.index import resolve_adapter
 from services.training.manager import RunManager, parse_ref
 from services.workspace import Workspace, disk_size, read_json, write_atomic, write_json
 
