@@ -17,7 +17,7 @@ from pages.playground.model_bar import loaded_name
 from pages.playground.selection import Settings
 from services.errors import ForgeError
 from services.inference.chats import MAX_CHAT_BYTES, chat_json, parse_chat, split_think
-from services.inference.service import GenerationStream, ModelError, ModelService
+from services.inference.service import GenerationStream, ModelService
 
 TICK = 0.1  # seconds between answer-bubble updates while tokens stream
 MARKDOWN_EXTRAS = ["fenced-code-blocks", "tables", "code-friendly"]  # code-friendly: snake_case stays as is
@@ -213,7 +213,7 @@ class ChatPanel:
         """Start a generation; None (with the error shown) when the service refuses it."""
         try:
             return self.models.generate(request)
-        except ModelError as e:
+        except ForgeError as e:
             self.stats_label.set_text(f"error: {e}")
             ui.notify(str(e), type="negative", multi_line=True)
             return None
@@ -230,7 +230,7 @@ class ChatPanel:
                 if chunk["type"] == "token":
                     self.buffer.append(chunk["text"])
                     self.live_tokens += 1
-        except ModelError as e:
+        except ForgeError as e:  # the worker failed or went away mid-answer
             error = str(e)
         finally:
             self.drain()
