@@ -243,7 +243,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _open_model(args: argparse.Namespace, manager: RunManager):
     """A ModelService with --model/--adapter loaded; warnings go to stderr."""
-    from services.inference.service import ModelService, resolve_adapter, resolve_model
+    from services.inference.service import ModelService
+    from services.training.index import resolve_adapter, resolve_model
 
     model = resolve_model(manager, args.model)
     adapter = resolve_adapter(manager, args.adapter) if args.adapter else None

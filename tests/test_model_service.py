@@ -36,10 +36,14 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 from mlx_lm.tuner.trainer import evaluate
 
-from services.inference.service import CancelHandle, ModelError, ModelService, save_preference
-from services.library.models import model_size_bytes
+from services.config import ConfigError
+from services.errors import NotFound
+from services.inference.service import CancelHandle, ModelError, ModelService
+from services.library.datasets import save_preference, validation_datasets, validation_split
+from services.library.models import LibraryError, model_size_bytes
 from services.library.tiny_model import build_tiny_model
 from services.training.folder import RunFolder
+from services.training.index import RunNotFound, adapters_for, resolve_adapter, resolve_model, run_link
 from services.training.manager import RunManager
 from services.workspace import Workspace
 
@@ -351,10 +355,84 @@ def test_save_preference(workspace):
     assert rows[0] == {"prompt": "the cat?", "chosen": "the cat eats.", "rejected": "cat cat cat"}
     assert rows[1]["prompt"][0]["role"] == "user"
     for bad in ("../escape", "", "a/b", ".."):
-        with pytest.raises(ValueError, match="dataset name"):
+        with pytest.raises(LibraryError, match="dataset name"):
             save_preference(workspace, bad, "p", "c", "r")
     with pytest.raises(ValueError, match="chosen"):
         save_preference(workspace, "prefs", "p", " ", "r")
+    with pytest.raises(LibraryError, match="prompt"):
+        save_preference(workspace, "prefs", [], "c", "r")
+    assert len(path.read_text().splitlines()) == 2  # refused pairs write nothing
+
+
+def test_validation_splits_are_what_perplexity_reads(workspace, chat_data, tiny_model):
+    ds = workspace.datasets
+    os.symlink(chat_data, ds / "chat")
+    (ds / "train-only").mkdir()
+    (ds / "train-only" / "train.jsonl").write_text('{"text": "a"}\n')
+    (ds / "one.jsonl").write_text('{"text": "a"}\n')
+    (ds / "notes.txt").write_text("just text\n")
+    assert validation_split(ds / "chat") == ds / "chat" / "valid.jsonl"
+    assert validation_split(ds / "one.jsonl") == ds / "one.jsonl"
+    assert validation_split(ds / "train-only") is None and validation_split(ds / "notes.txt") is None
+    assert [d["key"] for d in validation_datasets(workspace)] == ["chat", "one.jsonl"]
+    svc = ModelService()  # the path is refused before any worker starts
+    with pytest.raises(ModelError, match="has no valid.jsonl"):
+        svc.perplexity(tiny_model, None, ds / "train-only")
+    with pytest.raises(ModelError, match="is not a .jsonl file"):
+        svc.perplexity(tiny_model, None, ds / "notes.txt")
+    with pytest.raises(ModelError, match="does not exist"):
+        svc.perplexity(tiny_model, None, ds / "nope")
+    assert svc.worker_pid is None
+
+
+def test_ram_need_is_the_weights_against_free_ram(tiny_model, run, tmp_path):
+    need = ModelService(ram_headroom=1e12).ram_need(tiny_model, run.checkpoint_dir(20))
+    adapter = (run.checkpoint_dir(20) / "adapters.safetensors").stat().st_size
+    assert need.size == model_size_bytes(tiny_model) + adapter > adapter > 0
+    assert need.free == pytest.approx(psutil.virtual_memory().available, rel=0.2) and need.short
+    assert not ModelService(ram_headroom=0.0).ram_need(tiny_model).short
+    with pytest.raises(OSError):
+        ModelService().ram_need(tmp_path / "nope")
+
+
+def test_run_adapters_and_links(ws, run, tiny_model):
+    manager = RunManager(ws)
+    assert resolve_model(manager, str(tiny_model)) == tiny_model.resolve()
+    assert resolve_adapter(manager, run.id) == run.path
+    assert resolve_adapter(manager, f"{run.id}@20") == run.checkpoint_dir(20)
+    assert resolve_adapter(manager, str(run.checkpoint_dir(10))) == run.checkpoint_dir(10).resolve()
+    with pytest.raises(RunNotFound, match=r"has checkpoints \[10, 20, 30\]") as missing:
+        resolve_adapter(manager, f"{run.id}@7")
+    assert isinstance(missing.value, NotFound) and isinstance(missing.value, ConfigError)
+    with pytest.raises(NotFound, match="no such run"):
+        resolve_adapter(manager, "no-such-run@10")
+    assert run_link(manager, run.id, "20") == (tiny_model.resolve(), run.checkpoint_dir(20).resolve())
+    assert run_link(manager, f"{run.id}@10") == (tiny_model.resolve(), run.checkpoint_dir(10).resolve())
+    assert run_link(manager, run.id) == (tiny_model.resolve(), run.path.resolve())
+    with pytest.raises(ConfigError, match="expected a checkpoint number"):
+        run_link(manager, run.id, "x")
+    with pytest.raises(RunNotFound, match="has checkpoints"):
+        run_link(manager, run.id, "99")
+
+
+def test_adapters_for_a_model(ws, run, tiny_model, workspace):
+    best = run.info()["best"]["iteration"]
+    expected = [f"{run.id} (latest)"] + [f"{run.id} @ {it}" + (" ★ best" if it == best else "") for it in (30, 20, 10)]
+    choices = adapters_for(RunManager(ws), str(tiny_model.resolve()))
+    mine = [label for path, label in choices.items() if Path(path).is_relative_to(run.path.resolve())]
+    assert mine == expected
+    assert str(run.checkpoint_dir(20).resolve()) in choices
+    assert not [p for p in adapters_for(RunManager(ws), "/another/model") if Path(p).is_relative_to(run.path)]
+    # full fine-tunes cannot share a base: lora_only leaves them out
+    for name, kind in (("copy-lora", "lora"), ("copy-full", "full")):
+        shutil.copytree(run.path, workspace.runs / name)
+        info = json.loads((workspace.runs / name / "run.json").read_text())
+        info.update(id=name, fine_tune_type=kind)
+        (workspace.runs / name / "run.json").write_text(json.dumps(info))
+    manager = RunManager(workspace)
+    runs_of = lambda choices: sorted({Path(p).relative_to(workspace.runs.resolve()).parts[0] for p in choices})  # noqa: E731
+    assert runs_of(adapters_for(manager, str(tiny_model.resolve()))) == ["copy-full", "copy-lora"]
+    assert runs_of(adapters_for(manager, None, lora_only=True)) == ["copy-lora"]
 
 
 def forgellm(ws: Workspace, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -18,8 +18,9 @@ from uihelpers import el, els, set_value
 from uihelpers import wait_for as _wait_for
 
 from app.composition import build_services
-from pages.playground.page import parse_chat, split_think, stats_text
+from pages.playground.chat import stats_text
 from pages.shell import make_root
+from services.inference.chats import split_think
 from services.training.manager import RunManager
 from services.workspace import Workspace
 
@@ -85,22 +86,14 @@ async def say(user: User, text: str) -> None:
     await wait_for(lambda: len(els(user, "msg-assistant")) == n + 1 and not els(user, "msg-live"))
 
 
-# ----------------------------------------------------------------------------------------- pure helpers
+# ----------------------------------------------------------------------------------------- display
 
 
-def test_split_think_and_stats():
-    assert split_think("<think>hmm</think>Hello") == ("hmm", "Hello", False)
-    assert split_think("plan it</think>\nAnswer") == ("plan it", "Answer", False)  # template opened the block
-    assert split_think("a <think>still going") == ("still going", "a", True)
-    assert split_think("no thoughts") == ("", "no thoughts", False)
+def test_stats_text():
     line = stats_text({"prompt_tokens": 5, "generation_tokens": 7, "generation_tps": 321.4, "context_used": 12,
                        "context_max": 1024, "finish_reason": "cancelled"})
     assert line == "5 prompt + 7 generated tokens · 321 tokens/s · context 12 / 1,024 · stopped"
-    chat = parse_chat(json.dumps([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
-                      .encode())
-    assert chat["system"] == "be brief" and chat["messages"] == [{"role": "user", "content": "hi"}]
-    with pytest.raises(ValueError, match="messages\\[0\\]"):
-        parse_chat(b'{"messages": [{"role": "robot", "content": "x"}]}')
+    assert stats_text({"error": "boom"}) == "error: boom" and stats_text(None) == ""
 
 
 # ----------------------------------------------------------------------------------------- chat

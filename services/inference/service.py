@@ -36,16 +36,15 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
 from services.errors import ForgeError
 from services.inference.requests import RequestError, adapter_files, adapter_label, normalize_request
 from services.jobs import REPO_ROOT, child_env
+from services.library.datasets import validation_split
 from services.library.models import LibraryError, check_model_folder, model_size_bytes
-from services.training.manager import RunManager, parse_ref
-from services.workspace import Workspace, append_jsonl, safe_name
 
 GB = 1e9
 RAM_HEADROOM = 1.5  # warn when free RAM < model size x this
@@ -54,6 +53,14 @@ END = ("done", "error")
 
 class ModelError(ForgeError, RuntimeError):
     """Loading or running the model failed; the message says what and where."""
+
+
+class RamNeed(NamedTuple):
+    """Bytes a model + adapter put in memory, bytes of RAM free, and whether that is short of the headroom."""
+
+    size: int
+    free: int
+    short: bool
 
 
 # ----------------------------------------------------------------------------------------- the worker
@@ -416,10 +423,18 @@ class ModelService:
             raise self._fail(str(e)) from None
         return model, adapter_dir
 
-    def _ram_warning(self, model: str, adapter: str | None) -> tuple[float, str | None]:
+    def ram_need(self, model: str | os.PathLike, adapter: str | os.PathLike | None = None) -> RamNeed:
+        """What loading ``model`` + ``adapter`` needs against the free RAM (short: free < size x ``ram_headroom``).
+
+        Raises ``OSError`` when a folder cannot be read.
+        """
         size = model_size_bytes(model) + (Path(adapter, "adapters.safetensors").stat().st_size if adapter else 0)
         free = psutil.virtual_memory().available
-        if free < size * self.ram_headroom:
+        return RamNeed(size, free, free < size * self.ram_headroom)
+
+    def _ram_warning(self, model: str, adapter: str | None) -> tuple[float, str | None]:
+        size, free, short = self.ram_need(model, adapter)
+        if short:
             return size / GB, (f"only {free / GB:.1f} GB of RAM is free for a {size / GB:.3g} GB model "
                                f"(recommended: {size * self.ram_headroom / GB:.3g} GB); loading may swap or fail")
         return size / GB, None
@@ -575,17 +590,16 @@ class ModelService:
     def perplexity(self, model: str | os.PathLike, adapter: str | os.PathLike | None,
                    dataset_path: str | os.PathLike, max_seq_length: int = 2048, batch_size: int = 4,
                    mask_prompt: bool = False) -> dict[str, Any]:
-        """exp(mlx-lm's validation loss) of ``model`` + ``adapter`` on a dataset's ``valid.jsonl`` (or a jsonl file).
+        """exp(mlx-lm's validation loss) of ``model`` + ``adapter`` on a dataset's ``valid.jsonl`` (or a .jsonl file).
 
         Loads ``model`` + ``adapter`` first (a no-op when they are already loaded).
         """
-        path = Path(dataset_path).expanduser()
-        if path.is_dir():
-            path = path / "valid.jsonl"
-            if not path.is_file():
-                raise ModelError(f"dataset folder {path.parent} has no valid.jsonl")
-        elif not path.is_file():
-            raise ModelError(f"dataset {path} does not exist")
+        given = Path(dataset_path).expanduser()
+        path = validation_split(given)
+        if path is None:
+            raise ModelError(f"dataset folder {given} has no valid.jsonl" if given.is_dir() else
+                             f"dataset {given} is not a .jsonl file" if given.is_file() else
+                             f"dataset {given} does not exist")
         if max_seq_length < 2 or batch_size < 1:
             raise ModelError(f"perplexity: max_seq_length ({max_seq_length}) must be >= 2, "
                              f"batch_size ({batch_size}) >= 1")
@@ -602,46 +616,3 @@ class ModelService:
 
 def _item(msg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in msg.items() if k not in ("id", "type")}
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def resolve_model(manager: RunManager, value: str) -> Path:
-    """A model folder given as a path or a name under the workspace's ``models/``."""
-    return manager.resolve_path(value, "models", "model")
-
-
-def resolve_adapter(manager: RunManager, ref: str) -> Path:
-    """``RUN``, ``RUN@ITER`` (a run of the workspace, or one of its checkpoints) or an adapter folder path."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    run_id, iteration = parse_ref(ref)
-    folder = manager.folder(run_id)
-    if iteration is None:
-        return folder.path
-    its = folder.checkpoint_iterations()
-    if iteration not in its:
-        from services.config import ConfigError
-
-        raise ConfigError("adapter", ref, f"run {run_id} has checkpoints {its or 'none'}")
-    return folder.checkpoint_dir(iteration)
-
-
-def save_preference(workspace: Workspace, dataset_name: str, prompt: str | list[dict[str, str]], chosen: str,
-                    rejected: str) -> Path:
-    """Append ``{"prompt", "chosen", "rejected"}`` to ``workspace/datasets/NAME/train.jsonl`` (DPO/ORPO format)."""
-    name = safe_name((dataset_name or "").strip(), "dataset name")
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{field}: expected a non-empty string")
-    if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-        raise ValueError("prompt: expected a non-empty string or a list of messages")
-    folder = workspace.inside(workspace.datasets / name)
-    if folder.parent != workspace.datasets.resolve():
-        raise ValueError(f"dataset name {dataset_name!r} resolves outside {workspace.datasets}")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train.jsonl"
-    append_jsonl(path, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return path

@@ -1,4 +1,5 @@
-"""The dataset catalogue: formats, listing, upload, import and delete of ``workspace/datasets``."""
+"""The dataset catalogue: formats, listing, upload, import and delete of ``workspace/datasets``, the validation
+split that perplexity reads, and the preference pairs that the Playground's blind A/B picks append."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from services.library.models import LibraryError, LibraryNotFound, check_name
 from services.units import human_bytes
-from services.workspace import Workspace, disk_size, staged, suggest_name, write_atomic
+from services.workspace import Workspace, append_jsonl, disk_size, staged, suggest_name, write_atomic
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".md")
 
@@ -59,6 +60,20 @@ def list_datasets(ws: Workspace) -> list[dict[str, Any]]:
         out.append({"key": p.name, "label": f"{p.name} ({fmt}, {human_bytes(size)})", "format": fmt,
                     "size": size, "path": str(p)})
     return out
+
+
+def validation_split(path: str | os.PathLike) -> Path | None:
+    """The file perplexity reads from a dataset: a folder's ``valid.jsonl`` or a single ``.jsonl`` file (else None)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        split = p / "valid.jsonl"
+        return split if split.is_file() else None
+    return p if p.is_file() and p.suffix == ".jsonl" else None
+
+
+def validation_datasets(ws: Workspace) -> list[dict[str, Any]]:
+    """The :func:`list_datasets` entries that have a :func:`validation_split`."""
+    return [d for d in list_datasets(ws) if validation_split(d["path"]) is not None]
 
 
 def dataset_path(ws: Workspace, key: str) -> Path:
@@ -133,4 +148,22 @@ def delete_dataset(ws: Workspace, key: str) -> Path:
         shutil.rmtree(path)
     else:
         path.unlink()
+    return path
+
+
+def save_preference(workspace: Workspace, dataset_name: str, prompt: str | list[dict[str, str]], chosen: str,
+                    rejected: str) -> Path:
+    """Append ``{"prompt", "chosen", "rejected"}`` to ``workspace/datasets/NAME/train.jsonl`` (DPO/ORPO format)."""
+    name = check_name((dataset_name or "").strip(), "dataset name")
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str) or not value.strip():
+            raise LibraryError(f"{field}: expected a non-empty string")
+    if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+        raise LibraryError("prompt: expected a non-empty string or a list of messages")
+    folder = workspace.inside(workspace.datasets / name)
+    if folder.parent != workspace.datasets.resolve():
+        raise LibraryError(f"dataset name {dataset_name!r} resolves outside {workspace.datasets}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.jsonl"
+    append_jsonl(path, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return path

@@ -5,7 +5,9 @@
 * :func:`metric_series` / :func:`align`: a metric of :mod:`services.training.series` against iterations, epochs or
   trained tokens (validation records carry no token count, so it is interpolated from the training reports), bounded;
 * :func:`config_diff`: only the config keys whose values differ between runs;
-* :func:`resume_refusal` / :func:`fork_overrides`: what the Resume and Fork actions may do.
+* :func:`resume_refusal` / :func:`fork_overrides`: what the Resume and Fork actions may do;
+* :func:`resolve_model` / :func:`resolve_adapter` / :func:`run_adapter` / :func:`adapters_for`: the models and
+  adapters (runs and checkpoints) that the Playground, the CLI and the publisher load.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS
+from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError
+from services.errors import NotFound
 from services.training.folder import ACTIVE, WAITING, RunFolder, history
 from services.training.series import Point, bound, number, reading
 from services.workspace import disk_size, read_json
+
+if TYPE_CHECKING:
+    from services.training.manager import RunManager
 
 AXES = {"iteration": "iteration", "epoch": "epoch", "tokens": "trained tokens"}
 SORT_KEYS = ("date", "name", "status", "best_val_loss", "duration", "mode", "method", "model", "dataset")
@@ -291,3 +297,79 @@ def default_fork_iters(cfg: dict[str, Any], iteration: int) -> int:
     """A sensible iteration count for a fork: the parent's, or as many more when the parent ends at ``iteration``."""
     iters = int(cfg.get("iters") or 0)
     return iters if iters > iteration else iteration + max(iters, 1)
+
+
+# ---------------------------------------------------------------------------------------- adapters
+
+
+class RunNotFound(NotFound, ConfigError):
+    """A run or checkpoint that is not in the workspace (a :class:`ConfigError` too, for callers that catch that)."""
+
+
+def resolve_model(manager: RunManager, value: str) -> Path:
+    """A model folder given as a path or a name under the workspace's ``models/``."""
+    return manager.resolve_path(value, "models", "model")
+
+
+def run_adapter(manager: RunManager, run_id: str, iteration: int | None = None) -> Path:
+    """A run's folder (its latest weights) or its checkpoint ``iteration``; :class:`RunNotFound` if there is none."""
+    try:
+        folder = manager.folder(run_id)
+    except ConfigError as e:
+        raise RunNotFound(e.field, e.value, e.reason) from None
+    if iteration is None:
+        return folder.path
+    its = folder.checkpoint_iterations()
+    if iteration not in its:
+        raise RunNotFound("adapter", f"{run_id}@{iteration}", f"run {run_id} has checkpoints {its or 'none'}")
+    return folder.checkpoint_dir(iteration)
+
+
+def resolve_adapter(manager: RunManager, ref: str) -> Path:
+    """``RUN``, ``RUN@ITER`` (a run of the workspace, or one of its checkpoints) or an adapter folder path."""
+    from services.training.manager import parse_ref  # noqa: PLC0415 (the manager imports this module)
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    run_id, iteration = parse_ref(ref)
+    return run_adapter(manager, run_id, iteration)
+
+
+def run_link(manager: RunManager, ref: str, iteration: str | int | None = None) -> tuple[Path | None, Path]:
+    """(base model or None, adapter folder) that a link to ``RUN``/``RUN@N`` opens; ``iteration`` overrides N.
+
+    Raises :class:`ConfigError` for a malformed reference, :class:`RunNotFound` for a missing run or checkpoint.
+    """
+    from services.training.manager import parse_ref  # noqa: PLC0415 (the manager imports this module)
+
+    run_id, it = parse_ref(ref)
+    if iteration not in (None, ""):
+        if not str(iteration).isdigit():
+            raise ConfigError("iteration", iteration, "expected a checkpoint number")
+        it = int(iteration)
+    adapter = run_adapter(manager, run_id, it)
+    model = manager.get(run_id).get("model")
+    return (Path(model).resolve() if model else None), adapter.resolve()
+
+
+def adapters_for(manager: RunManager, model: str | None, lora_only: bool = False) -> dict[str, str]:
+    """Runs and checkpoints (of ``model`` when given) with weights: resolved folder → ``RUN (latest)`` or
+    ``RUN @ N`` (`` ★ best`` on the best checkpoint), newest checkpoint first; ``lora_only`` leaves out full
+    fine-tunes (they cannot share a base)."""
+    out: dict[str, str] = {}
+    for info in manager.list():
+        if model and info.get("model") and str(Path(info["model"]).resolve()) != model:
+            continue
+        if lora_only and info.get("fine_tune_type") == "full":
+            continue
+        try:
+            folder = manager.folder(info["id"])
+        except ConfigError:
+            continue
+        best = (info.get("best") or {}).get("iteration")
+        if (folder.path / "adapters.safetensors").is_file():
+            out[str(folder.path.resolve())] = f"{folder.id} (latest)"
+        for it in reversed(folder.checkpoint_iterations()):
+            out[str(folder.checkpoint_dir(it).resolve())] = f"{folder.id} @ {it}" + (" ★ best" if it == best else "")
+    return out
