@@ -60,6 +60,21 @@ def test_every_problem_is_reported_at_once_with_field_value_and_reason():
     assert "batch_size = 0: must be an integer ≥ 1" in str(err.value)
 
 
+def test_problems_come_in_one_pass_in_the_order_of_the_schema():
+    user = {"model": "", "data": "d", "mode": "cpt", "fine_tune_type": "lora", "optimizer": "lion", "batch_size": 0,
+            "epochs": -1, "learning_rate": 2.0, "lora_parameters": {"rank": 0, "scale": 1.0},
+            "lr_schedule": {"name": "cosine_decay", "arguments": [1e-3, 10], "warmup": -1}, "valid_fraction": 1.0,
+            "mask_prompt": True, "mixture": {"data": "r", "ratio": 2}, "early_stopping": {"patience": 0},
+            "keep_checkpoints": 0, "train_embeddings": True, "optimzer": "adam"}
+    with pytest.raises(ConfigProblems) as err:
+        config_mod.resolve(user)
+    assert [e.field for e in err.value.errors] == [
+        "optimzer", "model", "optimizer", "batch_size", "epochs", "learning_rate", "lora_parameters.rank",
+        "lr_schedule.warmup", "valid_fraction", "mask_prompt", "mixture.ratio", "early_stopping.patience",
+        "keep_checkpoints", "train_embeddings"]
+    assert "mixture.ratio = 2: must be a share of training tokens between 0 and 1" in str(err.value)
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: m\ndata: d\niters: [1, 2\n")
