@@ -77,6 +77,7 @@ MODES = ("cpt", "ift")
 # mlx.optimizers.schedulers that take (init, ...) arguments and so work with mlx-lm's build_schedule.
 SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay")
 KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
+MAX_YAML_BYTES = 1_000_000  # a config file is a few hundred bytes; anything near this is not one
 
 
 class ConfigError(ForgeError, ValueError):
@@ -140,6 +141,26 @@ def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
     return data
 
 
+def check_yaml_size(size: int, source: str = "config") -> None:
+    """Refuse a config file larger than :data:`MAX_YAML_BYTES` (an upload is checked before it is read)."""
+    if size > MAX_YAML_BYTES:
+        raise ConfigError("config", source, "file is larger than 1 MB")
+
+
+def parse_yaml_bytes(data: bytes, source: str = "config") -> dict[str, Any]:
+    """A config from an uploaded YAML file of at most :data:`MAX_YAML_BYTES`; raises ``UnicodeDecodeError``
+    for a file that is not UTF-8 text."""
+    check_yaml_size(len(data), source)
+    return parse_yaml(data.decode("utf-8"), source)
+
+
+def list_presets(configs_dir: Path) -> dict[str, Path]:
+    """``name → path`` of the preset YAML files in ``configs/`` (not its ``samples/`` folder)."""
+    if not configs_dir.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(configs_dir.glob("*.yaml")) if p.is_file()}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a syntax error names the file and line."""
     path = Path(path)
@@ -180,6 +201,13 @@ class _Report:
         for part in field.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         self.errors.append(ConfigError(field, value, reason))
+
+    def mapping(self, field: str, reason: str) -> dict[str, Any] | None:
+        """The mapping at ``field``: ``None`` when it is absent, or when it is no mapping (recorded as bad)."""
+        value = self.cfg.get(field)
+        if value is not None and not isinstance(value, dict):
+            self.bad(field, reason)
+        return value if isinstance(value, dict) else None
 
     def integer(self, field: str, minimum: int, allow: tuple = ()) -> None:
         v = self.cfg.get(field)
@@ -252,11 +280,8 @@ def _check_lora(r: _Report) -> None:
 
 
 def _check_schedule(r: _Report) -> None:
-    sched = r.cfg.get("lr_schedule")
+    sched = r.mapping("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
     if sched is None:
-        return
-    if not isinstance(sched, dict):
-        r.bad("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
         return
     if sched.get("name") not in SCHEDULES:
         r.bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
@@ -292,11 +317,8 @@ def _check_data(r: _Report) -> None:
 
 
 def _check_early_stopping(r: _Report) -> None:
-    es = r.cfg.get("early_stopping")
+    es = r.mapping("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
     if es is None:
-        return
-    if not isinstance(es, dict):
-        r.bad("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
         return
     for k in sorted(set(es) - EARLY_STOPPING_KEYS):
         r.bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")

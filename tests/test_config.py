@@ -103,3 +103,29 @@ def test_presets_are_valid_configs():
     for p in presets:
         cfg = config_mod.resolve(yaml.safe_load(p.read_text()))
         assert cfg["mode"] in ("cpt", "ift"), p
+
+
+def test_presets_are_the_yaml_files_of_the_configs_folder(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "inner.yaml").write_text("model: m\n")
+    (tmp_path / "b.yaml").write_text("model: m\n")
+    (tmp_path / "a.yaml").write_text("model: m\n")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "dir.yaml").mkdir()
+    assert config_mod.list_presets(tmp_path) == {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"}
+    assert list(config_mod.list_presets(tmp_path)) == ["a", "b"]
+    assert config_mod.list_presets(tmp_path / "missing") == {}
+
+
+def test_an_uploaded_config_is_utf8_yaml_of_at_most_a_megabyte():
+    assert config_mod.parse_yaml_bytes(b"model: m\nlearning_rate: 1e-5\n", "up.yaml") == {
+        "model": "m", "learning_rate": 1e-5}
+    with pytest.raises(ConfigError, match="larger than 1 MB"):
+        config_mod.parse_yaml_bytes(b"#" * (config_mod.MAX_YAML_BYTES + 1), "big.yaml")
+    config_mod.check_yaml_size(config_mod.MAX_YAML_BYTES, "fits.yaml")
+    with pytest.raises(ConfigError, match=r"big\.yaml.*larger than 1 MB"):
+        config_mod.check_yaml_size(config_mod.MAX_YAML_BYTES + 1, "big.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2"):
+        config_mod.parse_yaml_bytes(b"a: [1, 2\n", "bad.yaml")
+    with pytest.raises(UnicodeDecodeError):
+        config_mod.parse_yaml_bytes(b"model: \xff\n", "latin.yaml")

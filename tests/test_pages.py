@@ -22,8 +22,8 @@ from uihelpers import wait_for as _wait_for
 from app.composition import build_services
 from app.lan import persisted_secret
 from pages.shell import make_root, status_texts
-from pages.train.form import config_to_form, form_to_config, list_presets, lr_curve
-from services.config import parse_yaml, schedule
+from pages.train.form import config_to_form, form_to_config, lr_curve, lr_preview
+from services.config import list_presets, parse_yaml, schedule
 from services.training.folder import RunFolder
 
 wait_for = partial(_wait_for, timeout=10.0)
@@ -205,7 +205,9 @@ async def test_upload_keeps_unknown_keys_and_reports_bad_yaml(ui_user: User):
 
 
 def test_form_round_trip_for_every_preset():
-    for name, path in list_presets(REPO / "configs").items():
+    presets = list_presets(REPO / "configs")
+    assert {"cpt-lora", "ift-lora", "ift-dora", "cpt-full"} <= set(presets)
+    for name, path in presets.items():
         cfg = form_to_config(config_to_form(parse_yaml(path.read_text())))
         again = form_to_config(config_to_form(parse_yaml(yaml.safe_dump(cfg))))
         assert again == cfg, name
@@ -222,10 +224,26 @@ def test_lr_preview_matches_mlx(kind, warmup, accum):
 
     sched = schedule(kind, 2e-4, 60, warmup, 1e-5)
     curve = lr_curve(sched, 2e-4, 60, accum)
+    assert [it for it, _ in curve] == list(range(1, 61))  # one point per iteration: the preview did not fail
     fn = build_schedule(sched) if sched else (lambda step: mx.array(2e-4))
     for it, lr in curve:
         step = math.ceil(it / accum) - 1
         assert lr == pytest.approx(float(fn(mx.array(step))), rel=1e-5, abs=1e-10), (it, step)
+
+
+def test_lr_preview_follows_the_form():
+    form = config_to_form(parse_yaml((REPO / "configs" / "cpt-lora.yaml").read_text()))
+    curve, note = lr_preview(form, form_to_config(form))
+    assert len(curve) == form["iters"] and note == ""
+    long = lr_curve({"name": "cosine_decay", "arguments": [1e-4, 5000]}, 1e-4, 5000)
+    assert 300 < len(long) <= 401 and long[0][0] == 1 and long[-1][0] == 5000  # thinned, the ends kept
+    by_epochs = {**form, "length_mode": "epochs", "schedule_steps": None, "schedule": "constant"}
+    curve, note = lr_preview(by_epochs, form_to_config(by_epochs))
+    assert len(curve) == 100 and "first 100 shown" in note
+    blank = {**form, "learning_rate": None}
+    assert lr_preview(blank, form_to_config(blank)) == ([], "Set a learning rate and a length to see the schedule.")
+    assert lr_curve({"name": "no-such-schedule", "arguments": [1e-4]}, 1e-4, 10) == []  # a custom schedule it
+    # cannot draw shows no curve rather than a wrong one
 
 
 # ------------------------------------------------------------------------------------------ Monitor + real run
