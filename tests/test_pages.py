@@ -22,7 +22,15 @@ from uihelpers import wait_for as _wait_for
 from app.composition import build_services
 from app.lan import persisted_secret
 from pages.shell import make_root, status_texts
-from pages.train.form import config_to_form, form_to_config, lr_curve, lr_preview
+from pages.train.form import (
+    check_form,
+    config_to_form,
+    default_form,
+    form_to_config,
+    lr_curve,
+    lr_preview,
+    visible_fields,
+)
 from services.config import list_presets, parse_yaml, schedule
 from services.training.folder import RunFolder
 
@@ -229,6 +237,25 @@ def test_lr_preview_matches_mlx(kind, warmup, accum):
     for it, lr in curve:
         step = math.ceil(it / accum) - 1
         assert lr == pytest.approx(float(fn(mx.array(step))), rel=1e-5, abs=1e-10), (it, step)
+
+
+def test_the_form_reports_one_problem_per_field_blanks_first(services):
+    form = {**default_form(), "model": "no-such-model", "data": None, "batch_size": 0, "rank": None}
+    cfg, errors = check_form(form, services.manager.prepare_config)
+    assert cfg["batch_size"] == 0 and cfg["model"] == "no-such-model"
+    fields = [e.field for e in errors]
+    assert fields[:2] == ["data", "rank"] and "batch_size" in fields and "model" in fields
+    assert len(fields) == len(set(fields))  # "data" is blank and also no dataset: reported once
+    assert next(e for e in errors if e.field == "rank").reason == "required"
+    assert "not found" in next(e for e in errors if e.field == "model").reason
+
+
+def test_fields_shown_follow_the_choices():
+    shown = visible_fields({**default_form(), "fine_tune_type": "full", "mode": "ift", "schedule": "cosine"})
+    assert not shown["rank"] and shown["train_embeddings"] and shown["mask_all_turns"] and not shown["packing"]
+    assert shown["final_lr"] and shown["iters"] and not shown["epochs"] and not shown["patience"]
+    shown = visible_fields({**default_form(), "length_mode": "epochs", "early_stopping": True})
+    assert shown["rank"] and shown["epochs"] and not shown["iters"] and not shown["final_lr"] and shown["patience"]
 
 
 def test_lr_preview_follows_the_form():
