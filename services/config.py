@@ -77,6 +77,7 @@ MODES = ("cpt", "ift")
 # mlx.optimizers.schedulers that take (init, ...) arguments and so work with mlx-lm's build_schedule.
 SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay")
 KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
+MAX_YAML_BYTES = 1_000_000  # a config file is a few hundred bytes; anything near this is not one
 
 
 class ConfigError(ForgeError, ValueError):
@@ -140,6 +141,26 @@ def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
     return data
 
 
+def check_yaml_size(size: int, source: str = "config") -> None:
+    """Refuse a config file larger than :data:`MAX_YAML_BYTES` (an upload is checked before it is read)."""
+    if size > MAX_YAML_BYTES:
+        raise ConfigError("config", source, "file is larger than 1 MB")
+
+
+def parse_yaml_bytes(data: bytes, source: str = "config") -> dict[str, Any]:
+    """A config from an uploaded YAML file of at most :data:`MAX_YAML_BYTES`; raises ``UnicodeDecodeError``
+    for a file that is not UTF-8 text."""
+    check_yaml_size(len(data), source)
+    return parse_yaml(data.decode("utf-8"), source)
+
+
+def list_presets(configs_dir: Path) -> dict[str, Path]:
+    """``name → path`` of the preset YAML files in ``configs/`` (not its ``samples/`` folder)."""
+    if not configs_dir.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(configs_dir.glob("*.yaml")) if p.is_file()}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a syntax error names the file and line."""
     path = Path(path)
@@ -168,129 +189,165 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
-    """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason."""
-    errors: list[ConfigError] = []
+class _Report:
+    """The problems found so far in one config; each check below adds to it and none stops the others."""
 
-    def bad(field: str, reason: str) -> None:
-        value: Any = cfg
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg, self.errors = cfg, []
+
+    def bad(self, field: str, reason: str) -> None:
+        """Record ``field`` (dotted) as bad, with its value read from the config."""
+        value: Any = self.cfg
         for part in field.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        errors.append(ConfigError(field, value, reason))
+        self.errors.append(ConfigError(field, value, reason))
 
-    for key in sorted(user_keys or cfg):
-        if key not in KNOWN_KEYS:
-            hint = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
-            errors.append(ConfigError(key, cfg[key], "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else "")))
+    def mapping(self, field: str, reason: str) -> dict[str, Any] | None:
+        """The mapping at ``field``: ``None`` when it is absent, or when it is no mapping (recorded as bad)."""
+        value = self.cfg.get(field)
+        if value is not None and not isinstance(value, dict):
+            self.bad(field, reason)
+        return value if isinstance(value, dict) else None
 
-    def integer(field: str, minimum: int, allow: tuple = ()) -> None:
-        v = cfg.get(field)
+    def integer(self, field: str, minimum: int, allow: tuple = ()) -> None:
+        v = self.cfg.get(field)
         if v in allow:
             return
         if not _is_int(v) or v < minimum:
-            bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else ""))
+            self.bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else ""))
 
+
+def _check_keys(r: _Report, user_keys: set[str] | None) -> None:
+    for key in sorted(user_keys or r.cfg):
+        if key not in KNOWN_KEYS:
+            hint = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            r.errors.append(ConfigError(key, r.cfg[key], "unknown key" + (f"; did you mean {hint[0]!r}?" if hint
+                                                                             else "")))
+
+
+def _check_choices(r: _Report) -> None:
+    cfg = r.cfg
     if not isinstance(cfg.get("model"), str) or not cfg["model"].strip():
-        bad("model", "must be the path of a local model folder")
+        r.bad("model", "must be the path of a local model folder")
     if not isinstance(cfg.get("data"), str) or not cfg["data"].strip():
-        bad("data", "must be the path of a dataset file or folder")
+        r.bad("data", "must be the path of a dataset file or folder")
     if cfg.get("mode") not in (None, *MODES):
-        bad("mode", f"must be one of {', '.join(MODES)} (or absent for plain mlx-lm behaviour)")
+        r.bad("mode", f"must be one of {', '.join(MODES)} (or absent for plain mlx-lm behaviour)")
     if cfg.get("fine_tune_type") not in FINE_TUNE_TYPES:
-        bad("fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
+        r.bad("fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
     if str(cfg.get("optimizer", "")).lower() not in OPTIMIZERS:
-        bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        r.bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+
+
+def _check_numbers(r: _Report) -> None:
     for field in ("batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
-        integer(field, 1)
-    integer("iters", 1)
-    integer("seed", 0)
-    integer("max_seq_length", 2)
-    integer("num_layers", 1, allow=(-1,))
-    integer("val_batches", 1, allow=(-1,))
-    integer("test_batches", 1, allow=(-1,))
-    if cfg.get("epochs") is not None:
-        e = cfg["epochs"]
-        if not _is_number(e) or e <= 0:
-            bad("epochs", "must be a positive number of passes over the training set")
-    lr = cfg.get("learning_rate")
+        r.integer(field, 1)
+    r.integer("iters", 1)
+    r.integer("seed", 0)
+    r.integer("max_seq_length", 2)
+    r.integer("num_layers", 1, allow=(-1,))
+    r.integer("val_batches", 1, allow=(-1,))
+    r.integer("test_batches", 1, allow=(-1,))
+    e = r.cfg.get("epochs")
+    if e is not None and (not _is_number(e) or e <= 0):
+        r.bad("epochs", "must be a positive number of passes over the training set")
+    lr = r.cfg.get("learning_rate")
     if not _is_number(lr) or not 0 < lr < 1:
-        bad("learning_rate", "must be a number between 0 and 1 (typical: 1e-5 to 1e-3)")
+        r.bad("learning_rate", "must be a number between 0 and 1 (typical: 1e-5 to 1e-3)")
 
-    lp = cfg.get("lora_parameters")
-    if cfg.get("fine_tune_type") in ("lora", "dora"):
-        if not isinstance(lp, dict):
-            bad("lora_parameters", "must be a mapping with rank, scale and dropout")
-        else:
-            if "alpha" in lp:
-                bad("lora_parameters.alpha", "mlx-lm calls this 'scale' (scale = alpha / rank)")
-            r = lp.get("rank")
-            if not _is_int(r) or r < 1:
-                bad("lora_parameters.rank", "must be an integer ≥ 1")
-            s = lp.get("scale")
-            if not _is_number(s) or s <= 0:
-                bad("lora_parameters.scale", "must be a positive number")
-            d = lp.get("dropout", 0.0)
-            if not _is_number(d) or not 0 <= d < 1:
-                bad("lora_parameters.dropout", "must be in [0, 1)")
-            keys = lp.get("keys")
-            if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
-                bad("lora_parameters.keys", "must be a list of module names such as self_attn.q_proj")
 
-    sched = cfg.get("lr_schedule")
-    if sched is not None:
-        if not isinstance(sched, dict):
-            bad("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
-        else:
-            if sched.get("name") not in SCHEDULES:
-                bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
-            args = sched.get("arguments")
-            if not isinstance(args, list) or not args or not all(_is_number(a) for a in args):
-                bad("lr_schedule.arguments", "must be a list of numbers, the first being the peak learning rate")
-            elif not 0 < args[0] < 1:
-                bad("lr_schedule.arguments", "the first argument (peak learning rate) must be between 0 and 1")
-            w = sched.get("warmup", 0)
-            if not _is_int(w) or w < 0:
-                bad("lr_schedule.warmup", "must be an integer ≥ 0 (warm-up iterations)")
-            unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
-            if unknown:
-                bad("lr_schedule", f"unknown keys {sorted(unknown)}")
+def _check_lora(r: _Report) -> None:
+    if r.cfg.get("fine_tune_type") not in ("lora", "dora"):
+        return
+    lp = r.cfg.get("lora_parameters")
+    if not isinstance(lp, dict):
+        r.bad("lora_parameters", "must be a mapping with rank, scale and dropout")
+        return
+    if "alpha" in lp:
+        r.bad("lora_parameters.alpha", "mlx-lm calls this 'scale' (scale = alpha / rank)")
+    rank = lp.get("rank")
+    if not _is_int(rank) or rank < 1:
+        r.bad("lora_parameters.rank", "must be an integer ≥ 1")
+    s = lp.get("scale")
+    if not _is_number(s) or s <= 0:
+        r.bad("lora_parameters.scale", "must be a positive number")
+    d = lp.get("dropout", 0.0)
+    if not _is_number(d) or not 0 <= d < 1:
+        r.bad("lora_parameters.dropout", "must be in [0, 1)")
+    keys = lp.get("keys")
+    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+        r.bad("lora_parameters.keys", "must be a list of module names such as self_attn.q_proj")
 
+
+def _check_schedule(r: _Report) -> None:
+    sched = r.mapping("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
+    if sched is None:
+        return
+    if sched.get("name") not in SCHEDULES:
+        r.bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
+    args = sched.get("arguments")
+    if not isinstance(args, list) or not args or not all(_is_number(a) for a in args):
+        r.bad("lr_schedule.arguments", "must be a list of numbers, the first being the peak learning rate")
+    elif not 0 < args[0] < 1:
+        r.bad("lr_schedule.arguments", "the first argument (peak learning rate) must be between 0 and 1")
+    w = sched.get("warmup", 0)
+    if not _is_int(w) or w < 0:
+        r.bad("lr_schedule.warmup", "must be an integer ≥ 0 (warm-up iterations)")
+    unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
+    if unknown:
+        r.bad("lr_schedule", f"unknown keys {sorted(unknown)}")
+
+
+def _check_data(r: _Report) -> None:
+    cfg = r.cfg
     vf = cfg.get("valid_fraction")
     if not _is_number(vf) or not 0 <= vf < 1:
-        bad("valid_fraction", "must be in [0, 1)")
+        r.bad("valid_fraction", "must be in [0, 1)")
     if cfg.get("mode") == "cpt" and cfg.get("mask_prompt"):
-        bad("mask_prompt", "continued pre-training trains on every token; prompt masking needs mode: ift")
+        r.bad("mask_prompt", "continued pre-training trains on every token; prompt masking needs mode: ift")
     mix = cfg.get("mixture")
-    if mix is not None:
-        if cfg.get("mode") != "cpt":
-            bad("mixture", "a replay mixture needs mode: cpt")
-        elif not isinstance(mix, dict) or not isinstance(mix.get("data"), str):
-            bad("mixture", "must be a mapping {data: PATH, ratio: 0..1}")
-        else:
-            r = mix.get("ratio")
-            if not _is_number(r) or not 0 < r < 1:
-                bad("mixture.ratio", "must be a share of training tokens between 0 and 1")
-    es = cfg.get("early_stopping")
-    if es is not None:
-        if not isinstance(es, dict):
-            bad("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
-        else:
-            for k in sorted(set(es) - EARLY_STOPPING_KEYS):
-                bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")
-            p = es.get("patience", 3)
-            if not _is_int(p) or p < 1:
-                bad("early_stopping.patience", "must be an integer ≥ 1 (evaluations without improvement)")
-            for k in ("min_delta", "overfit_threshold"):
-                v = es.get(k, 0.0)
-                if v is not None and (not _is_number(v) or v < 0):
-                    bad(f"early_stopping.{k}", "must be a number ≥ 0")
-    kc = cfg.get("keep_checkpoints")
+    if mix is None:
+        return
+    if cfg.get("mode") != "cpt":
+        r.bad("mixture", "a replay mixture needs mode: cpt")
+    elif not isinstance(mix, dict) or not isinstance(mix.get("data"), str):
+        r.bad("mixture", "must be a mapping {data: PATH, ratio: 0..1}")
+    elif not _is_number(mix.get("ratio")) or not 0 < mix["ratio"] < 1:
+        r.bad("mixture.ratio", "must be a share of training tokens between 0 and 1")
+
+
+def _check_early_stopping(r: _Report) -> None:
+    es = r.mapping("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
+    if es is None:
+        return
+    for k in sorted(set(es) - EARLY_STOPPING_KEYS):
+        r.bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")
+    p = es.get("patience", 3)
+    if not _is_int(p) or p < 1:
+        r.bad("early_stopping.patience", "must be an integer ≥ 1 (evaluations without improvement)")
+    for k in ("min_delta", "overfit_threshold"):
+        v = es.get(k, 0.0)
+        if v is not None and (not _is_number(v) or v < 0):
+            r.bad(f"early_stopping.{k}", "must be a number ≥ 0")
+
+
+def _check_rest(r: _Report) -> None:
+    kc = r.cfg.get("keep_checkpoints")
     if kc is not None and (not _is_int(kc) or kc < 1):
-        bad("keep_checkpoints", "must be an integer ≥ 1 (or absent to keep all)")
-    if cfg.get("train_embeddings") and cfg.get("fine_tune_type") != "full":
-        bad("train_embeddings", "only applies to fine_tune_type: full")
-    if errors:
-        raise ConfigProblems(errors)
+        r.bad("keep_checkpoints", "must be an integer ≥ 1 (or absent to keep all)")
+    if r.cfg.get("train_embeddings") and r.cfg.get("fine_tune_type") != "full":
+        r.bad("train_embeddings", "only applies to fine_tune_type: full")
+
+
+def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
+    """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason."""
+    report = _Report(cfg)
+    _check_keys(report, user_keys)
+    for check in (_check_choices, _check_numbers, _check_lora, _check_schedule, _check_data, _check_early_stopping,
+                  _check_rest):
+        check(report)
+    if report.errors:
+        raise ConfigProblems(report.errors)
 
 
 def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any]) -> None:

@@ -60,6 +60,21 @@ def test_every_problem_is_reported_at_once_with_field_value_and_reason():
     assert "batch_size = 0: must be an integer ≥ 1" in str(err.value)
 
 
+def test_problems_come_in_one_pass_in_the_order_of_the_schema():
+    user = {"model": "", "data": "d", "mode": "cpt", "fine_tune_type": "lora", "optimizer": "lion", "batch_size": 0,
+            "epochs": -1, "learning_rate": 2.0, "lora_parameters": {"rank": 0, "scale": 1.0},
+            "lr_schedule": {"name": "cosine_decay", "arguments": [1e-3, 10], "warmup": -1}, "valid_fraction": 1.0,
+            "mask_prompt": True, "mixture": {"data": "r", "ratio": 2}, "early_stopping": {"patience": 0},
+            "keep_checkpoints": 0, "train_embeddings": True, "optimzer": "adam"}
+    with pytest.raises(ConfigProblems) as err:
+        config_mod.resolve(user)
+    assert [e.field for e in err.value.errors] == [
+        "optimzer", "model", "optimizer", "batch_size", "epochs", "learning_rate", "lora_parameters.rank",
+        "lr_schedule.warmup", "valid_fraction", "mask_prompt", "mixture.ratio", "early_stopping.patience",
+        "keep_checkpoints", "train_embeddings"]
+    assert "mixture.ratio = 2: must be a share of training tokens between 0 and 1" in str(err.value)
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: m\ndata: d\niters: [1, 2\n")
@@ -88,3 +103,29 @@ def test_presets_are_valid_configs():
     for p in presets:
         cfg = config_mod.resolve(yaml.safe_load(p.read_text()))
         assert cfg["mode"] in ("cpt", "ift"), p
+
+
+def test_presets_are_the_yaml_files_of_the_configs_folder(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "inner.yaml").write_text("model: m\n")
+    (tmp_path / "b.yaml").write_text("model: m\n")
+    (tmp_path / "a.yaml").write_text("model: m\n")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "dir.yaml").mkdir()
+    assert config_mod.list_presets(tmp_path) == {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"}
+    assert list(config_mod.list_presets(tmp_path)) == ["a", "b"]
+    assert config_mod.list_presets(tmp_path / "missing") == {}
+
+
+def test_an_uploaded_config_is_utf8_yaml_of_at_most_a_megabyte():
+    assert config_mod.parse_yaml_bytes(b"model: m\nlearning_rate: 1e-5\n", "up.yaml") == {
+        "model": "m", "learning_rate": 1e-5}
+    with pytest.raises(ConfigError, match="larger than 1 MB"):
+        config_mod.parse_yaml_bytes(b"#" * (config_mod.MAX_YAML_BYTES + 1), "big.yaml")
+    config_mod.check_yaml_size(config_mod.MAX_YAML_BYTES, "fits.yaml")
+    with pytest.raises(ConfigError, match=r"big\.yaml.*larger than 1 MB"):
+        config_mod.check_yaml_size(config_mod.MAX_YAML_BYTES + 1, "big.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2"):
+        config_mod.parse_yaml_bytes(b"a: [1, 2\n", "bad.yaml")
+    with pytest.raises(UnicodeDecodeError):
+        config_mod.parse_yaml_bytes(b"model: \xff\n", "latin.yaml")

@@ -22,8 +22,16 @@ from uihelpers import wait_for as _wait_for
 from app.composition import build_services
 from app.lan import persisted_secret
 from pages.shell import make_root, status_texts
-from pages.train.form import config_to_form, form_to_config, list_presets, lr_curve
-from services.config import parse_yaml, schedule
+from pages.train.form import (
+    check_form,
+    config_to_form,
+    default_form,
+    form_to_config,
+    lr_curve,
+    lr_preview,
+    visible_fields,
+)
+from services.config import list_presets, parse_yaml, schedule
 from services.training.folder import RunFolder
 
 wait_for = partial(_wait_for, timeout=10.0)
@@ -205,7 +213,9 @@ async def test_upload_keeps_unknown_keys_and_reports_bad_yaml(ui_user: User):
 
 
 def test_form_round_trip_for_every_preset():
-    for name, path in list_presets(REPO / "configs").items():
+    presets = list_presets(REPO / "configs")
+    assert {"cpt-lora", "ift-lora", "ift-dora", "cpt-full"} <= set(presets)
+    for name, path in presets.items():
         cfg = form_to_config(config_to_form(parse_yaml(path.read_text())))
         again = form_to_config(config_to_form(parse_yaml(yaml.safe_dump(cfg))))
         assert again == cfg, name
@@ -222,10 +232,45 @@ def test_lr_preview_matches_mlx(kind, warmup, accum):
 
     sched = schedule(kind, 2e-4, 60, warmup, 1e-5)
     curve = lr_curve(sched, 2e-4, 60, accum)
+    assert [it for it, _ in curve] == list(range(1, 61))  # one point per iteration: the preview did not fail
     fn = build_schedule(sched) if sched else (lambda step: mx.array(2e-4))
     for it, lr in curve:
         step = math.ceil(it / accum) - 1
         assert lr == pytest.approx(float(fn(mx.array(step))), rel=1e-5, abs=1e-10), (it, step)
+
+
+def test_the_form_reports_one_problem_per_field_blanks_first(services):
+    form = {**default_form(), "model": "no-such-model", "data": None, "batch_size": 0, "rank": None}
+    cfg, errors = check_form(form, services.manager.prepare_config)
+    assert cfg["batch_size"] == 0 and cfg["model"] == "no-such-model"
+    fields = [e.field for e in errors]
+    assert fields[:2] == ["data", "rank"] and "batch_size" in fields and "model" in fields
+    assert len(fields) == len(set(fields))  # "data" is blank and also no dataset: reported once
+    assert next(e for e in errors if e.field == "rank").reason == "required"
+    assert "not found" in next(e for e in errors if e.field == "model").reason
+
+
+def test_fields_shown_follow_the_choices():
+    shown = visible_fields({**default_form(), "fine_tune_type": "full", "mode": "ift", "schedule": "cosine"})
+    assert not shown["rank"] and shown["train_embeddings"] and shown["mask_all_turns"] and not shown["packing"]
+    assert shown["final_lr"] and shown["iters"] and not shown["epochs"] and not shown["patience"]
+    shown = visible_fields({**default_form(), "length_mode": "epochs", "early_stopping": True})
+    assert shown["rank"] and shown["epochs"] and not shown["iters"] and not shown["final_lr"] and shown["patience"]
+
+
+def test_lr_preview_follows_the_form():
+    form = config_to_form(parse_yaml((REPO / "configs" / "cpt-lora.yaml").read_text()))
+    curve, note = lr_preview(form, form_to_config(form))
+    assert len(curve) == form["iters"] and note == ""
+    long = lr_curve({"name": "cosine_decay", "arguments": [1e-4, 5000]}, 1e-4, 5000)
+    assert 300 < len(long) <= 401 and long[0][0] == 1 and long[-1][0] == 5000  # thinned, the ends kept
+    by_epochs = {**form, "length_mode": "epochs", "schedule_steps": None, "schedule": "constant"}
+    curve, note = lr_preview(by_epochs, form_to_config(by_epochs))
+    assert len(curve) == 100 and "first 100 shown" in note
+    blank = {**form, "learning_rate": None}
+    assert lr_preview(blank, form_to_config(blank)) == ([], "Set a learning rate and a length to see the schedule.")
+    assert lr_curve({"name": "no-such-schedule", "arguments": [1e-4]}, 1e-4, 10) == []  # a custom schedule it
+    # cannot draw shows no curve rather than a wrong one
 
 
 # ------------------------------------------------------------------------------------------ Monitor + real run

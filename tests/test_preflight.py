@@ -89,16 +89,18 @@ def test_suggestions_fit_when_the_estimate_does_not(resolved, tiny_model):
     assert not nothing["fits"] and nothing["suggestion"] is None
 
 
-def test_probe_measures_a_few_real_steps_and_the_estimate_is_close(resolved, tmp_path):
+def test_probe_measures_a_few_real_steps_and_the_estimate_is_close(resolved, workspace):
     cfg = resolved(batch_size=4, max_seq_length=128)
     est = preflight.estimate(cfg)
-    probe = preflight.Probe(cfg, root=tmp_path / "probes").start()
+    root = preflight.probes_dir(workspace)
+    assert root.parent == workspace.root / ".forgellm"  # hidden from the workspace's runs, models and datasets
+    probe = preflight.Probe(cfg, root=root).start()
     assert probe.wait(180) is not None, probe.message
     r = probe.result
     assert probe.state == "done" and r["iterations"] == preflight.PROBE_ITERS and r["tokens_per_second"] > 0
     assert r["peak_gb"] > 0 and r["rss_gb"] > r["peak_gb"]
     assert abs(est["peak_gb"] - r["peak_gb"]) / r["peak_gb"] <= 0.3
-    assert not any((tmp_path / "probes").iterdir())  # the temporary workspace is gone
+    assert root.is_dir() and not any(root.iterdir())  # the temporary workspace is gone
     advice = preflight.probe_advice(r, est, free_bytes=1e12)
     assert advice["fits"] and advice["seconds"] > 0 and abs(advice["estimate_error"]) <= 0.3
     tight = preflight.probe_advice(r, est, free_bytes=(r["rss_gb"] + 0.001) * 1e9 * 0.5 + 0.2e9)

@@ -1,4 +1,5 @@
-"""Train-form logic without UI: form values ↔ engine config, LR schedule preview, preset discovery.
+"""Train-form logic without UI: form values ↔ engine config, field tooltips and visibility, the problems the
+form shows, the LR schedule preview.
 
 The form is a flat dict (one key per widget); :func:`form_to_config` builds the engine config
 (a ``services.config`` user config) from it and :func:`config_to_form` goes back, keeping keys the
@@ -9,18 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.config import (
-    FORGE_DEFAULTS,
-    MLX_LM_DEFAULTS,
-    ConfigError,
-    schedule,
-)
-from services.library.datasets import dataset_format, list_datasets  # noqa: F401 (re-exported)
-from services.library.models import list_models  # noqa: F401 (re-exported)
-from services.units import human_bytes  # noqa: F401 (re-exported)
+from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError, ConfigProblems, schedule
 
 SCHEDULE_KINDS = {"constant": "constant", "linear": "linear decay", "cosine": "cosine decay"}
 
@@ -38,6 +32,51 @@ FORM_DEFAULTS: dict[str, Any] = {
     "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
     "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
     "keep_checkpoints": None, "train_embeddings": False, "extra": {}, "extra_lora": {},
+}
+
+TIPS = {
+    "name": "Run name shown in the run list; also used in the run folder's name.",
+    "model": "An mlx-lm model folder (with config.json) from the workspace's models/ or published/, or a path.",
+    "data": "A dataset from the workspace's datasets/, or a path. CPT: text documents; IFT: chat, "
+            "prompt/completion or text rows (train.jsonl + valid.jsonl, or one file that is split).",
+    "mode": "CPT: continued pre-training on raw text. IFT: instruction fine-tuning on chats. "
+            "Plain mlx-lm: exactly mlx_lm.lora's behaviour.",
+    "fine_tune_type": "LoRA: low-rank adapters. DoRA: weight-decomposed LoRA. Full: train the weights themselves "
+                      "(most memory).",
+    "preset": "Fill every field from a preset in configs/.",
+    "length_mode": "Train a fixed number of iterations, or a number of passes over the training set.",
+    "iters": "Optimizer iterations (batches) to train.",
+    "epochs": "Passes over the training set; the iteration count follows from the data size.",
+    "batch_size": "Sequences per iteration.",
+    "grad_accumulation_steps": "Batches whose gradients are summed before one optimizer update "
+                               "(effective batch = batch size × this).",
+    "learning_rate": "Peak learning rate (typical: 1e-5 full, 1e-4 to 2e-4 LoRA).",
+    "schedule": "How the learning rate changes over the run (after warm-up).",
+    "warmup": "Iterations of linear warm-up from 0 to the peak learning rate.",
+    "final_lr": "Learning rate at the end of the decay.",
+    "schedule_steps": "Total length of the schedule in iterations (warm-up + decay). Blank: the run's iterations.",
+    "optimizer": "mlx optimizer: adam, adamw (decoupled weight decay), muon, sgd, adafactor.",
+    "num_layers": "How many of the last transformer blocks get adapters / are trained (-1: all).",
+    "rank": "LoRA rank: size of the low-rank update (higher: more capacity, more memory).",
+    "scale": "LoRA scale (mlx-lm's name for alpha / rank): how strongly the adapter update is applied.",
+    "dropout": "Dropout on the adapter input, in [0, 1).",
+    "train_embeddings": "Full fine-tuning: also train the embeddings, final norm and output head.",
+    "max_seq_length": "Longest sequence in tokens; longer samples are cut (CPT packs documents into windows "
+                      "of this length).",
+    "packing": "CPT: join documents with EOS and cut the stream into full windows (no padding).",
+    "mask_all_turns": "IFT: loss on every assistant turn (off: only the last, like mlx-lm's mask_prompt).",
+    "valid_fraction": "Share of documents/rows held out for validation when the data has no valid split.",
+    "seed": "Random seed for data order, dropout and initialisation.",
+    "steps_per_report": "Iterations between training-loss reports.",
+    "steps_per_eval": "Iterations between validation runs.",
+    "save_every": "Iterations between checkpoints.",
+    "val_batches": "Validation batches per evaluation (-1: the whole validation set).",
+    "keep_checkpoints": "Keep only the last K checkpoints plus the best one (blank: keep all).",
+    "early_stopping": "Stop when the validation loss stops improving or rises (overfitting).",
+    "patience": "Evaluations without improvement before stopping.",
+    "min_delta": "Smallest drop of validation loss that counts as improvement.",
+    "overfit_threshold": "Stop when validation loss is this fraction above the best (0.2 = 20%); blank: off.",
+    "grad_checkpoint": "Recompute activations in the backward pass: less memory, about 30% slower.",
 }
 
 # Form fields that must hold a number (None = left blank → "required").
@@ -58,22 +97,13 @@ ERROR_FIELDS = {
 }
 
 
-# A dataset's format (as services.library.datasets.dataset_format describes it) → the modes it is meant for.
-MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
-
-
-def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
-    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
-    kinds = MODE_FORMATS.get(mode, ())
-    return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
-
-
 def form_field(error_field: str) -> str:
     """The form field that shows a config error for ``error_field`` (``lora_parameters.rank`` → ``rank``)."""
     return ERROR_FIELDS.get(error_field, error_field)
 
 
 def default_form() -> dict[str, Any]:
+    """A fresh copy of :data:`FORM_DEFAULTS`."""
     return copy.deepcopy(FORM_DEFAULTS)
 
 
@@ -105,6 +135,50 @@ def form_problems(form: dict[str, Any]) -> list[ConfigError]:
         if form.get(key) is None or form.get(key) == "":
             errors.append(ConfigError(key, None, "required"))
     return errors
+
+
+def check_form(form: dict[str, Any], prepare: Callable[[dict[str, Any]], Any]) -> tuple[dict[str, Any],
+                                                                                   list[ConfigError]]:
+    """The engine config of ``form`` and every problem found: the form's blanks, then what ``prepare`` (the run
+    manager's ``prepare_config``: schema, model and data paths) reports; one problem per form field."""
+    errors = form_problems(form)
+    cfg = form_to_config(form)
+    try:
+        prepare(cfg)
+    except ConfigProblems as e:
+        errors += e.errors
+    except ConfigError as e:
+        errors.append(e)
+    seen: set[str] = set()
+    unique = []
+    for e in errors:
+        f = form_field(e.field)
+        if f not in seen:
+            seen.add(f)
+            unique.append(e)
+    return cfg, unique
+
+
+def visible_fields(form: dict[str, Any]) -> dict[str, bool]:
+    """Which optional fields apply to the form's choices (LoRA settings for LoRA/DoRA, packing for CPT…)."""
+    lora = form.get("fine_tune_type") in ("lora", "dora")
+    decaying = form.get("schedule") in ("linear", "cosine")
+    stopping = bool(form.get("early_stopping"))
+    return {
+        "iters": form.get("length_mode") != "epochs", "epochs": form.get("length_mode") == "epochs",
+        "rank": lora, "scale": lora, "dropout": lora, "train_embeddings": form.get("fine_tune_type") == "full",
+        "packing": form.get("mode") == "cpt", "mask_all_turns": form.get("mode") == "ift",
+        "warmup": form.get("schedule") != "custom", "final_lr": decaying, "schedule_steps": decaying,
+        "patience": stopping, "min_delta": stopping, "overfit_threshold": stopping,
+    }
+
+
+def schedule_choices(form: dict[str, Any]) -> dict[str, str]:
+    """The schedule toggle's options: the three kinds, plus ``custom (NAME)`` for a schedule the form cannot edit."""
+    kinds = dict(SCHEDULE_KINDS)
+    if form.get("schedule") == "custom":
+        kinds["custom"] = f"custom ({(form.get('custom_schedule') or {}).get('name', '?')})"
+    return kinds
 
 
 def form_schedule(form: dict[str, Any]) -> dict[str, Any] | None:
@@ -244,16 +318,6 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
     return form
 
 
-# ---------------------------------------------------------------------------------------- YAML
-
-
-def list_presets(configs_dir: Path) -> dict[str, Path]:
-    """``name → path`` of the preset YAML files in ``configs/`` (not its ``samples/`` folder)."""
-    if not configs_dir.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(configs_dir.glob("*.yaml")) if p.is_file()}
-
-
 # ---------------------------------------------------------------------------------------- LR preview
 
 
@@ -291,6 +355,19 @@ def lr_function(sched: dict[str, Any] | None, lr: float):
         return body
     warm = _sched_fn("linear_schedule", [sched.get("warmup_init", 0.0) or 0.0, sched["arguments"][0], warmup])
     return lambda step: warm(step) if step < warmup + 1 else body(step - warmup - 1)
+
+
+def lr_preview(form: dict[str, Any], cfg: dict[str, Any]) -> tuple[list[tuple[int, float]], str]:
+    """The schedule chart's points for the form's config (see :func:`lr_curve`) and a note under it."""
+    lr = cfg.get("learning_rate")
+    epochs = form.get("length_mode") == "epochs"
+    iters = form.get("schedule_steps") if epochs else cfg.get("iters")
+    note = ""
+    if epochs and not iters:
+        iters, note = 100, "Training by epochs: the iteration count follows from the data (first 100 shown)."
+    if not isinstance(lr, (int, float)) or not isinstance(iters, (int, float)) or iters < 1:
+        return [], "Set a learning rate and a length to see the schedule."
+    return lr_curve(cfg.get("lr_schedule"), lr, int(iters), int(cfg.get("grad_accumulation_steps") or 1)), note
 
 
 def lr_curve(sched: dict[str, Any] | None, lr: float, iters: int, grad_accumulation: int = 1,

@@ -76,6 +76,16 @@ def validation_datasets(ws: Workspace) -> list[dict[str, Any]]:
     return [d for d in list_datasets(ws) if validation_split(d["path"]) is not None]
 
 
+# A dataset's format (the first word of :func:`dataset_format`) → the training modes it is meant for.
+MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
+
+
+def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
+    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
+    kinds = MODE_FORMATS.get(mode, ())
+    return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
+
+
 def dataset_path(ws: Workspace, key: str) -> Path:
     """``datasets/KEY`` (a direct entry, nothing outside the workspace)."""
     path = ws.inside(ws.datasets / key)

@@ -261,6 +261,11 @@ def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS) -> dict[str, Any
     return user
 
 
+def probes_dir(workspace: Workspace) -> Path:
+    """Where a workspace's probes make their throw-away workspaces (each removed when its probe ends)."""
+    return workspace.root / ".forgellm" / "probes"
+
+
 class Probe:
     """Runs a few real training steps in a temporary workspace and measures them (plain attributes, thread-safe
     to read). ``state``: running | done | failed | cancelled."""
