@@ -16,6 +16,7 @@ import yaml
 from services.publishing.parity import parity_summary
 from services.publishing.rules import split_front_matter
 from services.training.folder import RunFolder, history
+from services.training.series import loss_table, read
 from services.workspace import read_json, write_atomic, write_json
 
 
@@ -94,13 +95,6 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _downsample(points: list[Any], n: int) -> list[Any]:
-    if len(points) <= n:
-        return points
-    idx = sorted({round(i * (len(points) - 1) / (n - 1)) for i in range(n)})
-    return [points[i] for i in idx]
-
-
 def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: RunFolder | None) -> str:
     """README.md for a published folder; also writes ``loss_curve.svg`` when the run's metrics are there."""
     src, opts = prov["source"], prov["options"]
@@ -146,20 +140,14 @@ def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: 
         out += [_md_table(["iteration", "val loss", "train loss", "epoch", "trained tokens"], rows),
                 "", "★ best validation loss", ""]
     records = history(folder.metrics()[0]) if folder and folder.exists() else []
-    train = [(r["iteration"], r["train_loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["iteration"], r["val_loss"]) for r in records
-           if r.get("type") == "val" and r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    curves = read(records, ("train_loss", "val_loss"))
+    train, val = curves["train_loss"], curves["val_loss"]
     if train or val:
         chosen = next((c for c in ckpts if c["iteration"] == src["iteration"]), {})
         y = chosen.get("val_loss") if chosen.get("val_loss") is not None else chosen.get("train_loss")
         mark = (src["iteration"], y) if y is not None and math.isfinite(y) else None
         write_atomic(dst / "loss_curve.svg", loss_svg(train, val, mark))
-        by_it: dict[int, list[Any]] = {}
-        for it, v in train:
-            by_it.setdefault(it, ["–", "–"])[0] = _num(v)
-        for it, v in val:
-            by_it.setdefault(it, ["–", "–"])[1] = _num(v)
-        rows = _downsample([[it, *vals] for it, vals in sorted(by_it.items())], 15)
+        rows = [[it, _num(t), _num(v)] for it, t, v in loss_table(records, rows=15)]
         out += ["## Training curve", "", "![Loss curve](loss_curve.svg)", "",
                 _md_table(["iteration", "train loss", "val loss"], rows), ""]
     loss = parity.get("loss") or {}
