@@ -20,12 +20,17 @@ import psutil
 
 from services import __version__, blas
 from services.config import ConfigProblems
+from services.errors import ForgeError
 from services.training.data import DataError
-from services.training.folder import RunFolder
+from services.training.folder import RunFolder, checkpoint_problem
 from services.training.trainer import Outcome, Trainer, TrainingFailed
 from services.workspace import Workspace, write_atomic
 
 HEARTBEAT_SECONDS = 2.0
+
+
+class CheckpointDamaged(ForgeError, ValueError):
+    """The checkpoint to start from fails its manifest check; the message names the file."""
 
 
 def environment() -> dict:
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="checkpoint folder to restore before training")
     args = p.parse_args(argv)
     folder = RunFolder(args.run_dir)
+    claim = folder.claim_worker()  # held until this process ends, however it ends
+    if claim is None:
+        folder.log(f"worker {os.getpid()} exits at once: another worker already trains this run")
+        return 3
     stop, done = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -70,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
     beat.start()
     try:
+        folder.sweep_leftovers()
+        resume = verified_checkpoint(folder, Path(args.resume)) if args.resume else None
         trainer = Trainer(folder, stop)
-        start = trainer.setup(Path(args.resume) if args.resume else None)
-        if args.resume:
+        start = trainer.setup(resume)
+        if resume is not None:
             folder.append_metric({"type": "resume", "step": start - 1, "iteration": start - 1,
-                                  "from": str(args.resume)})
+                                  "from": str(resume)})
         outcome = trainer.run(start)
-    except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:
+    except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:  # CheckpointDamaged too
         outcome = Outcome("failed", str(e), folder.info().get("iteration") or 0)
         folder.log("failed: " + traceback.format_exc())
     except Exception as e:  # noqa: BLE001 (any crash must still mark the run)
@@ -89,6 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     folder.log(f"{outcome.status}: {outcome.reason}")
     _hand_over(folder)
     return 0 if outcome.status != "failed" else 1
+
+
+def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
+    """``ckpt`` if it is intact; for this run's own newest checkpoint, else the newest intact one before it
+    (said in the log). A damaged checkpoint another run forks from is a :class:`CheckpointDamaged` error."""
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    if ckpt.parent != folder.checkpoints:
+        raise CheckpointDamaged(f"cannot start from checkpoint {ckpt.name} of run {ckpt.parent.parent.name}: "
+                                f"{problem}")
+    for it in reversed([i for i in folder.checkpoint_iterations() if i < int(ckpt.name)]):
+        older = folder.checkpoint_dir(it)
+        if checkpoint_problem(older) is None:
+            folder.log(f"checkpoint {int(ckpt.name)} is damaged ({problem}): resuming from checkpoint {it}, the "
+                       "newest intact one")
+            return older
+    raise CheckpointDamaged(f"checkpoint {int(ckpt.name)} is damaged ({problem}) and no earlier checkpoint is "
+                            "intact: start the run again")
 
 
 def _hand_over(folder: RunFolder) -> None:
