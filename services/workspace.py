@@ -8,6 +8,7 @@ goes through :func:`write_atomic` (temp file + fsync + rename) or :func:`append_
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -173,3 +174,25 @@ def disk_size(path: Path) -> int:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_size
     return total
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is the disk or quota being full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    """Free bytes on the disk holding ``path`` (0 if it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def disk_full_reason(path: str | os.PathLike) -> str:
+    """What to tell a person whose workspace disk filled up."""
+    return f"the workspace disk is full ({disk_free(path) / 1e6:.1f} MB free at {path}): free space and Resume"

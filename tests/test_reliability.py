@@ -129,12 +129,12 @@ def test_a_torn_line_is_closed_before_the_next_record_and_reported(tmp_path, cap
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 1 MB tmpfs (root only)."""
+    """An 8 MB tmpfs (root only)."""
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a size-limited tmpfs needs root")
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
         pytest.skip("this machine cannot mount a tmpfs")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)])
@@ -262,3 +262,39 @@ def test_checkpoint_files_are_fsynced_with_a_manifest(manager, tiny_model, chat_
     for name, entry in manifest["files"].items():
         assert (folder.checkpoint_dir(5) / name).stat().st_size == entry["bytes"]
     assert checkpoint_problem(folder.checkpoint_dir(5)) is None
+
+
+# -- W1: a full disk is a named failure, nothing torn, and Resume works once space is free ---------------------
+
+def test_a_disk_that_fills_up_mid_run_is_a_named_failure_and_resumes_exactly(tiny_disk, tiny_model, chat_data,
+                                                                               manager):
+    from services.training.manager import RunManager
+    from services.workspace import Workspace
+
+    cfg = base_config(tiny_model, chat_data, iters=200, save_every=20, steps_per_eval=50, steps_per_report=1)
+    ref = manager.launch(cfg)  # the same run on a roomy disk
+    full = RunManager(Workspace.resolve(tiny_disk / "ws"))
+    folder = full.launch(cfg)
+    deadline = time.time() + 120
+    while len(folder.metrics()[0]) < 60 and time.time() < deadline:
+        time.sleep(0.02)
+    fd = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    info = full.wait(folder.id, timeout=120)
+    assert info["status"] == "failed" and "the workspace disk is full" in info["reason"], info
+    for line in folder.metrics_path.read_bytes().splitlines():
+        json.loads(line)  # no torn or glued line
+    assert full.list()  # listing (what every page does) works while the disk is full
+    (tiny_disk / "filler").unlink()
+    full.resume(folder.id)
+    final = full.wait(folder.id, timeout=300)
+    assert final["status"] == "completed", final
+    wait_done(manager, ref.id)
+    assert same_tensors(folder.checkpoint_dir(200) / "adapters.safetensors",
+                        ref.checkpoint_dir(200) / "adapters.safetensors")

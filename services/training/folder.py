@@ -14,6 +14,7 @@
     RUN/worker.log           the worker's own log lines
     RUN/.run.lock            held (flock) by whoever reads-modifies-writes run.json or decides to start a worker
     RUN/.worker.lock         held (flock) by the one worker training the run, for its whole life
+    RUN/.reserve             disk space the worker frees to record its outcome when the disk is full
 """
 
 from __future__ import annotations
@@ -160,6 +161,14 @@ class RunFolder:
             f.close()
             return None
         return f
+
+    def reserve_space(self, nbytes: int = 256 * 1024) -> None:
+        """Set aside disk space for the worker's last words (status, metric, log) should the disk fill up."""
+        with contextlib.suppress(OSError):
+            write_atomic(self.path / ".reserve", b"\0" * nbytes)
+
+    def release_space(self) -> None:
+        (self.path / ".reserve").unlink(missing_ok=True)
 
     def worker_alive(self) -> bool:
         """Whether some process (this one or another) holds the run's worker claim."""

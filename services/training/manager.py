@@ -35,7 +35,7 @@ from services.config import ConfigError, ConfigProblems
 from services.jobs import REPO_ROOT, child_env
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
-from services.workspace import Workspace, read_json
+from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
 
 # Keys a fork may not change: the checkpoint's weights would not fit the new model or layers.
 FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train_embeddings")
@@ -43,6 +43,7 @@ FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train
 DATA_KEYS = ("data", "mode", "batch_size", "max_seq_length", "seed", "valid_fraction", "packing", "mixture",
              "mask_all_turns", "mask_prompt")
 QUEUED_GRACE_SECONDS = 120
+DISK_LOW = 1_000_000  # bytes free below which a dead worker is taken to have filled the disk
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -335,12 +336,19 @@ class RunManager:
                     return info
                 its = folder.checkpoint_iterations()
                 last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
-                info = folder.end_session(
-                    "interrupted", f"the worker process ended unexpectedly (killed or out of memory) "
-                                   f"at iteration {_last_iteration(folder)}{last}",
-                    ended=folder.last_sign_of_life() or time.time())
-            folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
-                                  "reason": info["reason"]})
+                at = _last_iteration(folder)
+                reason = (f"{disk_full_reason(folder.path)}; the worker stopped at iteration {at}{last}"
+                          if disk_free(folder.path) < DISK_LOW else
+                          f"the worker process ended unexpectedly (killed or out of memory) at iteration {at}{last}")
+                try:
+                    info = folder.end_session("interrupted", reason, ended=folder.last_sign_of_life() or time.time())
+                except OSError as e:
+                    if not is_disk_full(e):
+                        raise
+                    return {**info, "status": "interrupted", "reason": disk_full_reason(folder.path)}  # not saved
+            with contextlib.suppress(OSError):  # run.json has it; a full disk may refuse the metric line
+                folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
+                                      "reason": info["reason"]})
             self.version += 1
             self.start_next()  # the worker could not hand over to the queue itself
             return info
