@@ -15,7 +15,7 @@ from services.training.data import DataError
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.training.manager import RunManager, parse_ref
 from services.units import clock
-from services.workspace import Workspace
+from services.workspace import Workspace, disk_full_reason, is_disk_full
 
 
 def _bar(done: int, total: int, width: int = 28) -> str:
@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, manager)
     except (ConfigError, ConfigProblems, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_reason(manager.workspace.root)}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,9 @@ goes through :func:`write_atomic` (temp file + fsync + rename) or :func:`append_
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from services.errors import ForgeError, NotFound
+
+log = logging.getLogger("forgellm")
 
 ENV_VAR = "FORGELLM_WORKSPACE"
 NAME_MAX = 100
@@ -140,11 +144,23 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a single line; a torn last line is skipped by :func:`read_jsonl_tail`."""
+    """Append one JSON record as one whole line, or nothing: a write the disk cannot take (ENOSPC) is cut
+    back off before the error is raised, and a torn line left by a crash is closed first, so the next
+    record is never glued onto it."""
     line = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        done = 0
+        try:
+            while done < len(line):
+                done += os.write(fd, line[done:])
+        except OSError:
+            if done:
+                os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
 
@@ -159,12 +175,15 @@ def read_jsonl_tail(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict
         return [], offset
     end = data.rfind(b"\n") + 1
     records = []
-    for line in data[:end].splitlines():
+    at = offset
+    for line in data[:end].split(b"\n"):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write is dropped, not fatal
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                # a line torn by a crash mid-write is skipped, not fatal, and said
+                log.warning("%s: skipped a torn record at byte %d (%d bytes)", path, at, len(line))
+        at += len(line) + 1
     return records, offset + end
 
 
@@ -196,3 +215,25 @@ def disk_size(path: Path) -> int:
             seen.add((st.st_dev, st.st_ino))
             total += st.st_size
     return total
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is the disk or quota being full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    """Free bytes on the disk holding ``path`` (0 if it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def disk_full_reason(path: str | os.PathLike) -> str:
+    """What to tell a person whose workspace disk filled up."""
+    return f"the workspace disk is full ({disk_free(path) / 1e6:.1f} MB free at {path}): free space and Resume"

@@ -37,7 +37,7 @@ from services.jobs import REPO_ROOT, child_env
 from services.library.models import LibraryError, check_model_folder
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
-from services.workspace import Workspace, read_json
+from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
 
 # Keys a fork may not change: the checkpoint's weights would not fit the new model or layers.
 FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train_embeddings")
@@ -45,6 +45,7 @@ FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train
 DATA_KEYS = ("data", "mode", "batch_size", "max_seq_length", "seed", "valid_fraction", "packing", "mixture",
              "mask_all_turns", "mask_prompt")
 QUEUED_GRACE_SECONDS = 120
+DISK_LOW = 1_000_000  # bytes free below which a dead worker is taken to have filled the disk
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -142,12 +143,22 @@ class RunManager:
         return folder
 
     def start(self, run_id: str, checkpoint: Path | None = None) -> int:
-        """Spawn the worker for a queued, stopped or interrupted run; return its pid."""
-        with self._lock:
-            folder = self.folder(run_id)
+        """Spawn the worker for a queued, stopped or interrupted run; return its pid.
+
+        Exactly one worker per run, across processes: the decision is taken under the run's lock, a run
+        another process has just launched is refused, and the worker itself exits at once if it finds the
+        run claimed (see :meth:`RunFolder.claim_worker`).
+        """
+        folder = self.folder(run_id)
+        self._wait_for_exiting_worker(folder)
+        with self._lock, folder.lock():
             info = folder.info()
-            if info.get("status") in ACTIVE and self.is_alive(info):
+            if folder.worker_alive() or (info.get("status") in ACTIVE and self.is_alive(info)):
                 raise ConfigError("run", run_id, "is already running")
+            launched = info.get("launched") or 0
+            if info.get("status") == "queued" and not info.get("pid") and time.time() - launched < QUEUED_GRACE_SECONDS:
+                raise ConfigError("run", run_id, "is already starting (its worker was launched "
+                                                 f"{time.time() - launched:.0f} s ago)")
             previous = self._procs.get(run_id)
             if previous is not None:
                 previous.wait(timeout=60)  # it has written its final status and is exiting
@@ -165,6 +176,13 @@ class RunManager:
             self._procs[run_id] = proc
             self.version += 1
             return proc.pid
+
+    @staticmethod
+    def _wait_for_exiting_worker(folder: RunFolder, timeout: float = 60.0) -> None:
+        """A worker that has written its final status may still be handing over the queue: let it exit."""
+        deadline = time.time() + timeout
+        while folder.worker_alive() and folder.info().get("status") not in ACTIVE and time.time() < deadline:
+            time.sleep(0.05)
 
     def launch(self, user_cfg: dict[str, Any]) -> RunFolder:
         folder = self.create(user_cfg)
@@ -308,22 +326,30 @@ class RunManager:
         """run.json, with an active run whose worker is gone marked ``interrupted``."""
         with self._lock:
             info = folder.info()
-            if info.get("status") not in ACTIVE or self.is_alive(info):
+            if info.get("status") not in ACTIVE or self.is_alive(info) or folder.worker_alive():
                 return info
             since = info.get("launched") or info.get("created") or 0
             if info.get("status") == "queued" and not info.get("pid") and time.time() - since < QUEUED_GRACE_SECONDS:
                 return info  # a worker started by another process may still be importing
-            info = folder.info()  # the worker may have finished between the two reads
-            if info.get("status") not in ACTIVE:
-                return info
-            its = folder.checkpoint_iterations()
-            last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
-            info = folder.end_session(
-                "interrupted", f"the worker process ended unexpectedly (killed or out of memory) "
-                               f"at iteration {_last_iteration(folder)}{last}",
-                ended=folder.last_sign_of_life() or time.time())
-            folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
-                                  "reason": info["reason"]})
+            with folder.lock():  # not while another process starts it
+                info = folder.info()  # the worker may have finished between the two reads
+                if info.get("status") not in ACTIVE or self.is_alive(info) or folder.worker_alive():
+                    return info
+                its = folder.checkpoint_iterations()
+                last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
+                at = _last_iteration(folder)
+                reason = (f"{disk_full_reason(folder.path)}; the worker stopped at iteration {at}{last}"
+                          if disk_free(folder.path) < DISK_LOW else
+                          f"the worker process ended unexpectedly (killed or out of memory) at iteration {at}{last}")
+                try:
+                    info = folder.end_session("interrupted", reason, ended=folder.last_sign_of_life() or time.time())
+                except OSError as e:
+                    if not is_disk_full(e):
+                        raise
+                    return {**info, "status": "interrupted", "reason": disk_full_reason(folder.path)}  # not saved
+            with contextlib.suppress(OSError):  # run.json has it; a full disk may refuse the metric line
+                folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
+                                      "reason": info["reason"]})
             self.version += 1
             self.start_next()  # the worker could not hand over to the queue itself
             return info

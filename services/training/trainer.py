@@ -32,7 +32,7 @@ from mlx_lm.utils import load, maybe_set_recommended_wired_limit
 from services.errors import ForgeError
 from services.training import data as data_mod
 from services.training.batching import BatchSampler, eval_batches, masked_loss
-from services.training.folder import RunFolder
+from services.training.folder import RunFolder, fsync_path, write_manifest
 from services.workspace import read_json, write_atomic, write_json
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
@@ -155,33 +155,47 @@ class Trainer:
             "pos": snap["sampler"]["pos"], "np_name": name, "best_val": self.best_val, "bad_evals": self.bad_evals,
             "time": time.time(),
         })
-        shutil.rmtree(final, ignore_errors=True)
+        write_manifest(tmp)  # the sizes and checksums resume verifies; fsyncs every file and the folder
+        folder.remove_checkpoint(it)  # a checkpoint of this iteration from an earlier session
         tmp.rename(final)
+        fsync_path(folder.checkpoints)  # the rename is the commit point
         # top-level copy for `mlx_lm.generate --adapter-path RUN`
         write_atomic(folder.path / "adapters.safetensors", (final / "adapters.safetensors").read_bytes())
         self._record_checkpoint(it, val_loss)
 
     def _record_checkpoint(self, it: int, val_loss: float | None) -> None:
-        info = self.folder.info()
-        ckpts = [c for c in info.get("checkpoints", []) if c["iteration"] != it]
-        size = sum(f.stat().st_size for f in self.folder.checkpoint_dir(it).iterdir())
-        ckpts.append({"iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
-                      "epoch": self._epoch(it), "trained_tokens": self.trained_tokens, "bytes": size,
-                      "time": time.time()})
-        ckpts.sort(key=lambda c: c["iteration"])
-        scored = [c for c in ckpts if c["val_loss"] is not None]
-        best = min(scored, key=lambda c: (c["val_loss"], c["iteration"])) if scored else None
-        keep = self.cfg.get("keep_checkpoints")
-        if keep:
-            kept = {c["iteration"] for c in ckpts[-keep:]} | ({best["iteration"]} if best else set())
-            for c in ckpts:
-                if c["iteration"] not in kept:
-                    shutil.rmtree(self.folder.checkpoint_dir(c["iteration"]), ignore_errors=True)
-            ckpts = [c for c in ckpts if c["iteration"] in kept]
-        self.folder.update(checkpoints=ckpts, best=best, iteration=it)
-        self.folder.append_metric({"type": "checkpoint", "step": it, "iteration": it, "val_loss": val_loss,
-                                   "best": bool(best and best["iteration"] == it)})
-        self.folder.log(f"checkpoint {it}" + (f" val {val_loss:.4f}" if val_loss is not None else ""))
+        folder = self.folder
+        size = sum(f.stat().st_size for f in folder.checkpoint_dir(it).iterdir())
+        entry = {"iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
+                 "epoch": self._epoch(it), "trained_tokens": self.trained_tokens, "bytes": size, "time": time.time()}
+        with folder.lock():  # read-modify-write of run.json: an edit from the app waits, and is kept
+            on_disk = set(folder.checkpoint_iterations())
+            ckpts = [c for c in folder.info().get("checkpoints", []) if c["iteration"] != it]
+            known = {c["iteration"] for c in ckpts}
+            # a checkpoint renamed into place by a worker killed before it recorded it
+            ckpts += [self._entry_from_disk(i) for i in sorted(on_disk - known - {it})]
+            ckpts.append(entry)
+            ckpts.sort(key=lambda c: c["iteration"])
+            scored = [c for c in ckpts if c["val_loss"] is not None]
+            best = min(scored, key=lambda c: (c["val_loss"], c["iteration"])) if scored else None
+            keep = self.cfg.get("keep_checkpoints")
+            if keep:
+                kept = {c["iteration"] for c in ckpts[-keep:]} | ({best["iteration"]} if best else set())
+                for c in ckpts:
+                    if c["iteration"] not in kept:
+                        folder.remove_checkpoint(c["iteration"])
+                ckpts = [c for c in ckpts if c["iteration"] in kept]
+            folder.update(checkpoints=ckpts, best=best, iteration=it)
+        folder.append_metric({"type": "checkpoint", "step": it, "iteration": it, "val_loss": val_loss,
+                              "best": bool(best and best["iteration"] == it)})
+        folder.log(f"checkpoint {it}" + (f" val {val_loss:.4f}" if val_loss is not None else ""))
+
+    def _entry_from_disk(self, it: int) -> dict[str, Any]:
+        path = self.folder.checkpoint_dir(it)
+        st = read_json(path / "state.json", {}) or {}
+        return {"iteration": it, "val_loss": st.get("val_loss"), "train_loss": st.get("train_loss"),
+                "epoch": self._epoch(it), "trained_tokens": st.get("trained_tokens"),
+                "bytes": sum(f.stat().st_size for f in path.iterdir()), "time": st.get("time")}
 
     def restore(self, ckpt: Path, exact: bool = True) -> int:
         """Load a checkpoint's state (``exact``: RNG and data order too); return its iteration."""

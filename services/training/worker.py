@@ -20,12 +20,18 @@ import psutil
 
 from services import __version__, blas
 from services.config import ConfigProblems
+from services.errors import ForgeError
 from services.training.data import DataError
-from services.training.folder import RunFolder
+from services.training.folder import RunFolder, checkpoint_problem
 from services.training.trainer import Outcome, Trainer, TrainingFailed
-from services.workspace import Workspace, write_atomic
+from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, write_atomic
 
 HEARTBEAT_SECONDS = 2.0
+DISK_LOW = 1_000_000  # bytes: less than this free after a failed write means the disk filled up
+
+
+class CheckpointDamaged(ForgeError, ValueError):
+    """The checkpoint to start from fails its manifest check; the message names the file."""
 
 
 def environment() -> dict:
@@ -48,7 +54,8 @@ def environment() -> dict:
 
 def _beat(folder: RunFolder, stop: threading.Event, done: threading.Event) -> None:
     while not done.wait(HEARTBEAT_SECONDS):
-        write_atomic(folder.heartbeat_path, f"{time.time():.3f}\n")
+        with contextlib.suppress(OSError):  # a full disk: the training thread reports it
+            write_atomic(folder.heartbeat_path, f"{time.time():.3f}\n")
         if folder.stop_path.exists():
             stop.set()
 
@@ -59,36 +66,103 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="checkpoint folder to restore before training")
     args = p.parse_args(argv)
     folder = RunFolder(args.run_dir)
+    claim = folder.claim_worker()  # held until this process ends, however it ends
+    if claim is None:
+        folder.log(f"worker {os.getpid()} exits at once: another worker already trains this run")
+        return 3
     stop, done = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    folder.reserve_space()
+    try:
+        _begin(folder, args.resume)
+    except OSError as e:  # the disk may be full before the first step
+        _finish(folder, Outcome("failed", _reason(folder, e), 0))
+        return 1
+    beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
+    beat.start()
+    try:
+        folder.sweep_leftovers()
+        resume = verified_checkpoint(folder, Path(args.resume)) if args.resume else None
+        trainer = Trainer(folder, stop)
+        start = trainer.setup(resume)
+        if resume is not None:
+            folder.append_metric({"type": "resume", "step": start - 1, "iteration": start - 1,
+                                  "from": str(resume)})
+        outcome = trainer.run(start)
+    except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:  # CheckpointDamaged too
+        outcome = Outcome("failed", _reason(folder, e), _iteration(folder))
+        _log(folder, "failed: " + traceback.format_exc())
+    except Exception as e:  # noqa: BLE001 (any crash must still mark the run)
+        outcome = Outcome("failed", _reason(folder, e, f"{type(e).__name__}: {e}"), _iteration(folder))
+        _log(folder, "crashed: " + traceback.format_exc())
+    done.set()
+    _finish(folder, outcome)
+    _hand_over(folder)
+    return 0 if outcome.status != "failed" else 1
+
+
+def _begin(folder: RunFolder, resume: str | None) -> None:
     me = psutil.Process()
     write_atomic(folder.heartbeat_path, f"{time.time():.3f}\n")
     folder.update(status="running", reason=None, pid=me.pid, pid_created=me.create_time(), started=time.time(),
                   ended=None, **environment())
-    folder.log(f"worker {me.pid} started" + (f", resuming from {args.resume}" if args.resume else ""))
-    beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
-    beat.start()
+    folder.log(f"worker {me.pid} started" + (f", resuming from {resume}" if resume else ""))
+
+
+def _reason(folder: RunFolder, error: BaseException, default: str | None = None) -> str:
+    # MLX's own writers say "[save_safetensors] …" without an errno: judge those by the space left
+    if is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and disk_free(folder.path) < DISK_LOW):
+        return disk_full_reason(folder.path)
+    return default or str(error)
+
+
+def _iteration(folder: RunFolder) -> int:
     try:
-        trainer = Trainer(folder, stop)
-        start = trainer.setup(Path(args.resume) if args.resume else None)
-        if args.resume:
-            folder.append_metric({"type": "resume", "step": start - 1, "iteration": start - 1,
-                                  "from": str(args.resume)})
-        outcome = trainer.run(start)
-    except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:
-        outcome = Outcome("failed", str(e), folder.info().get("iteration") or 0)
-        folder.log("failed: " + traceback.format_exc())
-    except Exception as e:  # noqa: BLE001 (any crash must still mark the run)
-        outcome = Outcome("failed", f"{type(e).__name__}: {e}", folder.info().get("iteration") or 0)
-        folder.log("crashed: " + traceback.format_exc())
-    done.set()
-    folder.end_session(outcome.status, outcome.reason)
-    folder.append_metric({"type": "status", "step": outcome.iteration, "status": outcome.status,
-                          "reason": outcome.reason})
-    folder.log(f"{outcome.status}: {outcome.reason}")
-    _hand_over(folder)
-    return 0 if outcome.status != "failed" else 1
+        return folder.info().get("iteration") or 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _log(folder: RunFolder, message: str) -> None:
+    with contextlib.suppress(OSError):
+        folder.log(message)
+
+
+def _finish(folder: RunFolder, outcome: Outcome) -> None:
+    """Record the outcome; on a full disk, with the space set aside at the start."""
+    if outcome.reason and "disk is full" in outcome.reason:
+        folder.release_space()
+    try:
+        folder.end_session(outcome.status, outcome.reason)
+        folder.append_metric({"type": "status", "step": outcome.iteration, "status": outcome.status,
+                              "reason": outcome.reason})
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        folder.release_space()  # the disk filled up as the session ended
+        folder.end_session(outcome.status, disk_full_reason(folder.path))
+    _log(folder, f"{outcome.status}: {outcome.reason}")
+    folder.release_space()
+
+
+def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
+    """``ckpt`` if it is intact; for this run's own newest checkpoint, else the newest intact one before it
+    (said in the log). A damaged checkpoint another run forks from is a :class:`CheckpointDamaged` error."""
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    if ckpt.parent != folder.checkpoints:
+        raise CheckpointDamaged(f"cannot start from checkpoint {ckpt.name} of run {ckpt.parent.parent.name}: "
+                                f"{problem}")
+    for it in reversed([i for i in folder.checkpoint_iterations() if i < int(ckpt.name)]):
+        older = folder.checkpoint_dir(it)
+        if checkpoint_problem(older) is None:
+            folder.log(f"checkpoint {int(ckpt.name)} is damaged ({problem}): resuming from checkpoint {it}, the "
+                       "newest intact one")
+            return older
+    raise CheckpointDamaged(f"checkpoint {int(ckpt.name)} is damaged ({problem}) and no earlier checkpoint is "
+                            "intact: start the run again")
 
 
 def _hand_over(folder: RunFolder) -> None:
