@@ -99,3 +99,11 @@ def on_change(source: Callable[[], Any], redraw: Callable[[], None], interval: f
 
     check()
     return ui.timer(interval, check)
+
+
+def entered(field: ui.input, missing: str) -> str | None:
+    """The stripped text of an input, or None after telling the person ``missing`` (what to enter)."""
+    text = (field.value or "").strip()
+    if not text:
+        ui.notify(missing, type="warning")
+    return text or None

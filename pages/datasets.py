@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from nicegui import events, run, ui
 
+from pages.common import entered
 from services.library import checks as dc
 from services.library.datasets import check_upload_size, dataset_path, import_dataset, list_datasets, store_upload
 from services.library.models import LibraryError, list_models
@@ -167,9 +168,8 @@ class DatasetImport:
         self.on_added(path.name)
 
     async def import_path(self) -> None:
-        source = (self.path.value or "").strip()
-        if not source:
-            ui.notify("Enter a file or folder path", type="warning")
+        source = entered(self.path, "Enter a file or folder path")
+        if source is None:
             return
         try:
             path = await run.io_bound(import_dataset, self.ws, source, (self.name.value or "").strip() or None,

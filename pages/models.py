@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
+from pages.common import entered
 from services.jobs import DONE, FAILED
 from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob
 from services.library.models import LibraryError, check_deletable, delete_model, list_models
@@ -200,9 +201,8 @@ class ImportCard:
         self.dequantize.set_visibility(k == "gguf")
 
     async def start(self) -> None:
-        text = (self.source.value or "").strip()
-        if not text:
-            ui.notify("Enter a repo id, folder or GGUF file first", type="warning")
+        text = entered(self.source, "Enter a repo id, folder or GGUF file first")
+        if text is None:
             return
         try:
             await run.io_bound(self.imports.start, self.services.workspace, text,

@@ -67,21 +67,10 @@ class Workspace:
             sub.mkdir(parents=True, exist_ok=True)
         return ws
 
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def datasets(self) -> Path:
-        return self.root / "datasets"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def published(self) -> Path:
-        return self.root / "published"
+    models = property(lambda self: self.root / "models")
+    datasets = property(lambda self: self.root / "datasets")
+    runs = property(lambda self: self.root / "runs")
+    published = property(lambda self: self.root / "published")
 
     def inside(self, path: str | os.PathLike) -> Path:
         """Resolve ``path`` (relative to the workspace) and refuse anything that escapes it."""

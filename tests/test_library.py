@@ -286,7 +286,7 @@ def test_safe_name_is_the_one_rule_for_folder_names():
 
 
 def test_the_callers_of_safe_name(workspace, chat_data):
-    from services.inference.service import save_preference
+    from services.library.datasets import save_preference
     from services.publishing.rules import PublishError, published_path
 
     with pytest.raises(PublishError, match=r"at most 96.*published into"):  # Hub repo names are shorter

@@ -12,7 +12,7 @@ import pytest
 
 from services.config import ConfigError
 from services.training import index as run_index
-from services.training.folder import RunFolder
+from services.training.folder import CHECKPOINT_FILES, RunFolder
 
 
 def info(run_id: str, **kw) -> dict:
@@ -133,8 +133,10 @@ def test_checkpoint_rows_and_listing_stamp(manager):
     folder = make_run(manager, "r1", checkpoints=[{"iteration": 10, "val_loss": 2.0, "train_loss": 2.5,
                                                    "bytes": 1234}, {"iteration": 20, "val_loss": 1.0}],
                       best={"iteration": 20, "val_loss": 1.0})
-    for it in (10, 20, 30):
-        (folder.checkpoint_dir(it)).mkdir(parents=True)
+    for it in (10, 20, 30):  # complete checkpoints (every file there; their contents do not matter here)
+        folder.checkpoint_dir(it).mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            (folder.checkpoint_dir(it) / name).write_bytes(b"")
     (folder.checkpoint_dir(30) / "adapters.safetensors").write_bytes(b"x" * 7)
     rows = run_index.checkpoint_rows(folder)
     assert [(r["iteration"], r["best"]) for r in rows] == [(10, False), (20, True), (30, False)]

@@ -11,7 +11,7 @@ from nicegui import ui
 
 from services.errors import ForgeError
 from services.inference.requests import adapter_label
-from services.library.models import check_model_dir, list_models
+from services.library.models import find_model, list_models
 from services.training.index import adapters_for, resolve_model, run_link
 from services.units import human_bytes
 
@@ -200,9 +200,9 @@ class ModelBar:
     def preselect_model(self, value: str) -> bool:
         """Pick a model folder (``published/NAME``, a name under ``models/`` or a path) without adapter."""
         try:
-            found = check_model_dir(resolve_model(self.manager, value))
+            found = find_model(self.manager.workspace, value)
         except ForgeError as e:
-            self.show_error(f"model {value!r}: {e}")
+            self.show_error(str(e))
             return False
         self.pick_model(str(found))
         self.refresh_adapters(keep=NO_ADAPTER)

@@ -25,8 +25,8 @@ from services.training.data import (
     CPT_SUFFIXES,
     DataError,
     Document,
-    _encode,
     check_row,
+    encode_text,
     read_jsonl_lenient,
     render_row,
     row_format,
@@ -309,7 +309,7 @@ def load_tokenizer(model_path: str) -> Any:
 def render(tokenizer: Any, sample: Any, fmt: str, where: str, cfg: dict[str, Any] | None = None) -> tuple[list, list]:
     """``(tokens, loss mask)`` of one sample as a run renders it (documents: plain tokens, all trained)."""
     if isinstance(sample, Document):
-        toks = _encode(tokenizer, sample.text)
+        toks = encode_text(tokenizer, sample.text)
         return toks, [True] * len(toks)
     s = render_row(tokenizer, sample, fmt, {**RUN_CFG, **(cfg or {})}, where)
     return s.tokens, s.mask

@@ -63,7 +63,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def model_size_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the weight files in a model folder (what loading it puts in memory, roughly)."""
+    """Bytes of the weight files in a model folder (what loading it puts in memory, roughly); ``OSError`` when
+    there is no such folder."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
     return sum(f.stat().st_size for f in weight_files(Path(folder)))
 
 

@@ -40,7 +40,6 @@ from mlx_lm.utils import compute_bits_per_weight, dequantize_model, quantize_mod
 
 from services import __version__
 from services.config import ConfigError
-from services.inference.service import resolve_adapter
 from services.publishing import parity
 from services.publishing.card import base_model_info, write_card
 from services.publishing.fuse import float_dtype, fuse
@@ -54,6 +53,7 @@ from services.publishing.rules import (
     published_path,
 )
 from services.training.folder import RunFolder
+from services.training.index import resolve_adapter
 from services.training.manager import RunManager, parse_ref
 from services.workspace import Workspace, disk_size, read_json
 

@@ -204,7 +204,8 @@ def fingerprint(paths: Iterable[Path]) -> str:
 # ----------------------------------------------------------------------------------------- CPT
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text without special tokens: what training packs and the statistics count."""
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -277,14 +278,14 @@ def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequenc
         valid_docs = read_documents(files["valid"]) if "valid" in files else []
     else:
         train_docs, valid_docs = _split_docs(read_documents(data), cfg["valid_fraction"], seed)
-    train_tok = [_encode(tokenizer, d.text) for d in train_docs] if "train" in splits else []
-    valid_tok = [_encode(tokenizer, d.text) for d in valid_docs] if "valid" in splits else []
+    train_tok = [encode_text(tokenizer, d.text) for d in train_docs] if "train" in splits else []
+    valid_tok = [encode_text(tokenizer, d.text) for d in valid_docs] if "valid" in splits else []
     domain_tokens = sum(len(t) + 1 for t in train_tok)
     stats: dict[str, Any] = {"format": "text", "mode": "cpt", "packing": bool(cfg["packing"])}
     mix = cfg.get("mixture") if "train" in splits else None
     if mix:
         replay_docs = read_documents(Path(mix["data"]))
-        replay_tok = [_encode(tokenizer, d.text) for d in replay_docs]
+        replay_tok = [encode_text(tokenizer, d.text) for d in replay_docs]
         ratio = float(mix["ratio"])
         target = round(domain_tokens * ratio / (1 - ratio))
         pieces = _replay_pieces(replay_tok, target, seed)
@@ -339,7 +340,7 @@ def render_chat(tokenizer: Any, messages: list[dict], tools: Any, all_turns: boo
 def render_row(tokenizer: Any, row: dict, fmt: str, cfg: dict[str, Any], where: str) -> Sample:
     """One IFT row as tokens and loss mask, following ``mask_all_turns`` / ``mask_prompt``."""
     if fmt == "text":
-        tokens = _encode(tokenizer, row[cfg.get("text_feature") or "text"])
+        tokens = encode_text(tokenizer, row[cfg.get("text_feature") or "text"])
         if not tokens or tokens[-1] != tokenizer.eos_token_id:
             tokens.append(tokenizer.eos_token_id)
         return Sample(tokens, [False] + [True] * (len(tokens) - 1))
