@@ -85,6 +85,10 @@ def checkpoint_marks(checkpoints: list[dict[str, Any]], train: list[tuple[float,
     return marks
 
 
+# how often the Monitor and the status strip look at a live run (both read the same watcher, so they agree)
+LIVE_SECONDS = 0.5
+
+
 def on_change(source: Callable[[], Any], redraw: Callable[[], None], interval: float) -> ui.timer:
     """Call ``redraw`` now and then whenever ``source()`` (a version, a stamp) differs from its last value, which
     is asked every ``interval`` seconds."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import CHARTS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
+from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import resume_refusal
@@ -196,4 +196,4 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
             ui.navigate.to(f"/monitor/{folder.id}")
 
     watcher.poll(force=True)
-    on_change(version, update, 0.5)
+    on_change(version, update, LIVE_SECONDS)

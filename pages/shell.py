@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import segno
 from nicegui import app, ui
 
+from pages.common import LIVE_SECONDS
 from pages.compare import compare_page
 from pages.datasets import datasets_page
 from pages.models import models_page
@@ -102,7 +103,7 @@ def make_root(services: Services):
             machine.set_text(machine_text)
 
         update_strip()
-        ui.timer(2.0, update_strip)
+        ui.timer(LIVE_SECONDS, update_strip)
         with ui.column().classes("w-full p-3"):
             ui.sub_pages({"/": train_page, "/train": train_page, "/monitor": monitor_page,
                           "/monitor/{run_id}": monitor_page, "/playground": playground_page,
