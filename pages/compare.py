@@ -124,7 +124,8 @@ class ComparePage:
         ui.label("Compare runs").classes("text-2xl font-semibold")
         with ui.row().classes("w-full items-end gap-3"):
             self.picker = ui.select(options, value=[r for r in wanted if r in options], label="Runs", multiple=True,
-                                    with_input=True).props("dense outlined use-chips").classes("min-w-[32rem]") \
+                                    with_input=True).props("dense outlined use-chips") \
+                .classes("sm:min-w-[32rem] max-sm:w-full") \
                 .mark("compare-runs")
             ui.button("Compare", icon="compare_arrows", on_click=self.go).props("outline").mark("compare-go")
             ui.space()

@@ -15,7 +15,7 @@ from nicegui import ui
 from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError
 from services.training.folder import ACTIVE, WAITING
-from services.training.index import resume_refusal
+from services.training.index import ending_note, resume_refusal
 from services.units import clock
 
 if TYPE_CHECKING:
@@ -98,10 +98,110 @@ class LiveView:
             self.log.push("\n".join(lines))
 
 
+class MonitorPage:
+    """One run's status, progress, metric cards, live charts and log, following the run's shared watcher."""
+
+    def __init__(self, services: Services, run_id: str, runs: list[dict[str, Any]]):
+        self.manager, self.run_id = services.manager, run_id
+        self.options = {r["id"]: f"{r.get('name') or r['id']} · {r.get('status')} · {r['id']}" for r in runs}
+        self.options.setdefault(run_id, run_id)
+        with ui.row().classes("w-full items-center gap-3"):
+            self.picker = ui.select(self.options, value=run_id, label="Run", with_input=True, on_change=self.pick) \
+                .props("dense outlined").classes("w-[28rem] max-w-full").mark("run-select")
+            self.status = ui.badge("", color="grey").classes("text-sm").mark("status")
+            self.stop_btn = ui.button("Stop", icon="stop", on_click=self.stop).props("outline color=negative") \
+                .mark("stop")
+            self.resume_btn = ui.button("Resume", icon="play_arrow", on_click=self.resume).props("outline") \
+                .mark("resume")
+        try:
+            self.watcher = services.watchers.get(run_id)
+        except ConfigError as e:
+            ui.label(f"Run {run_id}: {e.reason}").classes("text-negative").mark("run-missing")
+            self.stop_btn.disable()
+            self.resume_btn.disable()
+            return
+        with ui.card().classes("w-full border-l-4").props("flat bordered") \
+                .mark("ending-card") as self.note_card:
+            self.note = ui.label("").classes("text-base").mark("ending-note")
+        self.note_card.set_visibility(False)
+        self.reason = ui.label("").classes("text-sm text-grey-8").mark("reason")
+        with ui.column().classes("w-full gap-1"):
+            self.progress = ui.linear_progress(value=0, show_value=False, size="10px").mark("progress")
+            self.progress_label = ui.label("").classes("text-sm").mark("progress-text")
+        self.cards: dict[str, ui.label] = {}
+        with ui.row().classes("w-full gap-2"):
+            for key, title in CARDS:
+                with ui.card().classes("px-3 py-2 min-w-[8.5rem]").props("flat bordered"):
+                    ui.label(title).classes("text-xs text-grey-7")
+                    self.cards[key] = ui.label("–").classes("text-lg font-medium").mark(f"card-{key}")
+        charts: dict[str, ui.echart] = {}
+        with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+            for key, (title, series, ytype) in CHARTS.items():
+                charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
+        ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
+        log = ui.log(max_lines=self.watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
+        self.view = LiveView(self.watcher, charts, log)
+        self.watcher.poll(force=True)
+        on_change(self.version, self.update, LIVE_SECONDS)
+
+    def pick(self, e: Any) -> None:
+        if e.value and e.value != self.run_id:
+            ui.navigate.to(f"/monitor/{e.value}")
+
+    def version(self) -> int:
+        self.watcher.poll()
+        return self.watcher.version
+
+    def update(self) -> None:
+        latest = self.watcher.latest()
+        st, why = latest.get("status") or "?", latest.get("reason") or ""
+        if self.status.text != st:
+            info = self.watcher.info()
+            self.options[self.run_id] = f"{info.get('name') or self.run_id} · {st} · {self.run_id}"
+            self.picker.set_options(self.options, value=self.run_id)
+        self.status.set_text(st)
+        self.status.props["color"] = STATUS_COLORS.get(st, "grey")
+        checkpoints = [c["iteration"] for c in self.watcher.checkpoints()]
+        note = ending_note(self.watcher.info(), checkpoints)
+        self.note.set_text(note or "")
+        self.note_card.set_visibility(note is not None)
+        self.note_card.classes(remove="border-red-600 border-orange-500",
+                               add="border-red-600" if st == "failed" else "border-orange-500")
+        self.reason.set_text(WAITING_TEXT if st == WAITING else "" if note else why)
+        self.progress.set_value(round(latest.get("progress") or 0.0, 4))
+        self.progress_label.set_text(progress_text(latest))
+        for key, text in card_texts(latest).items():
+            self.cards[key].set_text(text)
+        waiting = st == WAITING
+        self.stop_btn.set_enabled(st in ACTIVE or waiting)
+        self.resume_btn.set_enabled(resume_refusal(self.watcher.info(), checkpoints) is None)
+        self.resume_btn.set_text("Start now" if waiting else "Resume")
+        self.view.push_series()
+        self.view.push_log()
+
+    def stop(self) -> None:
+        try:
+            waiting = self.manager.get(self.run_id).get("status") == WAITING
+            self.manager.stop(self.run_id)
+            ui.notify("Taken off the queue" if waiting
+                      else "Stop requested: the run writes a final checkpoint and ends")
+        except ConfigError as e:
+            ui.notify(str(e), type="negative")
+
+    def resume(self) -> None:
+        try:
+            folder = self.manager.resume(self.run_id)
+        except ConfigError as e:
+            ui.notify(str(e), type="negative")
+            return
+        ui.notify(f"Resuming {folder.id}")
+        if folder.id != self.run_id:
+            ui.navigate.to(f"/monitor/{folder.id}")
+
+
 def monitor_page(services: Services, run_id: str | None = None) -> None:
     """Build the Monitor page for ``run_id`` (default: the running run, else the newest)."""
-    manager = services.manager
-    runs = manager.list()
+    runs = services.manager.list()
     if run_id is None and runs:
         active = [r for r in runs if r.get("status") in ACTIVE]
         run_id = (active or runs)[0]["id"]
@@ -110,90 +210,4 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
         ui.label("No runs yet.").mark("no-runs")
         ui.link("Start one on the Train page", "/train")
         return
-    options = {r["id"]: f"{r.get('name') or r['id']} · {r.get('status')} · {r['id']}" for r in runs}
-    if run_id not in options:
-        options[run_id] = run_id
-    with ui.row().classes("w-full items-center gap-3"):
-        def pick(e: Any) -> None:
-            if e.value and e.value != run_id:
-                ui.navigate.to(f"/monitor/{e.value}")
-
-        picker = ui.select(options, value=run_id, label="Run", with_input=True, on_change=pick) \
-            .props("dense outlined").classes("w-[28rem]").mark("run-select")
-        status = ui.badge("", color="grey").classes("text-sm").mark("status")
-        stop_btn = ui.button("Stop", icon="stop", on_click=lambda: stop()).props("outline color=negative") \
-            .mark("stop")
-        resume_btn = ui.button("Resume", icon="play_arrow", on_click=lambda: resume()).props("outline") \
-            .mark("resume")
-    try:
-        watcher = services.watchers.get(run_id)
-    except ConfigError as e:
-        ui.label(f"Run {run_id}: {e.reason}").classes("text-negative").mark("run-missing")
-        stop_btn.disable()
-        resume_btn.disable()
-        return
-    reason = ui.label("").classes("text-sm text-grey-8").mark("reason")
-    with ui.column().classes("w-full gap-1"):
-        progress = ui.linear_progress(value=0, show_value=False, size="10px").mark("progress")
-        progress_label = ui.label("").classes("text-sm").mark("progress-text")
-    cards: dict[str, ui.label] = {}
-    with ui.row().classes("w-full gap-2"):
-        for key, title in CARDS:
-            with ui.card().classes("px-3 py-2 min-w-[8.5rem]").props("flat bordered"):
-                ui.label(title).classes("text-xs text-grey-7")
-                cards[key] = ui.label("–").classes("text-lg font-medium").mark(f"card-{key}")
-    charts: dict[str, ui.echart] = {}
-    with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
-        for key, (title, series, ytype) in CHARTS.items():
-            charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
-    ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
-    log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
-    view = LiveView(watcher, charts, log)
-
-    def version() -> int:
-        watcher.poll()
-        return watcher.version
-
-    def update() -> None:
-        latest = watcher.latest()
-        st, why = latest.get("status") or "?", latest.get("reason") or ""
-        if status.text != st:
-            info = watcher.info()
-            options[run_id] = f"{info.get('name') or run_id} · {st} · {run_id}"
-            picker.set_options(options, value=run_id)
-        status.set_text(st)
-        status.props["color"] = STATUS_COLORS.get(st, "grey")
-        reason.set_text(WAITING_TEXT if st == WAITING else why)
-        progress.set_value(round(latest.get("progress") or 0.0, 4))
-        progress_label.set_text(progress_text(latest))
-        for key, text in card_texts(latest).items():
-            cards[key].set_text(text)
-        active, waiting = st in ACTIVE, st == WAITING
-        stop_btn.set_enabled(active or waiting)
-        checkpoints = [c["iteration"] for c in watcher.checkpoints()]
-        resume_btn.set_enabled(resume_refusal(watcher.info(), checkpoints) is None)
-        resume_btn.set_text("Start now" if waiting else "Resume")
-        view.push_series()
-        view.push_log()
-
-    def stop() -> None:
-        try:
-            waiting = manager.get(run_id).get("status") == WAITING
-            manager.stop(run_id)
-            ui.notify("Taken off the queue" if waiting
-                      else "Stop requested: the run writes a final checkpoint and ends")
-        except ConfigError as e:
-            ui.notify(str(e), type="negative")
-
-    def resume() -> None:
-        try:
-            folder = manager.resume(run_id)
-        except ConfigError as e:
-            ui.notify(str(e), type="negative")
-            return
-        ui.notify(f"Resuming {folder.id}")
-        if folder.id != run_id:
-            ui.navigate.to(f"/monitor/{folder.id}")
-
-    watcher.poll(force=True)
-    on_change(version, update, LIVE_SECONDS)
+    MonitorPage(services, run_id, runs)

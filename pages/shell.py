@@ -55,55 +55,105 @@ def status_texts(status: dict[str, Any]) -> tuple[str, str | None, str]:
 
 
 
-def make_root(services: Services):
-    """The SPA shell: header with navigation, status strip and dark-mode toggle, and the sub pages."""
+THEMES = (None, True, False)  # follow the system, dark, light
+THEME_ICONS = {None: ("brightness_auto", "theme: as the system (click: dark)"),
+               True: ("dark_mode", "theme: dark (click: light)"), False: ("light_mode", "theme: light (click: as the "
+                                                                              "system)")}
 
-    def root() -> None:
-        dark = ui.dark_mode()
+
+class ThemeToggle:
+    """Dark mode: as the operating system says until the person picks dark or light (remembered per browser)."""
+
+    def __init__(self) -> None:
         try:
-            dark.bind_value(app.storage.user, "dark_mode")
+            saved = app.storage.user.get("dark_mode")
         except RuntimeError:  # no storage secret (never the case under run_app or the test simulation)
+            saved = None
+        self.dark = ui.dark_mode(saved if saved in THEMES else None)
+        self.button = ui.button(on_click=self.next).props("flat round color=white").mark("dark-toggle")
+        self.show()
+
+    def next(self) -> None:
+        value = THEMES[(THEMES.index(self.dark.value) + 1) % len(THEMES)]
+        self.dark.set_value(value)
+        try:
+            app.storage.user["dark_mode"] = value
+        except RuntimeError:
             pass
-        with ui.header().classes("items-center gap-1 py-1 px-3"):
+        self.show()
+
+    def show(self) -> None:
+        icon, tip = THEME_ICONS[self.dark.value]
+        self.button.props(f"icon={icon}")
+        self.button.tooltip(tip)
+
+
+class Header:
+    """The header: the pages as buttons on a wide screen, behind a menu button on a phone; LAN links; theme."""
+
+    def __init__(self, services: Services):
+        with ui.header().classes("items-center gap-1 py-1 px-3 no-wrap"):
+            with ui.button(icon="menu").props("flat round color=white").classes("sm:hidden").mark("nav-menu"):
+                with ui.menu():
+                    for label, path in NAV:
+                        ui.menu_item(label, on_click=lambda p=path: ui.navigate.to(p)).mark(f"menu-{label.lower()}")
             ui.label("ForgeLLM").classes("text-lg font-bold mr-4")
             for label, path in NAV:
                 ui.button(label, on_click=lambda p=path: ui.navigate.to(p)).props("flat color=white no-caps") \
-                    .mark(f"nav-{label.lower()}")
+                    .classes("max-sm:hidden").mark(f"nav-{label.lower()}")
             ui.space()
             if services.lan_urls and is_local_client():
-                with ui.dialog() as lan_dialog, ui.card():
-                    ui.label("Open ForgeLLM on another device").classes("text-lg font-semibold")
-                    ui.label("These links carry the access token; anyone with one can use this app.") \
-                        .classes("text-sm text-grey-7")
-                    for url in services.lan_urls:
-                        ui.image(segno.make(url, error="m").svg_data_uri(scale=4)).classes("w-48 self-center")
-                        ui.link(url, url).classes("font-mono text-sm")
-                    ui.button("Close", on_click=lan_dialog.close).props("flat")
-                ui.button(icon="wifi", on_click=lan_dialog.open).props("flat round color=white") \
-                    .tooltip("LAN access").mark("lan-access")
-            ui.button(icon="dark_mode", on_click=lambda: dark.set_value(not dark.value)) \
-                .props("flat round color=white").tooltip("dark mode").mark("dark-toggle")
-        with ui.row().classes("w-full items-center gap-4 px-3 py-1 text-xs border-b border-grey-5") \
+                self.lan_button(services.lan_urls)
+            ThemeToggle()
+
+    @staticmethod
+    def lan_button(urls: list[str]) -> None:
+        with ui.dialog() as lan_dialog, ui.card():
+            ui.label("Open ForgeLLM on another device").classes("text-lg font-semibold")
+            ui.label("These links carry the access token; anyone with one can use this app.") \
+                .classes("text-sm text-grey-7")
+            for url in urls:
+                ui.image(segno.make(url, error="m").svg_data_uri(scale=4)).classes("w-48 self-center")
+                ui.link(url, url).classes("font-mono text-sm break-all")
+            ui.button("Close", on_click=lan_dialog.close).props("flat")
+        ui.button(icon="wifi", on_click=lan_dialog.open).props("flat round color=white") \
+            .tooltip("LAN access").mark("lan-access")
+
+
+class StatusStrip:
+    """The active run and the machine, under the header of every page (the run's own watcher: as the Monitor)."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        with ui.row().classes("w-full items-center gap-x-4 gap-y-0 px-3 py-1 text-xs border-b border-grey-5") \
                 .mark("status-strip"):
-            run_link = ui.link("no run active", "/monitor").classes("font-medium").mark("status-run")
-            machine = ui.label("").classes("opacity-80").mark("status-machine")
+            self.run_link = ui.link("no run active", "/monitor").classes("font-medium").mark("status-run")
+            self.machine = ui.label("").classes("opacity-80").mark("status-machine")
+        self.update()
+        ui.timer(LIVE_SECONDS, self.update)
 
-        def update_strip() -> None:
-            run_text, link, machine_text = status_texts(services.status.snapshot())
-            run_link.set_text(run_text)
-            if run_link.props.get("href") != (link or "/monitor"):
-                run_link.props["href"] = link or "/monitor"
-            machine.set_text(machine_text)
+    def update(self) -> None:
+        run_text, link, machine_text = status_texts(self.services.status.snapshot())
+        self.run_link.set_text(run_text)
+        if self.run_link.props.get("href") != (link or "/monitor"):
+            self.run_link.props["href"] = link or "/monitor"
+        self.machine.set_text(machine_text)
 
-        update_strip()
-        ui.timer(LIVE_SECONDS, update_strip)
-        with ui.column().classes("w-full p-3"):
-            ui.sub_pages({"/": train_page, "/train": train_page, "/monitor": monitor_page,
-                          "/monitor/{run_id}": monitor_page, "/playground": playground_page,
-                          "/playground/{run}": playground_page, "/playground/{run}/{iteration}": playground_page,
-                          "/runs": runs_page, "/runs/{run_id}": run_detail_page, "/compare": compare_page,
-                          "/runs/{run_id}/publish": publish_page, "/published/{name}": published_page,
-                          "/models": models_page, "/datasets": datasets_page},
-                         data={"services": services}).classes("w-full")  # pages take the whole width
+
+PAGES = {"/": train_page, "/train": train_page, "/monitor": monitor_page, "/monitor/{run_id}": monitor_page,
+         "/playground": playground_page, "/playground/{run}": playground_page,
+         "/playground/{run}/{iteration}": playground_page, "/runs": runs_page, "/runs/{run_id}": run_detail_page,
+         "/compare": compare_page, "/runs/{run_id}/publish": publish_page, "/published/{name}": published_page,
+         "/models": models_page, "/datasets": datasets_page}
+
+
+def make_root(services: Services):
+    """The SPA shell: header, status strip and the sub pages (each page takes the whole width)."""
+
+    def root() -> None:
+        Header(services)
+        StatusStrip(services)
+        with ui.column().classes("w-full p-3 max-sm:p-1"):
+            ui.sub_pages(PAGES, data={"services": services}).classes("w-full")
 
     return root

@@ -402,3 +402,14 @@ async def test_queue_from_the_train_page_and_take_a_run_off_it(ui_user: User, se
         services.manager.stop(run_id)
         assert services.manager.wait(run_id, timeout=120)["status"] == "stopped"
     assert services.manager.get(second)["status"] == "stopped"  # it left the queue: it did not start
+
+
+async def test_a_failed_run_leads_with_its_reason_and_last_good_checkpoint(ui_user: User, services):
+    folder = make_run(services.manager, "failed-run")
+    folder.update(status="failed", reason="validation loss became nan at iteration 12; lower the learning rate",
+                  iteration=12, checkpoints=[{"iteration": 10, "val_loss": 2.0}])
+    await ui_user.open(f"/monitor/{folder.id}")
+    await wait_for(lambda: _text(ui_user, "status") == "failed")
+    note = el(ui_user, "ending-note")
+    assert note.text.startswith("This run failed: validation loss became nan at iteration 12")
+    assert el(ui_user, "ending-card").visible and _text(ui_user, "reason") == ""  # said once, up front

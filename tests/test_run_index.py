@@ -173,3 +173,14 @@ def test_delete_only_inside_workspace_and_not_while_active(manager, sleeper):
     assert manager.workspace.runs.exists()
     manager.delete("done")
     assert not done.path.exists() and [r["id"] for r in manager.list()] == ["live"]
+
+
+def test_a_failed_or_interrupted_run_leads_with_why_and_where_to_go_on():
+    note = run_index.ending_note({"status": "failed", "reason": "validation loss became nan at iteration 40; "
+                                  "lower the learning rate (now 0.1)"}, [10, 20, 30])
+    assert note == ("This run failed: validation loss became nan at iteration 40; lower the learning rate (now 0.1) "
+                    "The last good checkpoint is 30: Resume continues from it, or fork it with other settings.")
+    note = run_index.ending_note({"status": "interrupted", "reason": "a\nb\n\nc\nd"}, [])
+    assert note == "This run was interrupted: a b c … No checkpoint was written: start the run again."
+    assert all(run_index.ending_note({"status": s, "reason": "x"}, [10]) is None
+               for s in ("completed", "stopped", "running", "waiting", "early-stopped"))

@@ -7,6 +7,7 @@ from functools import partial
 
 import psutil
 import pytest
+from nicegui import ui
 from nicegui.testing import user_simulation
 from uihelpers import el
 from uihelpers import wait_for as _wait_for
@@ -74,3 +75,31 @@ async def test_monitor_resume_follows_the_resume_rule(services, status, enabled)
         await user.open("/monitor/done")
         await wait_for(lambda: el(user, "status").text == status)
         assert el(user, "resume").enabled is enabled
+
+
+async def test_theme_follows_the_system_until_a_person_picks_one(services):
+    from nicegui import app
+
+    async with user_simulation(make_root(services)) as user:
+        await user.open("/train")
+        await user.should_see(marker="dark-toggle")
+        with user:
+            dark = next(e for e in user.client.elements.values() if isinstance(e, ui.dark_mode))
+        assert dark.value is None  # a fresh browser: as the operating system says
+        seen = []
+        for _ in range(3):
+            user.find(marker="dark-toggle").click()
+            seen.append((dark.value, app.storage.user.get("dark_mode")))
+        assert seen == [(True, True), (False, False), (None, None)]  # dark, light, then the system's again
+
+
+async def test_a_phone_gets_one_menu_button_that_reaches_the_pages(services):
+    async with user_simulation(make_root(services)) as user:
+        await user.open("/train")
+        await user.should_see(marker="nav-menu")
+        user.find(marker="nav-menu").click()
+        user.find(marker="menu-monitor").click()
+        await user.should_see("No runs yet.")
+        user.find(marker="nav-menu").click()
+        user.find(marker="menu-train").click()
+        await user.should_see(marker="start")

@@ -113,9 +113,10 @@ class ChatPanel:
                 self.edit_text = ui.label("").mark("edit-banner")
                 ui.button("Cancel edit", on_click=lambda: self.set_editing(None)).props("flat dense no-caps")
             self.edit_banner.set_visibility(False)
-            with ui.row().classes("w-full items-end gap-2 no-wrap"):
+            # on a phone the message box takes the whole width and the buttons go below it
+            with ui.row().classes("w-full items-end gap-2 sm:flex-nowrap"):
                 self.input = ui.textarea(placeholder="Message (Ctrl+Enter sends)") \
-                    .props("outlined dense autogrow").classes("grow").mark("chat-input")
+                    .props("outlined dense autogrow").classes("grow max-sm:w-full").mark("chat-input")
                 self.input.on("keydown.ctrl.enter", self.send)
                 self.send_btn = ui.button("Send", icon="send", on_click=self.send).mark("send")
                 self.regen_btn = ui.button("Regenerate", icon="refresh", on_click=self.regenerate) \

@@ -256,6 +256,19 @@ def resume_refusal(info: dict[str, Any], checkpoint_iterations: list[int]) -> st
     return None
 
 
+def ending_note(info: dict[str, Any], checkpoint_iterations: list[int]) -> str | None:
+    """What a person should read first about a run that failed or was interrupted: why, in its own words (not
+    a traceback), and where it can go on from; None for any other run."""
+    status = info.get("status")
+    if status not in ("failed", "interrupted"):
+        return None
+    lines = [line for line in str(info.get("reason") or "no reason was recorded").splitlines() if line.strip()]
+    why = " ".join(lines[:3]) + (" …" if len(lines) > 3 else "")
+    where = (f"The last good checkpoint is {checkpoint_iterations[-1]}: Resume continues from it, or fork it with "
+             "other settings." if checkpoint_iterations else "No checkpoint was written: start the run again.")
+    return f"This run {'failed' if status == 'failed' else 'was interrupted'}: {why} {where}"
+
+
 def fork_overrides(cfg: dict[str, Any], iteration: int, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Config overrides for a fork from checkpoint ``iteration`` and the problems with the values given.
 
