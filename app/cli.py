@@ -123,7 +123,15 @@ def cmd_demo(args: argparse.Namespace, manager: RunManager) -> int:
 
 def cmd_start(args: argparse.Namespace, manager: RunManager) -> int:
     from app.main import run_app
+    from services.settings import SettingsError, add_settings, load_settings
 
+    try:
+        if args.allow_host or args.import_root:
+            add_settings(manager.workspace, args.allow_host or [], args.import_root or [])
+        load_settings(manager.workspace)  # a broken settings file is named before anything is served
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_app(manager.workspace, host=args.host, port=args.port, native=args.native, lan=args.lan,
             show=not args.no_show)
     return 0
@@ -155,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--native", action="store_true", help="open in a native window (pywebview)")
     a.add_argument("--lan", action="store_true", help="admit other devices on the LAN with an access token")
     a.add_argument("--no-show", action="store_true", help="do not open a browser")
+    a.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer to this host name (kept in .forgellm/settings.json; repeatable)")
+    a.add_argument("--import-root", action="append", metavar="DIR",
+                   help="let browsers on other devices import datasets from this server folder (kept in "
+                        ".forgellm/settings.json; repeatable)")
     a.set_defaults(func=cmd_start)
     g = sub.add_parser("generate", help="generate text with a model, optionally with a run's adapter")
     _add_model_args(g)

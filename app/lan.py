@@ -1,20 +1,32 @@
-"""Serving beyond loopback: the persisted secrets, the access-token gate and the LAN links (with a QR code).
+"""The gate in front of the app (Host, Origin, the LAN access token, throttled and logged failures), the persisted
+secrets and the LAN links (with a QR code).
 
-Loopback clients pass; any other client must open a link with ``?token=…`` once (remembered in its session).
+A browser on this machine passes; any other client must open a link with ``?token=…`` once (remembered in its
+signed session).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import ipaddress
+import logging
 import os
 import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import segno
 from nicegui import app
+from starlette.responses import PlainTextResponse, RedirectResponse
 
-from services.system import is_loopback
+from services.system import host_name, is_local_request, is_loopback
+
+log = logging.getLogger("forgellm.lan")
 
 
 def persisted_secret(path: Path, nbytes: int = 32) -> str:
@@ -34,23 +46,175 @@ def persisted_secret(path: Path, nbytes: int = 32) -> str:
     return value
 
 
-def add_token_gate(token: str) -> None:
-    """Let loopback clients through; others must present ``?token=`` once (remembered in their session)."""
-    from starlette.middleware.base import BaseHTTPMiddleware  # noqa: PLC0415
-    from starlette.responses import PlainTextResponse, RedirectResponse  # noqa: PLC0415
+class Throttle:
+    """Failed token attempts per client address: the first ``free`` pass, then each further one bars the address
+    for an exponentially growing delay (``base`` · 2^k s, at most ``cap``); forgotten after ``forget`` s of quiet.
+    Every failure is logged with the address; tries refused while barred are counted and summed up in one line."""
 
-    class TokenGate(BaseHTTPMiddleware):
-        async def dispatch(self, request, call_next):
-            client = request.client.host if request.client else ""
-            if is_loopback(client) or app.storage.user.get("lan_ok"):
-                return await call_next(request)
-            if secrets.compare_digest(request.query_params.get("token", ""), token):
-                app.storage.user["lan_ok"] = True
-                return RedirectResponse(request.url.path)
-            return PlainTextResponse("401: open the link with ?token=… that `forgellm start --lan` printed",
-                                     status_code=401)
+    def __init__(self, free: int = 5, base: float = 1.0, cap: float = 300.0, forget: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base, self.cap, self.forget, self.clock = free, base, cap, forget, clock
+        self._state: dict[str, list[float]] = {}  # address → [failures, barred until, refused while barred, last]
+        self._lock = threading.Lock()
 
-    app.add_middleware(TokenGate)
+    def wait(self, address: str) -> float:
+        """Seconds ``address`` must still wait before its next token is checked (0: check it now)."""
+        with self._lock:
+            now = self.clock()
+            st = self._state.get(address)
+            if st is None:
+                return 0.0
+            if now - st[3] > self.forget:
+                del self._state[address]
+                return 0.0
+            if now < st[1]:
+                st[2] += 1
+                return st[1] - now
+            if st[2]:
+                log.warning("%s: %d token tries refused while throttled", address, int(st[2]))
+                st[2] = 0
+            return 0.0
+
+    def failed(self, address: str) -> None:
+        """Count (and log) a wrong token from ``address``; bar it once past the free tries."""
+        with self._lock:
+            now = self.clock()
+            if len(self._state) > 10_000:  # bounded: drop the quiet ones
+                for a in [a for a, st in self._state.items() if now - st[3] > self.forget]:
+                    del self._state[a]
+            st = self._state.setdefault(address, [0, 0.0, 0, now])
+            st[0], st[3] = st[0] + 1, now
+            log.warning("wrong access token from %s (%d in a row)", address, int(st[0]))
+            if st[0] >= self.free:
+                delay = min(self.cap, self.base * 2 ** (st[0] - self.free))
+                st[1] = now + delay
+                log.warning("throttling %s: its next token is checked in %.0f s (%d wrong tokens)",
+                            address, delay, int(st[0]))
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._state.pop(address, None)
+
+
+class HostNames:
+    """The names this app answers to: loopback names, this machine's addresses and host name, and the owner's
+    ``allowed_hosts``. Addresses are looked up again (at most every few seconds) when an unknown one comes."""
+
+    def __init__(self, extra: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic) -> None:
+        self.extra, self.clock = {h.lower() for h in extra}, clock
+        self._names: set[str] = set()
+        self._looked = -1e9
+        self._lookup()
+
+    def _lookup(self) -> None:
+        import socket  # noqa: PLC0415
+
+        import psutil  # noqa: PLC0415
+
+        names = {a.address.split("%")[0].lower() for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family in (socket.AF_INET, socket.AF_INET6)}
+        host = socket.gethostname().lower()
+        self._names = names | {host, f"{host}.local"} | self.extra
+        self._looked = self.clock()
+
+    def __contains__(self, name: str) -> bool:
+        if is_loopback(name) or name in self._names:
+            return True
+        if self.clock() - self._looked > 5.0:  # a new address (DHCP, a new interface) since the last look
+            self._lookup()
+            return name in self._names
+        return False
+
+
+def token_mark(token: str) -> str:
+    """What a session stores once its token was right: replacing the token file signs every session out."""
+    return hashlib.sha256(b"forgellm-lan:" + token.encode()).hexdigest()[:32]
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope.get("headers") or ():
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _origin_ok(origin: str | None, host: str) -> bool:
+    """No ``Origin`` (not a browser's cross-site request), or one whose host and port are the request's ``Host``."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+
+
+class Gate:
+    """A pure ASGI gate over every HTTP request and websocket (NiceGUI's socket.io under ``/_nicegui_ws`` too):
+
+    - ``Host`` must be a name this app answers to (:class:`HostNames`) and ``Origin``, when sent, that same host:
+      a foreign page resolved to 127.0.0.1 (DNS rebinding) or another site's websocket gets nothing;
+    - with a ``token`` (serving beyond loopback), a browser on this machine (loopback address *and* loopback
+      ``Host``) passes; any other must open ``?token=…`` once (its signed session remembers it); wrong tokens are
+      throttled per address (:class:`Throttle`) and logged.
+    """
+
+    def __init__(self, app: Callable, hosts: HostNames, token: str | None = None,
+                 throttle: Throttle | None = None) -> None:
+        self.app, self.hosts, self.token = app, hosts, token
+        self.throttle = throttle or Throttle()
+        self.mark = token_mark(token) if token else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = _header(scope, b"host") or ""
+        if host_name(host) not in self.hosts:
+            return await self.refuse(scope, receive, send, 421, f"421: this app does not answer to the host "
+                                     f"{host_name(host)!r}; the owner can add it to allowed_hosts")
+        if not _origin_ok(_header(scope, b"origin"), host):
+            return await self.refuse(scope, receive, send, 403, "403: cross-origin request refused")
+        client = (scope.get("client") or ("", 0))[0]
+        session = scope.get("session")
+        if (self.token is None or is_local_request(client, host)
+                or (session is not None and session.get("lan") == self.mark)):
+            return await self.app(scope, receive, send)
+        given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        if not given:
+            return await self.refuse(scope, receive, send, 401, TOKEN_NEEDED)
+        wait = self.throttle.wait(client)
+        if wait > 0:
+            return await self.refuse(scope, receive, send, 429, f"429: too many wrong tokens; try again in "
+                                     f"{wait:.0f} s", {"retry-after": str(max(1, round(wait)))})
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            self.throttle.failed(client)
+            return await self.refuse(scope, receive, send, 401, TOKEN_NEEDED)
+        self.throttle.succeeded(client)
+        if session is not None:  # NiceGUI's signed session cookie (always there under run_app)
+            session["lan"] = self.mark
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        return await RedirectResponse(scope.get("path") or "/")(scope, receive, send)
+
+    @staticmethod
+    async def refuse(scope: dict, receive: Callable, send: Callable, status: int, text: str,
+                     headers: dict[str, str] | None = None) -> None:
+        if scope["type"] == "websocket":  # closed before accept: the handshake gets HTTP 403
+            await send({"type": "websocket.close", "code": 1008, "reason": text[:120]})
+            return
+        await PlainTextResponse(text, status_code=status, headers=headers)(scope, receive, send)
+
+
+TOKEN_NEEDED = "401: open the link with ?token=… that `forgellm start --lan` printed"
+
+
+def add_gate(token: str | None, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Put :class:`Gate` in front of every route of the app (before ``ui.run``, so it sits inside NiceGUI's
+    session middleware); ``token`` None when serving loopback only (then only Host and Origin are checked)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    app.add_middleware(Gate, hosts=HostNames(allowed_hosts), token=token)
 
 
 def lan_qr(url: str) -> str:

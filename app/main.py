@@ -13,8 +13,9 @@ from pathlib import Path
 from nicegui import app, background_tasks, ui
 
 from app.composition import build_services
-from app.lan import add_token_gate, lan_qr, lan_urls, persisted_secret
+from app.lan import add_gate, lan_qr, lan_urls, persisted_secret
 from pages.shell import make_root
+from services.settings import load_settings
 from services.system import is_loopback
 from services.workspace import Workspace
 
@@ -39,7 +40,8 @@ async def probe_loop_lag(path: Path, interval: float = 0.01) -> None:
 
 def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, port: int = 8080,
             native: bool = False, lan: bool = False, show: bool = True) -> None:
-    """Build the services and serve the app (blocks). Loopback only unless ``lan`` (token-gated)."""
+    """Build the services and serve the app (blocks). Loopback only unless ``lan`` (token-gated); every request's
+    Host and Origin are checked (:func:`app.lan.add_gate`)."""
     from nicegui.storage import Storage  # noqa: PLC0415
 
     services = build_services(workspace)
@@ -51,9 +53,11 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
     if lan and host is None:
         host = "0.0.0.0"
     host = host or "127.0.0.1"
+    token = None
     if not is_loopback(host):  # anything reachable from other machines is token-gated
         token = persisted_secret(state / "token", nbytes=16)
-        add_token_gate(token)
+    add_gate(token, load_settings(services.workspace).allowed_hosts)  # Host and Origin are checked always
+    if token:
         services.lan_urls = lan_urls(port, token) or [f"http://<this machine>:{port}/?token={token}"]
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
         for url in services.lan_urls:

@@ -11,6 +11,8 @@ from typing import Any
 
 from nicegui import ui
 
+from services.system import is_local_request
+
 STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
                  "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
 METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
@@ -111,3 +113,13 @@ def entered(field: ui.input, missing: str) -> str | None:
     if not text:
         ui.notify(missing, type="warning")
     return text or None
+
+
+def is_local_client() -> bool:
+    """Whether the page is being built for a browser on this machine (loopback address and loopback Host): only
+    those see the LAN token and may import files of this machine."""
+    try:
+        request = ui.context.client.request
+    except RuntimeError:  # no request: nothing says where the browser is
+        return False
+    return is_local_request(request.client.host if request.client else None, request.headers.get("host"))

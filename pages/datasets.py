@@ -18,9 +18,17 @@ from urllib.parse import parse_qs, urlsplit
 
 from nicegui import events, run, ui
 
-from pages.common import entered
+from pages.common import entered, is_local_client
+from services.errors import ForgeError
 from services.library import checks as dc
-from services.library.datasets import check_upload_size, dataset_path, import_dataset, list_datasets, store_upload
+from services.library.datasets import (
+    check_upload_size,
+    dataset_path,
+    import_dataset,
+    list_datasets,
+    server_path_access,
+    store_upload,
+)
 from services.library.models import LibraryError, list_models
 from services.training.data import DataError
 from services.units import human_bytes
@@ -147,7 +155,16 @@ class DatasetImport:
                 max_file_size=MAX_UPLOAD_BYTES, on_upload=self.upload,
                 on_rejected=lambda: ui.notify("File too large or not a dataset", type="warning"),
             ).props("accept=.jsonl,.txt,.md flat bordered dense").classes("w-full").mark("dataset-upload")
-            ui.label("or from a file or folder on this machine").classes("text-xs text-grey-7")
+            # the rule is the library's; this page only says whether its browser is on this machine
+            self.local = is_local_client()
+            try:
+                access = server_path_access(self.ws, self.local)
+            except ForgeError as err:  # a broken settings file: say so, uploads still work
+                ui.label(str(err)).classes("text-xs text-negative").mark("dataset-path-note")
+                return
+            ui.label(access.note()).classes("text-xs text-grey-7").mark("dataset-path-note")
+            if not access.allowed:
+                return
             self.path = ui.input("Path").props("dense outlined").classes("w-full").mark("dataset-path")
             with ui.row().classes("w-full items-center gap-2"):
                 self.name = ui.input("Name (optional)").props("dense outlined").classes("w-40")
@@ -173,8 +190,8 @@ class DatasetImport:
             return
         try:
             path = await run.io_bound(import_dataset, self.ws, source, (self.name.value or "").strip() or None,
-                                      bool(self.link.value))
-        except LibraryError as err:
+                                      bool(self.link.value), local=self.local)
+        except ForgeError as err:
             ui.notify(str(err), type="negative", multi_line=True)
             return
         ui.notify(f"Imported {path.name}")

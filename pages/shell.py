@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import segno
 from nicegui import app, ui
 
-from pages.common import LIVE_SECONDS
+from pages.common import LIVE_SECONDS, is_local_client
 from pages.compare import compare_page
 from pages.datasets import datasets_page
 from pages.models import models_page
@@ -20,7 +20,6 @@ from pages.publish import publish_page, published_page
 from pages.run_detail import run_detail_page
 from pages.runs import runs_page
 from pages.train.page import train_page
-from services.system import is_loopback
 
 if TYPE_CHECKING:
     from app.composition import Services
@@ -53,12 +52,6 @@ def status_texts(status: dict[str, Any]) -> tuple[str, str | None, str]:
         parts.append(f"disk {sysd['disk_free_gb']:.0f} GB free")
     return run_text, link, " · ".join(parts)
 
-
-def is_local_client() -> bool:
-    """Whether the page is being built for a browser on this machine (only those see the LAN token)."""
-    request = getattr(ui.context.client, "request", None)
-    host = request.client.host if request is not None and request.client else "127.0.0.1"
-    return is_loopback(host)
 
 
 

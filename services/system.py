@@ -190,8 +190,25 @@ def mlx_device(workspace: Workspace, active: dict[str, Any] | None = None) -> st
 
 
 def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
+    """Whether ``host`` (an address, ``localhost`` or a name under ``.localhost``) is this machine's loopback."""
+    host = (host or "").lower().rstrip(".")
     try:
-        return ipaddress.ip_address(host or "").is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host == "localhost" or host.endswith(".localhost")
+
+
+def host_name(header: str | None) -> str:
+    """The name or address of an HTTP ``Host`` (or an ``Origin``'s netloc), without port or brackets, lowercase."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):  # [::1]:8080
+        return value[1:value.find("]")] if "]" in value else ""
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def is_local_request(client: str | None, host_header: str | None) -> bool:
+    """Whether a request is from a browser on this machine: a loopback client that also asked for a loopback name
+    (a foreign name resolved to 127.0.0.1, as in DNS rebinding, is not trusted)."""
+    return is_loopback(client) and is_loopback(host_name(host_header))

@@ -117,3 +117,80 @@ def test_the_app_shows_the_lan_links_to_a_local_browser(tmp_path):
         assert "wifi" in html and token in html  # the LAN dialog with the tokenised links is on the page
     finally:
         lan.stop()
+
+
+PROBE = textwrap.dedent("""
+    import json, sys, time, urllib.request, urllib.error, http.cookiejar
+    from websockets.sync.client import connect
+    from websockets.exceptions import InvalidStatus
+    url, token = sys.argv[1], sys.argv[2]
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def get(path, headers=None):
+        req = urllib.request.Request(url + path, headers=headers or {})
+        try:
+            with opener.open(req, timeout=5) as r:
+                return [r.status, r.read().decode(errors="replace"), dict(r.headers)]
+        except urllib.error.HTTPError as e:
+            return [e.code, e.read().decode(errors="replace"), dict(e.headers)]
+
+    def socket(headers=None):
+        cookie = "; ".join(f"{c.name}={c.value}" for c in jar)
+        hdrs = {**({"Cookie": cookie} if cookie else {}), **(headers or {})}
+        ws_url = url.replace("http", "ws", 1) + "/_nicegui_ws/socket.io/?EIO=4&transport=websocket"
+        try:
+            with connect(ws_url, additional_headers=hdrs, open_timeout=5) as ws:
+                return [101, ws.recv(timeout=5)[:1]]  # engine.io's open packet starts with 0
+        except InvalidStatus as e:
+            return [e.response.status_code, ""]
+
+    out = {"plain": get("/")[0], "socket_no_token": socket(), "foreign_host": get("/", {"Host": "attacker.example"})[0]}
+    out["wrong"] = [get(f"/?token=wrong{i}")[0] for i in range(12)]
+    right = get(f"/?token={token}")
+    out["right_while_throttled"] = right[0]
+    time.sleep(min(10, int(right[2].get("Retry-After", "1"))) + 0.5)
+    out["right"] = get(f"/?token={token}")[0]
+    out["socket_signed_in"] = socket()
+    out["socket_foreign_origin"] = socket({"Origin": "http://attacker.example"})[0]
+    out["datasets_html"] = get("/datasets")[1]
+    print(json.dumps(out))
+""")
+
+
+def test_lan_security_from_another_machine(netns, tmp_path):
+    """Issue 15 S1-S3, S5 over a real veth link: without the token the websocket is refused; a foreign Host or
+    Origin is refused; brute force is throttled and logged; the Datasets page offers server paths only locally."""
+    import urllib.request
+
+    ns, host_ip = netns
+    ns_ip = host_ip.rsplit(".", 1)[0] + ".2"
+    ws = tmp_path / "ws"
+    lan = AppProcess(ws, tmp_path / "lan.log", extra=("--lan",))
+    lan.start()
+    try:
+        token = (ws / ".forgellm" / "token").read_text().strip()
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE,
+                               f"http://{host_ip}:{lan.port}", token], capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        with urllib.request.urlopen(lan.url + "/datasets", timeout=10) as r:
+            local_html = r.read().decode()
+        foreign = urllib.request.Request(lan.url + "/", headers={"Host": f"attacker.example:{lan.port}"})
+        with pytest.raises(urllib.error.HTTPError) as rebinding:
+            urllib.request.urlopen(foreign, timeout=10)
+    finally:
+        lan.stop()
+    assert out["plain"] == 401
+    assert out["socket_no_token"][0] == 403  # S3: the websocket is behind the token too
+    assert out["foreign_host"] == 421 and rebinding.value.code == 421  # S2, also on loopback (DNS rebinding)
+    assert out["wrong"] == [401] * 5 + [429] * 7  # S5: slowed after 5 wrong tokens
+    assert out["right_while_throttled"] == 429 and out["right"] == 200
+    assert out["socket_signed_in"] == [101, "0"]  # signed in: the websocket opens
+    assert out["socket_foreign_origin"] == 403  # S2: another site's page cannot use the session
+    assert "upload your file instead" in out["datasets_html"]  # S1: no server-path import for this client
+    assert "or from a file or folder on this machine" not in out["datasets_html"]
+    assert "or from a file or folder on this machine" in local_html  # …but for the browser on this machine
+    log = (tmp_path / "lan.log").read_text()
+    assert log.count(f"wrong access token from {ns_ip}") == 5
+    assert f"throttling {ns_ip}" in log and f"{ns_ip}: 8 token tries refused while throttled" in log

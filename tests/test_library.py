@@ -243,14 +243,14 @@ def test_uploads_are_checked_on_the_server(workspace):
 
 
 def test_dataset_import_copy_and_link(chat_data, workspace):
-    copied = import_dataset(workspace, chat_data, "chat")
+    copied = import_dataset(workspace, chat_data, "chat", local=True)
     assert (copied / "train.jsonl").read_bytes() == (chat_data / "train.jsonl").read_bytes()
-    linked = import_dataset(workspace, chat_data / "valid.jsonl", "valid-link", link=True)
+    linked = import_dataset(workspace, chat_data / "valid.jsonl", "valid-link", link=True, local=True)
     assert linked.name == "valid-link.jsonl" and linked.is_symlink()
     fmts = {d["key"]: d["format"] for d in list_datasets(workspace)}
     assert fmts == {"chat": "chat (train/valid)", "valid-link.jsonl": "chat"}
     with pytest.raises(LibraryError, match="already exists"):
-        import_dataset(workspace, chat_data, "chat")
+        import_dataset(workspace, chat_data, "chat", local=True)
     delete_dataset(workspace, "valid-link.jsonl")
     assert (chat_data / "valid.jsonl").exists()
 
@@ -295,7 +295,7 @@ def test_the_callers_of_safe_name(workspace, chat_data):
     with pytest.raises(ValueError, match="dataset name 'a b': use letters"):
         save_preference(workspace, "a b", "p", "c", "r")
     with pytest.raises(LibraryError, match="dataset name '-x': use letters"):
-        import_dataset(workspace, chat_data, "-x")
+        import_dataset(workspace, chat_data, "-x", local=True)
 
 
 def test_check_model_folder_says_what_is_missing(tiny_model, tmp_path):

@@ -6,14 +6,48 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.library.models import LibraryError, LibraryNotFound, check_name
+from services.settings import load_settings, settings_path
 from services.units import human_bytes
 from services.workspace import Workspace, append_jsonl, disk_size, staged, suggest_name, write_atomic
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".md")
+SCAN_LIMIT = 5000  # entries of a dataset folder looked at: a link to a huge tree must not slow every listing
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The dataset files of a folder (``.jsonl``/``.txt``/``.md``, symlinks not followed below the top), their
+    total size, the symlinks met, and whether the scan stopped at :data:`SCAN_LIMIT` entries."""
+    files: tuple[Path, ...]
+    size: int
+    links: tuple[Path, ...]
+    truncated: bool
+
+
+def scan_folder(path: Path, limit: int = SCAN_LIMIT) -> FolderScan:
+    """One bounded walk of a dataset folder (see :class:`FolderScan`)."""
+    files, links, size, seen = [], [], 0, 0
+    for top, dirs, names in os.walk(path):
+        for name in sorted(dirs) + sorted(names):
+            seen += 1
+            if seen > limit:
+                return FolderScan(tuple(files), size, tuple(links), True)
+            p = Path(top) / name
+            if p.is_symlink():
+                links.append(p)
+            elif name in names and p.suffix.lower() in DATASET_SUFFIXES:
+                files.append(p)
+                try:
+                    size += p.stat().st_size
+                except OSError:
+                    pass
+        dirs[:] = [d for d in sorted(dirs) if not (Path(top) / d).is_symlink()]
+    return FolderScan(tuple(files), size, tuple(links), False)
 
 
 def _first_row(path: Path) -> dict | None:
@@ -38,8 +72,10 @@ def dataset_format(path: Path) -> str:
             row = _first_row(splits["train"])
             fmt = (row_format(row) if row else None) or "unknown rows"
             return f"{fmt} ({'/'.join(splits)})"
-        docs = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CPT_SUFFIXES]
-        return f"documents ({len(docs)} files)" if docs else "empty"
+        scan = scan_folder(path)
+        docs = [p for p in scan.files if p.suffix.lower() in CPT_SUFFIXES]
+        more = "+" if scan.truncated else ""
+        return f"documents ({len(docs)}{more} files)" if docs else "empty"
     if path.suffix.lower() == ".jsonl":
         row = _first_row(path)
         return (row_format(row) if row else None) or "unknown rows"
@@ -56,7 +92,7 @@ def list_datasets(ws: Workspace) -> list[dict[str, Any]]:
     for p in sorted(ws.datasets.iterdir()):
         if p.name.startswith(".") or (p.is_file() and p.suffix.lower() not in DATASET_SUFFIXES):
             continue
-        fmt, size = dataset_format(p), disk_size(p)
+        fmt, size = dataset_format(p), scan_folder(p).size if p.is_dir() else disk_size(p)
         out.append({"key": p.name, "label": f"{p.name} ({fmt}, {human_bytes(size)})", "format": fmt,
                     "size": size, "path": str(p)})
     return out
@@ -123,14 +159,84 @@ def store_upload(ws: Workspace, filename: str, data: bytes, max_bytes: int) -> P
     return target
 
 
-def import_dataset(ws: Workspace, source: str | os.PathLike, name: str | None = None, link: bool = False) -> Path:
-    """Copy (or link) a local dataset file or folder into ``datasets/``."""
-    src = Path(source).expanduser()
-    if not src.exists():
-        raise LibraryError(f"{src}: no such file or folder")
-    src = src.resolve()
+@dataclass(frozen=True)
+class ServerPathAccess:
+    """Which files of the server machine a client may import or link as datasets: any, for a browser on this
+    machine (``local``); only those under the owner's ``import_roots`` (``.forgellm/settings.json``) for others,
+    who upload instead."""
+    local: bool
+    roots: tuple[Path, ...]
+    settings: Path
+
+    @property
+    def allowed(self) -> bool:
+        """Whether this client may import server paths at all (the page hides the field otherwise)."""
+        return self.local or bool(self.roots)
+
+    def note(self) -> str:
+        """One sentence for the page: where this client may import from, and why not elsewhere."""
+        if self.local:
+            return "or from a file or folder on this machine"
+        if self.roots:
+            return ("or from a folder the owner allowed on the server: "
+                    + ", ".join(str(r) for r in self.roots))
+        return ("Importing files of the server is only for a browser on that machine (or folders its owner "
+                f"lists under import_roots in {self.settings}); upload your file instead.")
+
+    def check(self, source: str | os.PathLike) -> Path:
+        """``source`` resolved, if this client may read it; else a :class:`LibraryError` saying why."""
+        src = Path(source).expanduser()
+        if not self.local:
+            if not self.roots:
+                raise LibraryError(f"{source}: {self.note()}")
+            if not src.is_absolute():
+                raise LibraryError(f"{source}: give an absolute path under {', '.join(map(str, self.roots))}")
+        if not src.exists():
+            raise LibraryError(f"{src}: no such file or folder")
+        src = src.resolve()
+        if not self.local and not any(src == r or r in src.parents for r in self.roots):
+            raise LibraryError(f"{source}: not under a folder the owner allowed ({', '.join(map(str, self.roots))})"
+                               "; upload the file instead")
+        return src
+
+    def check_links(self, scan: FolderScan) -> None:
+        """Refuse a folder whose symlinks lead where this client may not read."""
+        if self.local:
+            return
+        for link in scan.links:
+            try:
+                self.check(link.resolve())
+            except LibraryError:
+                raise LibraryError(f"{link}: a symlink that leaves the allowed folders; not imported") from None
+
+
+def server_path_access(ws: Workspace, local: bool) -> ServerPathAccess:
+    """The :class:`ServerPathAccess` of a client (``local``: a browser on this machine, or the CLI)."""
+    return ServerPathAccess(local, () if local else load_settings(ws).import_roots, settings_path(ws))
+
+
+def _dataset_files(src: Path) -> FolderScan:
+    """The scan of a folder that is a dataset: some dataset files within :data:`SCAN_LIMIT` entries."""
+    scan = scan_folder(src)
+    if scan.truncated:
+        raise LibraryError(f"{src}: over {SCAN_LIMIT} files and folders; not a dataset folder (import the folder "
+                           "that holds the .jsonl/.txt/.md files)")
+    if not scan.files:
+        raise LibraryError(f"{src}: no .jsonl, .txt or .md files; not a dataset folder")
+    return scan
+
+
+def import_dataset(ws: Workspace, source: str | os.PathLike, name: str | None = None, link: bool = False, *,
+                   local: bool) -> Path:
+    """Copy (or link) a dataset file or folder of the server machine into ``datasets/``, if the client may
+    (:func:`server_path_access`; ``local``: a browser on this machine, or the CLI). A folder must hold dataset
+    files (:data:`SCAN_LIMIT`); a copy takes only those (``.jsonl``, ``.txt``, ``.md``)."""
+    access = server_path_access(ws, local)
+    src = access.check(source)
     if src.is_file() and src.suffix.lower() not in DATASET_SUFFIXES:
         raise LibraryError(f"{src}: unsupported file type; use .jsonl, .txt, .md or a folder of them")
+    if src.is_dir():
+        access.check_links(_dataset_files(src))
     name = check_name(name or src.name, "dataset name")
     if src.is_file() and Path(name).suffix.lower() != src.suffix.lower():
         name += src.suffix.lower()
@@ -144,7 +250,8 @@ def import_dataset(ws: Workspace, source: str | os.PathLike, name: str | None = 
         if src.is_file():
             shutil.copyfile(src, tmp)
         else:
-            shutil.copytree(src, tmp)
+            shutil.copytree(src, tmp, ignore=lambda d, names: [
+                n for n in names if os.path.isfile(os.path.join(d, n)) and not n.lower().endswith(DATASET_SUFFIXES)])
     return target
 
 

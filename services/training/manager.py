@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ from services.library.models import LibraryError, check_model_folder
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
+
+log = logging.getLogger("forgellm")
 
 # Keys a fork may not change: the checkpoint's weights would not fit the new model or layers.
 FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train_embeddings")
@@ -63,14 +66,38 @@ class RunManager:
         self.version = 0
         self._procs: dict[str, subprocess.Popen] = {}
         self._starting_next = False
+        self._refused: set[str] = set()
 
     # -- paths ----------------------------------------------------------------------------------
 
     def folder(self, run_id: str) -> RunFolder:
-        folder = RunFolder(self.workspace.inside(self.workspace.runs / run_id))
+        try:
+            folder = RunFolder(self.workspace.inside(self.workspace.runs / run_id))
+        except ValueError:
+            raise ConfigError("run", run_id, "no such run in the workspace") from None
         if folder.path.parent != self.workspace.runs or not folder.exists():
             raise ConfigError("run", run_id, "no such run in the workspace")
+        why = self.not_a_run_folder(self.workspace.runs / run_id)
+        if why:
+            raise ConfigError("run", run_id, f"{why}; not used")
         return folder
+
+    def not_a_run_folder(self, path: Path) -> str | None:
+        """Why ``runs/NAME`` is refused (None: it is fine): a symlink, or holding a symlink that leads out of the
+        workspace. ForgeLLM never lists, refreshes or writes through one (nothing is written outside)."""
+        if path.is_symlink():
+            return f"{path} is a symlink (to {os.path.realpath(path)}); a run folder must be a real folder in runs/"
+        try:
+            with os.scandir(path) as it:
+                links = [Path(e.path) for e in it if e.is_symlink()]
+        except OSError:
+            return None
+        for link in links:
+            try:
+                self.workspace.inside(link)
+            except ValueError:
+                return f"{link} is a symlink leading out of the workspace (to {os.path.realpath(link)})"
+        return None
 
     def resolve_path(self, value: str, kind: str, field: str) -> Path:
         """A model or dataset path: as given, or relative to the workspace's ``models/``/``datasets/``."""
@@ -355,11 +382,22 @@ class RunManager:
             return info
 
     def _run_paths(self) -> list[Path]:
-        """The folders under ``runs/``, newest first (a workspace being removed has none)."""
+        """The run folders under ``runs/``, newest first (a workspace being removed has none); those refused by
+        :meth:`not_a_run_folder` are left out, with a warning."""
         try:
-            return sorted(self.workspace.runs.iterdir(), reverse=True)
+            paths = sorted(self.workspace.runs.iterdir(), reverse=True)
         except FileNotFoundError:
             return []
+        out = []
+        for path in paths:
+            why = self.not_a_run_folder(path)
+            if why:
+                if path.name not in self._refused:  # once per process: the pages list runs every second
+                    self._refused.add(path.name)
+                    log.warning("%s; not listed", why)
+            else:
+                out.append(path)
+        return out
 
     def list(self) -> list[dict[str, Any]]:
         """Every run in the workspace, newest first."""

@@ -1,0 +1,88 @@
+"""The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to and the
+server folders that browsers on other devices may import datasets from.
+
+``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"]}``; both keys optional. A bad file is a
+:class:`SettingsError` naming the file and the field, never a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import ForgeError
+from services.workspace import Workspace, write_atomic
+
+KEYS = ("allowed_hosts", "import_roots")
+
+
+class SettingsError(ForgeError):
+    """``.forgellm/settings.json`` is not what it should be; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    allowed_hosts: tuple[str, ...] = ()
+    import_roots: tuple[Path, ...] = ()
+
+
+def settings_path(ws: Workspace) -> Path:
+    return ws.root / ".forgellm" / "settings.json"
+
+
+def _strings(path: Path, data: dict, key: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise SettingsError(f"{path}: {key}: expected a list of non-empty strings, got {json.dumps(value)[:80]}")
+    return [v.strip() for v in value]
+
+
+def load_settings(ws: Workspace) -> Settings:
+    """The workspace's settings (empty when there is no file)."""
+    path = settings_path(ws)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path}: cannot be read ({e})") from None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise SettingsError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a JSON object with {' and/or '.join(KEYS)}")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
+    hosts = [h.lower() for h in _strings(path, data, "allowed_hosts")]
+    roots = []
+    for i, value in enumerate(_strings(path, data, "import_roots")):
+        root = Path(value).expanduser()
+        if not root.is_absolute():
+            raise SettingsError(f"{path}: import_roots[{i}]: {value!r} is not an absolute folder path")
+        roots.append(root.resolve())
+    return Settings(tuple(hosts), tuple(roots))
+
+
+def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: list[str | os.PathLike] = ()) -> Settings:
+    """Add host names and import folders to the settings file (kept for later starts); returns the new settings."""
+    current = load_settings(ws)
+    hosts = list(current.allowed_hosts)
+    for h in allowed_hosts:
+        h = h.strip().lower()
+        if not h or "/" in h:
+            raise SettingsError(f"allowed host {h!r}: give a host name or address, without scheme or path")
+        if h not in hosts:
+            hosts.append(h)
+    roots = [str(r) for r in current.import_roots]
+    for r in import_roots:
+        root = Path(r).expanduser().resolve()
+        if not root.is_dir():
+            raise SettingsError(f"import root {str(r)!r}: no such folder")
+        if str(root) not in roots:
+            roots.append(str(root))
+    write_atomic(settings_path(ws), json.dumps({"allowed_hosts": hosts, "import_roots": roots}, indent=2) + "\n")
+    return load_settings(ws)
