@@ -13,6 +13,7 @@ from pathlib import Path
 
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
+from services.notify import RunEvents
 from services.publishing.jobs import PublishJobs
 from services.system import StatusBoard
 from services.training.manager import RunManager
@@ -35,6 +36,7 @@ class Services:
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
     model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
+    events: RunEvents = field(default_factory=RunEvents)  # run endings and new best checkpoints, for toasts
 
     def close(self) -> None:
         """End every child job this app started: the model worker, publishes and model imports."""
@@ -48,6 +50,7 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     """The services of one app process on ``workspace``."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     manager = RunManager(ws)
-    watchers = WatcherPool(manager)
-    return Services(workspace=ws, manager=manager, watchers=watchers, status=StatusBoard(manager, watchers),
-                    models=ModelService(), configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws))
+    watchers, events = WatcherPool(manager), RunEvents()
+    return Services(workspace=ws, manager=manager, watchers=watchers,
+                    status=StatusBoard(manager, watchers, events=events), models=ModelService(),
+                    configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws), events=events)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import segno
 from nicegui import app, ui
 
-from pages.common import LIVE_SECONDS, is_local_client
+from pages.common import LIVE_SECONDS, is_local_client, on_change
 from pages.compare import compare_page
 from pages.datasets import datasets_page
 from pages.models import models_page
@@ -19,13 +19,14 @@ from pages.playground.page import playground_page
 from pages.publish import publish_page, published_page
 from pages.run_detail import run_detail_page
 from pages.runs import runs_page
+from pages.settings import settings_page
 from pages.train.page import train_page
 
 if TYPE_CHECKING:
     from app.composition import Services
 
 NAV = (("Train", "/train"), ("Monitor", "/monitor"), ("Playground", "/playground"), ("Runs", "/runs"),
-       ("Models", "/models"), ("Datasets", "/datasets"))
+       ("Models", "/models"), ("Datasets", "/datasets"), ("Settings", "/settings"))
 
 
 def status_texts(status: dict[str, Any]) -> tuple[str, str | None, str]:
@@ -140,11 +141,29 @@ class StatusStrip:
         self.machine.set_text(machine_text)
 
 
+class Toasts:
+    """A toast on this page for every run event (a run ended, a new best checkpoint) seen after it opened."""
+
+    KINDS = {"completed": "positive", "best": "info", "early-stopped": "positive", "stopped": "warning",
+             "failed": "negative", "interrupted": "warning", "queue-empty": "info"}
+
+    def __init__(self, services: Services):
+        self.events = services.events
+        self.seen = self.events.version
+        on_change(lambda: self.events.version, self.show, LIVE_SECONDS)
+
+    def show(self) -> None:
+        self.seen, new = self.events.since(self.seen)
+        for event in new:
+            ui.notify(event["text"], type=self.KINDS.get(event["event"], "info"), position="top-right",
+                      multi_line=True, close_button=event["event"] in ("failed", "interrupted"))
+
+
 PAGES = {"/": train_page, "/train": train_page, "/monitor": monitor_page, "/monitor/{run_id}": monitor_page,
          "/playground": playground_page, "/playground/{run}": playground_page,
          "/playground/{run}/{iteration}": playground_page, "/runs": runs_page, "/runs/{run_id}": run_detail_page,
          "/compare": compare_page, "/runs/{run_id}/publish": publish_page, "/published/{name}": published_page,
-         "/models": models_page, "/datasets": datasets_page}
+         "/models": models_page, "/datasets": datasets_page, "/settings": settings_page}
 
 
 def make_root(services: Services):
@@ -153,6 +172,7 @@ def make_root(services: Services):
     def root() -> None:
         Header(services)
         StatusStrip(services)
+        Toasts(services)
         with ui.column().classes("w-full p-3 max-sm:p-1"):
             ui.sub_pages(PAGES, data={"services": services}).classes("w-full")
 

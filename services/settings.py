@@ -1,7 +1,8 @@
-"""The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to and the
-server folders that browsers on other devices may import datasets from.
+"""The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to, the
+server folders that browsers on other devices may import datasets from, and the webhooks run events go to.
 
-``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"]}``; both keys optional. A bad file is a
+``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"],
+"webhooks": [{"url": "https://ntfy.sh/my-runs", "format": "ntfy"}]}``; every key optional. A bad file is a
 :class:`SettingsError` naming the file and the field, never a silent default.
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 from services.errors import ForgeError
 from services.workspace import Workspace, write_atomic
 
-KEYS = ("allowed_hosts", "import_roots")
+KEYS = ("allowed_hosts", "import_roots", "webhooks")
+WEBHOOK_FORMATS = ("json", "ntfy", "slack", "discord")
 
 
 class SettingsError(ForgeError):
@@ -23,9 +25,18 @@ class SettingsError(ForgeError):
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """Where run events are POSTed, and in which message format (generic JSON, ntfy, Slack or Discord)."""
+
+    url: str
+    format: str = "json"
+
+
+@dataclass(frozen=True)
 class Settings:
     allowed_hosts: tuple[str, ...] = ()
     import_roots: tuple[Path, ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
 
 
 def settings_path(ws: Workspace) -> Path:
@@ -64,7 +75,38 @@ def load_settings(ws: Workspace) -> Settings:
         if not root.is_absolute():
             raise SettingsError(f"{path}: import_roots[{i}]: {value!r} is not an absolute folder path")
         roots.append(root.resolve())
-    return Settings(tuple(hosts), tuple(roots))
+    return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))))
+
+
+def check_webhook(url: str, fmt: str = "json", where: str = "webhook") -> Webhook:
+    """A webhook, or :class:`SettingsError` saying what is wrong with its URL or format."""
+    url = (url or "").strip()
+    if not url.startswith(("http://", "https://")) or len(url) < 10 or any(c.isspace() for c in url):
+        raise SettingsError(f"{where}: url {url!r}: give an http:// or https:// address")
+    if fmt not in WEBHOOK_FORMATS:
+        raise SettingsError(f"{where}: format {fmt!r}: choose one of {', '.join(WEBHOOK_FORMATS)}")
+    return Webhook(url, fmt)
+
+
+def _webhooks(path: Path, value: object) -> list[Webhook]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SettingsError(f"{path}: webhooks: expected a list of {{\"url\": ..., \"format\": ...}} objects")
+    return [check_webhook(str(v.get("url", "")), str(v.get("format", "json")), f"{path}: webhooks[{i}]")
+            for i, v in enumerate(value)]
+
+
+def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook]) -> Settings:
+    data = {"allowed_hosts": hosts, "import_roots": roots,
+            "webhooks": [{"url": h.url, "format": h.format} for h in hooks]}
+    write_atomic(settings_path(ws), json.dumps(data, indent=2) + "\n")
+    return load_settings(ws)
+
+
+def set_webhooks(ws: Workspace, hooks: list[Webhook]) -> Settings:
+    """Replace the webhooks (each checked); the other settings stay."""
+    current = load_settings(ws)
+    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots],
+                  [check_webhook(h.url, h.format) for h in hooks])
 
 
 def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: list[str | os.PathLike] = ()) -> Settings:
@@ -84,5 +126,4 @@ def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: lis
             raise SettingsError(f"import root {str(r)!r}: no such folder")
         if str(root) not in roots:
             roots.append(str(root))
-    write_atomic(settings_path(ws), json.dumps({"allowed_hosts": hosts, "import_roots": roots}, indent=2) + "\n")
-    return load_settings(ws)
+    return _write(ws, hosts, roots, current.webhooks)

@@ -26,6 +26,7 @@ from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace
 
 if TYPE_CHECKING:
+    from services.notify import RunEvents
     from services.training.manager import RunManager
     from services.training.watch import WatcherPool
 
@@ -104,8 +105,9 @@ class StatusBoard:
     the Monitor show the same iteration.
     """
 
-    def __init__(self, manager: RunManager, watchers: WatcherPool, ttl: float = STATUS_SECONDS):
-        self.manager, self.watchers, self.ttl = manager, watchers, ttl
+    def __init__(self, manager: RunManager, watchers: WatcherPool, ttl: float = STATUS_SECONDS,
+                 events: RunEvents | None = None):
+        self.manager, self.watchers, self.ttl, self.events = manager, watchers, ttl, events
         self._lock = threading.Lock()
         self._stamp = 0.0
         self._cached: dict[str, Any] = {}
@@ -114,6 +116,8 @@ class StatusBoard:
         with self._lock:
             if not self._cached or time.monotonic() - self._stamp >= self.ttl:
                 runs = self.manager.list()  # also finds a dead worker, which moves the queue on
+                if self.events is not None:
+                    self.events.observe(runs)
                 run = next((r for r in runs if r.get("status") in ACTIVE), None)
                 self._cached = {"active": run, "waiting": sum(r.get("status") == WAITING for r in runs),
                                 "system": system_status(self.manager.workspace, run or {})}

@@ -36,6 +36,7 @@ from services.config import ConfigError, ConfigProblems
 from services.errors import NotFound
 from services.jobs import REPO_ROOT, child_env
 from services.library.models import LibraryError, check_model_folder
+from services.notify import notify, run_event
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
@@ -243,6 +244,7 @@ class RunManager:
                     if not waiting:
                         return None
                     self.start(waiting[0]["id"])
+                    self.folder(waiting[0]["id"]).update(from_queue=True)  # its end may be the queue's end
                     return waiting[0]["id"]
             finally:
                 self._starting_next = False
@@ -378,7 +380,9 @@ class RunManager:
                 folder.append_metric({"type": "status", "step": info.get("iteration", 0), "status": "interrupted",
                                       "reason": info["reason"]})
             self.version += 1
-            self.start_next()  # the worker could not hand over to the queue itself
+            # the worker could not tell anyone, nor hand over to the queue itself (a short wait: a CLI process ends)
+            notify(self.workspace, run_event("interrupted", info), wait=5.0)
+            self.start_next()
             return info
 
     def _run_paths(self) -> list[Path]:

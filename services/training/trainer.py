@@ -30,10 +30,11 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load, maybe_set_recommended_wired_limit
 
 from services.errors import ForgeError
+from services.notify import notify, run_event
 from services.training import data as data_mod
 from services.training.batching import BatchSampler, eval_batches, masked_loss
 from services.training.folder import RunFolder, fsync_path, write_manifest
-from services.workspace import read_json, write_atomic, write_json
+from services.workspace import Workspace, read_json, write_atomic, write_json
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
               "adafactor": optim.Adafactor}
@@ -189,6 +190,8 @@ class Trainer:
         folder.append_metric({"type": "checkpoint", "step": it, "iteration": it, "val_loss": val_loss,
                               "best": bool(best and best["iteration"] == it)})
         folder.log(f"checkpoint {it}" + (f" val {val_loss:.4f}" if val_loss is not None else ""))
+        if best and best["iteration"] == it and val_loss is not None and folder.path.parent.name == "runs":
+            notify(Workspace(folder.path.parent.parent.resolve()), run_event("best", folder.info()))
 
     def _entry_from_disk(self, it: int) -> dict[str, Any]:
         path = self.folder.checkpoint_dir(it)

@@ -21,12 +21,14 @@ import psutil
 from services import __version__, blas
 from services.config import ConfigProblems
 from services.errors import ForgeError
+from services.notify import notify, run_event
 from services.training.data import DataError
 from services.training.folder import RunFolder, checkpoint_problem
 from services.training.trainer import Outcome, Trainer, TrainingFailed
 from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, write_atomic
 
 HEARTBEAT_SECONDS = 2.0
+NOTIFY_WAIT = 15.0  # seconds an ending worker gives its webhooks (retries included) before it exits
 DISK_LOW = 1_000_000  # bytes: less than this free after a failed write means the disk filled up
 
 
@@ -144,6 +146,7 @@ def _finish(folder: RunFolder, outcome: Outcome) -> None:
         folder.end_session(outcome.status, disk_full_reason(folder.path))
     _log(folder, f"{outcome.status}: {outcome.reason}")
     folder.release_space()
+    _tell(folder, outcome.status, wait=NOTIFY_WAIT)
 
 
 def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
@@ -173,13 +176,26 @@ def _hand_over(folder: RunFolder) -> None:
         # imported only as the worker ends (and inside the try: code may have moved on disk since it started)
         from services.training.manager import RunManager  # noqa: PLC0415
 
-        started = RunManager(Workspace(folder.path.parent.parent.resolve())).start_next()
+        manager = RunManager(Workspace(folder.path.parent.parent.resolve()))
+        started = manager.start_next()
     except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
         with contextlib.suppress(OSError):  # the run folder itself may be gone (a probe's throw-away workspace)
             folder.log("could not start the next waiting run: " + traceback.format_exc())
         return
     if started:
         folder.log(f"started the next run in the queue: {started}")
+    elif folder.info().get("from_queue") and not manager.waiting():
+        _tell(folder, "queue-empty", wait=NOTIFY_WAIT)
+
+
+def _tell(folder: RunFolder, kind: str, wait: float = 0.0) -> None:
+    """Send a run event to the workspace's webhooks (a folder outside a workspace has none); never raises."""
+    if folder.path.parent.name != "runs":
+        return
+    try:
+        notify(Workspace(folder.path.parent.parent.resolve()), run_event(kind, folder.info()), wait=wait)
+    except Exception:  # noqa: BLE001 (a notification must never fail a run)
+        _log(folder, "could not send the notification: " + traceback.format_exc())
 
 
 if __name__ == "__main__":
