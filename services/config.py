@@ -105,7 +105,7 @@ OPTIMIZER_ARGS: dict[str, dict[str, str]] = {
                   "warmup_init": "bool"},
 }
 _SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 40, 6, 6, 3
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 40, 5, 5, 2
 
 
 class ConfigError(ForgeError, ValueError):
@@ -228,7 +228,8 @@ def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
     for k, v in user.items():
         if v is not None or k not in cfg:
             cfg[k] = copy.deepcopy(v)
-    cfg["train"] = True
+    if isinstance(cfg["train"], bool):  # ForgeLLM always trains; anything but true/false is left for validate
+        cfg["train"] = True
     return cfg
 
 

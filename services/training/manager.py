@@ -78,6 +78,8 @@ class RunManager:
             return self.workspace.find(value, kind)
         except NotFound as e:
             raise ConfigError(field, value, str(e)) from None
+        except OSError as e:  # a name too long for the file system, a folder that cannot be read
+            raise ConfigError(field, value, f"cannot be looked up ({e.strerror})") from None
 
     def prepare_config(self, user_cfg: dict[str, Any]) -> dict[str, Any]:
         """Resolve defaults and paths and check everything that can be checked without loading the model.
