@@ -532,9 +532,18 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
         raise ConfigProblems(report.errors)
 
 
-def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """Checks that need the model's ``config.json``: context length and layer count."""
+def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any], weight_names: set[str] = frozenset()
+                        ) -> None:
+    """Checks that need the model's ``config.json``: context length and layer count; with the names of its
+    weights, that every ``lora_parameters.keys`` entry names a module of its blocks (as mlx-lm matches them)."""
     errors = []
+    keys = (cfg.get("lora_parameters") or {}).get("keys") if cfg.get("fine_tune_type") in ("lora", "dora") else None
+    modules = {n.rsplit(".", 1)[0] for n in weight_names if ".layers." in n}
+    for k in keys or []:
+        if modules and not any(m.endswith("." + k) for m in modules):
+            near = sorted({m.split(".layers.", 1)[1].split(".", 1)[-1] for m in modules})[:8]
+            errors.append(ConfigError("lora_parameters.keys", keys, f"{k!r} is no module of this model's layers "
+                                                                  f"(they have {', '.join(near)})"))
     ctx = model_config.get("max_position_embeddings")
     if isinstance(ctx, int) and cfg["max_seq_length"] > ctx:
         errors.append(ConfigError("max_seq_length", cfg["max_seq_length"], f"exceeds the model's context of {ctx}"))

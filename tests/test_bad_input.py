@@ -126,6 +126,11 @@ def hand_written(model: Path, data: Path, tmp: Path) -> list[tuple[str, str | by
             (no_json / f.name).write_bytes(f.read_bytes())
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "config.json").write_text('{"model_type": "llama", ')
+    cut = tmp / "cut-model"
+    cut.mkdir(exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file():
+            (cut / f.name).write_bytes(f.read_bytes()[: -1000] if f.suffix == ".safetensors" else f.read_bytes())
     return [
         ("iters-huge-int", head + "iters: 1000000000000000000000000000000\n", "iters"),
         ("iters-1e30", head + "iters: 1.0e30\n", "iters"),
@@ -160,6 +165,9 @@ def hand_written(model: Path, data: Path, tmp: Path) -> list[tuple[str, str | by
         ("model-missing", f"model: {tmp / 'no-such-model'}\ndata: {data}\n", "model"),
         ("model-without-config", f"model: {no_json}\ndata: {data}\n", "model"),
         ("model-broken-config", f"model: {broken}\ndata: {data}\n", "model"),
+        ("model-weights-cut-short", f"model: {cut}\ndata: {data}\n", "model"),
+        ("lora-keys-match-nothing", head + "lora_parameters: {rank: 8, scale: 20.0, keys: [no_such.proj]}\n",
+         "lora_parameters.keys"),
         ("data-missing", f"model: {model}\ndata: {tmp / 'no-such-data'}\n", "data"),
         ("max-seq-beyond-context", head + "max_seq_length: 1000000\n", "max_seq_length"),
         ("num-layers-beyond-model", head + "num_layers: 5\n", "num_layers"),

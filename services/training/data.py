@@ -83,7 +83,7 @@ def read_jsonl_lenient(path: str | Path) -> tuple[list[tuple[int, dict]], list[s
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # so a line cut short reports its own last column
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{n}: invalid JSON, column {e.colno}: {e.msg}")
                 continue

@@ -34,7 +34,7 @@ from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
 from services.errors import NotFound
 from services.jobs import REPO_ROOT, child_env
-from services.library.models import LibraryError, check_model_folder
+from services.library.models import LibraryError, check_model_folder, weight_names
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
@@ -106,8 +106,12 @@ class RunManager:
                 if not isinstance(model_cfg, dict):
                     raise ConfigError("model", cfg["model"], f"{model / 'config.json'} is not a JSON object")
                 cfg["model"] = str(model)
+                try:
+                    names = weight_names(model)
+                except LibraryError as e:
+                    raise ConfigError("model", cfg["model"], str(e)) from None
                 if not errors:  # the checks against the model need a valid config
-                    config_mod.check_against_model(cfg, model_cfg)
+                    config_mod.check_against_model(cfg, model_cfg, names)
             except ConfigError as e:
                 errors.append(e)
             except ConfigProblems as e:
