@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.config import ConfigError, ConfigProblems, load_yaml
-from services.training.data import DataError
+from services.config import ConfigError, load_yaml
+from services.errors import ForgeError
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.training.manager import RunManager, parse_ref
 from services.units import clock
@@ -137,10 +137,26 @@ def cmd_start(args: argparse.Namespace, manager: RunManager) -> int:
     return 0
 
 
+WORKSPACE_HELP = "workspace folder (default: $FORGELLM_WORKSPACE or ./workspace)"
+
+
+class _Subparsers:
+    """``add_parser`` with the options every sub-command shares (``--workspace``)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forgellm", description="Continued pre-training and fine-tuning with MLX.")
-    p.add_argument("--workspace", help="workspace folder (default: $FORGELLM_WORKSPACE or ./workspace)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--workspace", help=WORKSPACE_HELP)
+    # every sub-command takes --workspace too (`forgellm start --workspace W`); given there, it wins
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workspace", default=argparse.SUPPRESS, help=WORKSPACE_HELP)
+    sub = _Subparsers(p.add_subparsers(dest="command", required=True), common)
     t = sub.add_parser("train", help="start a training run from a YAML config (mlx_lm.lora configs work too)")
     t.add_argument("config", nargs="?", help="YAML config; with --resume, keys that change the run (a fork)")
     t.add_argument("--resume", metavar="RUN[@ITER]", help="resume a run exactly, or fork it from checkpoint ITER")
@@ -211,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--revision", help="Hub: branch, tag or commit")
     im.set_defaults(func=cmd_import)
     ds = sub.add_parser("dataset", help="dataset tools")
-    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    dsub = _Subparsers(ds.add_subparsers(dest="dataset_command", required=True), common)
     dc = dsub.add_parser("check", help="detect the format, check every line, print statistics and every bad line")
     dc.add_argument("path", help="a .jsonl/.txt/.md file or a folder (a name under the workspace's datasets/ works)")
     dc.add_argument("--model", help="count tokens with this model's tokenizer and chat template")
@@ -226,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = RunManager(Workspace.resolve(args.workspace))
     try:
         return args.func(args, manager)
-    except (ConfigError, ConfigProblems, DataError) as e:
+    except ForgeError as e:  # every service's error: a bad config, run name, path, dataset or model
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

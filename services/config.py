@@ -11,6 +11,7 @@ import copy
 import difflib
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,33 @@ MODES = ("cpt", "ift")
 SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay")
 KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
 MAX_YAML_BYTES = 1_000_000  # a config file is a few hundred bytes; anything near this is not one
+# What one key's value may expand to (YAML aliases share one object, which a dump writes out in full): a
+# config's largest legitimate values are short lists of module names.
+MAX_VALUE_ITEMS = 1_000
+MAX_VALUE_CHARS = 10_000
+# Upper bounds of the counts: far above any real run, low enough that a typo (10^30) is refused up front and
+# every value fits the 64-bit integers the browser, NumPy and MLX use.
+MAX_COUNT = 10**9
+MAX_SEED = 2**32 - 1  # NumPy's RandomState takes seeds below 2^32
+BOOL_KEYS = ("train", "test", "grad_checkpoint", "mask_prompt", "trust_remote_code", "packing", "mask_all_turns",
+             "train_embeddings")
+TEXT_KEYS = ("name", "report_to", "project_name", "resume_adapter_file", "adapter_path", "config",
+             *MLX_LM_FEATURE_KEYS)
+# (fewest, most) arguments of each schedule, and which ones count steps (must be ≥ 1)
+SCHEDULE_ARGS = {"cosine_decay": (2, 3, (1,)), "linear_schedule": (3, 3, (2,)), "exponential_decay": (2, 2, ()),
+                 "step_decay": (3, 3, (2,))}
+# The keyword arguments of each mlx optimizer (mlx 0.32) and the kind of value each takes.
+OPTIMIZER_ARGS: dict[str, dict[str, str]] = {
+    "adam": {"betas": "betas", "eps": "number", "bias_correction": "bool"},
+    "adamw": {"betas": "betas", "eps": "number", "weight_decay": "number", "bias_correction": "bool"},
+    "muon": {"momentum": "number", "weight_decay": "number", "nesterov": "bool", "ns_steps": "count"},
+    "sgd": {"momentum": "number", "weight_decay": "number", "dampening": "number", "nesterov": "bool"},
+    "adafactor": {"eps": "pair", "clip_threshold": "number", "decay_rate": "signed", "beta_1": "optional",
+                  "weight_decay": "number", "scale_parameter": "bool", "relative_step": "bool",
+                  "warmup_init": "bool"},
+}
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 40, 5, 5, 2
 
 
 class ConfigError(ForgeError, ValueError):
@@ -86,7 +114,7 @@ class ConfigError(ForgeError, ValueError):
     def __init__(self, field: str, value: Any, reason: str, source: str | None = None):
         self.field, self.value, self.reason, self.source = field, value, reason, source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field} = {value!r}: {reason}")
+        super().__init__(f"{where}{field} = {_SHORT.repr(value)}: {reason}")  # a huge value is shown cut
 
 
 @dataclass
@@ -109,7 +137,19 @@ def _is_number(v: Any) -> bool:
 
 class YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads ``1e-5`` as a float, with ``mlx_lm.lora``'s resolver (mlx-lm patches SafeLoader
-    itself; this subclass leaves it alone), so a config means the same here as under ``mlx_lm.lora -c``."""
+    itself; this subclass leaves it alone), so a config means the same here as under ``mlx_lm.lora -c``.
+    A key written twice in one mapping is an error (PyYAML would keep the last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 YamlLoader.add_implicit_resolver(
@@ -132,6 +172,8 @@ def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
     """A config from YAML text; a syntax error names the source and line."""
     try:
         data = yaml.load(text, YamlLoader) or {}
+    except RecursionError:
+        raise ConfigError("config", source, "nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -148,10 +190,14 @@ def check_yaml_size(size: int, source: str = "config") -> None:
 
 
 def parse_yaml_bytes(data: bytes, source: str = "config") -> dict[str, Any]:
-    """A config from an uploaded YAML file of at most :data:`MAX_YAML_BYTES`; raises ``UnicodeDecodeError``
-    for a file that is not UTF-8 text."""
+    """A config from a YAML file's bytes (an upload, or a file the CLI read): at most :data:`MAX_YAML_BYTES`
+    of UTF-8 text (a BOM is allowed); every problem is a :class:`ConfigError` naming the source."""
     check_yaml_size(len(data), source)
-    return parse_yaml(data.decode("utf-8"), source)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError("config", source, f"not UTF-8 text (byte {e.start}): not a YAML file") from None
+    return parse_yaml(text, source)
 
 
 def list_presets(configs_dir: Path) -> dict[str, Path]:
@@ -165,10 +211,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a syntax error names the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        check_yaml_size(path.stat().st_size, str(path))
+        return parse_yaml_bytes(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise ConfigError("config", str(path), "file not found") from None
-    return parse_yaml(text, str(path))
+    except IsADirectoryError:
+        raise ConfigError("config", str(path), "is a folder; give a YAML file") from None
+    except OSError as e:
+        raise ConfigError("config", str(path), f"cannot be read ({e.strerror})") from None
 
 
 def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +228,8 @@ def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
     for k, v in user.items():
         if v is not None or k not in cfg:
             cfg[k] = copy.deepcopy(v)
-    cfg["train"] = True
+    if isinstance(cfg["train"], bool):  # ForgeLLM always trains; anything but true/false is left for validate
+        cfg["train"] = True
     return cfg
 
 
@@ -209,12 +260,13 @@ class _Report:
             self.bad(field, reason)
         return value if isinstance(value, dict) else None
 
-    def integer(self, field: str, minimum: int, allow: tuple = ()) -> None:
+    def integer(self, field: str, minimum: int, allow: tuple = (), maximum: int = MAX_COUNT) -> None:
         v = self.cfg.get(field)
-        if v in allow:
+        if _is_int(v) and v in allow:
             return
-        if not _is_int(v) or v < minimum:
-            self.bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else ""))
+        if not _is_int(v) or not minimum <= v <= maximum:
+            self.bad(field, f"must be an integer ≥ {minimum}" + (f" (or {allow[0]})" if allow else "")
+                     + f" and ≤ {maximum:,}")
 
 
 def _check_keys(r: _Report, user_keys: set[str] | None) -> None:
@@ -225,35 +277,100 @@ def _check_keys(r: _Report, user_keys: set[str] | None) -> None:
                                                                              else "")))
 
 
+def _too_large(value: Any) -> bool:
+    """Whether ``value`` expands (aliases written out in full) beyond :data:`MAX_VALUE_ITEMS` items or
+    :data:`MAX_VALUE_CHARS` characters; stops counting as soon as it does."""
+    items, chars, stack = 0, 0, [value]
+    while stack:
+        v = stack.pop()
+        items += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, str):
+            chars += len(v)
+        if items > MAX_VALUE_ITEMS or chars > MAX_VALUE_CHARS:
+            return True
+    return False
+
+
+def _check_size(r: _Report, user_keys: set[str] | None) -> set[str]:
+    """Keys whose value is too large to be a setting (a YAML alias bomb): refused before anything expands them."""
+    huge = {k for k in sorted(user_keys or r.cfg) if _too_large(r.cfg.get(k))}
+    for k in sorted(huge):
+        r.bad(k, f"is too large for a setting (more than {MAX_VALUE_ITEMS:,} values or {MAX_VALUE_CHARS:,} "
+                 "characters once YAML aliases are expanded)")
+    return huge
+
+
+def _check_required(r: _Report, user_keys: set[str] | None) -> None:
+    """``model`` and ``data`` name what this config trains: mlx-lm's defaults (a Hub model, a Hub dataset) are
+    never silently used for them."""
+    for field, what in (("model", "the path of a local model folder, or a name under the workspace's models/"),
+                        ("data", "the path of a dataset file or folder, or a name under the workspace's datasets/")):
+        given = r.cfg.get(field) if user_keys is None or field in user_keys else None
+        if given is None:
+            r.errors.append(ConfigError(field, None, f"missing: give {what}"))
+        elif not isinstance(given, str) or not given.strip():
+            r.bad(field, f"must be {what}")
+
+
 def _check_choices(r: _Report) -> None:
     cfg = r.cfg
-    if not isinstance(cfg.get("model"), str) or not cfg["model"].strip():
-        r.bad("model", "must be the path of a local model folder")
-    if not isinstance(cfg.get("data"), str) or not cfg["data"].strip():
-        r.bad("data", "must be the path of a dataset file or folder")
     if cfg.get("mode") not in (None, *MODES):
         r.bad("mode", f"must be one of {', '.join(MODES)} (or absent for plain mlx-lm behaviour)")
     if cfg.get("fine_tune_type") not in FINE_TUNE_TYPES:
         r.bad("fine_tune_type", f"must be one of {', '.join(FINE_TUNE_TYPES)}")
-    if str(cfg.get("optimizer", "")).lower() not in OPTIMIZERS:
+    if not isinstance(cfg.get("optimizer"), str) or cfg["optimizer"].lower() not in OPTIMIZERS:
         r.bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+
+
+def _check_types(r: _Report) -> None:
+    """Switches are true/false; names and paths are short text."""
+    for key in BOOL_KEYS:
+        if not isinstance(r.cfg.get(key, False), bool):
+            r.bad(key, "must be true or false")
+    for key in TEXT_KEYS:
+        v = r.cfg.get(key)
+        if v is not None and (not isinstance(v, str) or len(v) > 1000):
+            r.bad(key, "must be text (at most 1000 characters)")
+    c = r.cfg.get("clear_cache_threshold", 0)
+    if not _is_number(c) or c < 0:
+        r.bad("clear_cache_threshold", "must be a number ≥ 0")
 
 
 def _check_numbers(r: _Report) -> None:
     for field in ("batch_size", "steps_per_report", "steps_per_eval", "save_every", "grad_accumulation_steps"):
         r.integer(field, 1)
     r.integer("iters", 1)
-    r.integer("seed", 0)
+    r.integer("seed", 0, maximum=MAX_SEED)
     r.integer("max_seq_length", 2)
     r.integer("num_layers", 1, allow=(-1,))
     r.integer("val_batches", 1, allow=(-1,))
     r.integer("test_batches", 1, allow=(-1,))
     e = r.cfg.get("epochs")
-    if e is not None and (not _is_number(e) or e <= 0):
-        r.bad("epochs", "must be a positive number of passes over the training set")
+    if e is not None and (not _is_number(e) or not 0 < e <= 10_000):
+        r.bad("epochs", "must be a positive number of passes over the training set (at most 10,000)")
     lr = r.cfg.get("learning_rate")
     if not _is_number(lr) or not 0 < lr < 1:
         r.bad("learning_rate", "must be a number between 0 and 1 (typical: 1e-5 to 1e-3)")
+
+
+def _check_lengths(r: _Report, user_keys: set[str] | None) -> None:
+    """Settings that cannot take effect within the run's length: no optimizer update, a warm-up never ended."""
+    cfg = r.cfg
+    iters, accum = cfg.get("iters"), cfg.get("grad_accumulation_steps")
+    if cfg.get("epochs") is not None or not _is_int(iters) or not _is_int(accum):
+        return  # by epochs the worker counts the iterations; bad values are reported by _check_numbers
+    if accum > iters and (user_keys is None or {"iters", "grad_accumulation_steps"} & user_keys):
+        r.bad("grad_accumulation_steps", f"exceeds iters = {iters}: the run would end without one optimizer update")
+    sched = cfg.get("lr_schedule")
+    warmup = sched.get("warmup") if isinstance(sched, dict) else None
+    if _is_int(warmup) and warmup >= iters:
+        r.bad("lr_schedule.warmup", f"must be shorter than the run (iters = {iters}): the learning rate would never "
+                                    "reach its peak")
 
 
 def _check_lora(r: _Report) -> None:
@@ -263,19 +380,22 @@ def _check_lora(r: _Report) -> None:
     if not isinstance(lp, dict):
         r.bad("lora_parameters", "must be a mapping with rank, scale and dropout")
         return
+    for k in sorted(set(lp) - {"rank", "scale", "dropout", "keys", "alpha"}, key=str):
+        r.bad(f"lora_parameters.{k}", "unknown key; use rank, scale, dropout or keys")
     if "alpha" in lp:
         r.bad("lora_parameters.alpha", "mlx-lm calls this 'scale' (scale = alpha / rank)")
     rank = lp.get("rank")
-    if not _is_int(rank) or rank < 1:
-        r.bad("lora_parameters.rank", "must be an integer ≥ 1")
+    if not _is_int(rank) or not 1 <= rank <= 65_536:
+        r.bad("lora_parameters.rank", "must be an integer ≥ 1 and ≤ 65,536")
     s = lp.get("scale")
-    if not _is_number(s) or s <= 0:
-        r.bad("lora_parameters.scale", "must be a positive number")
+    if not _is_number(s) or not 0 < s <= 1e6:
+        r.bad("lora_parameters.scale", "must be a positive number (at most 1e6)")
     d = lp.get("dropout", 0.0)
     if not _is_number(d) or not 0 <= d < 1:
         r.bad("lora_parameters.dropout", "must be in [0, 1)")
     keys = lp.get("keys")
-    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+    if keys is not None and (not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k
+                                                                                 for k in keys)):
         r.bad("lora_parameters.keys", "must be a list of module names such as self_attn.q_proj")
 
 
@@ -283,19 +403,71 @@ def _check_schedule(r: _Report) -> None:
     sched = r.mapping("lr_schedule", "must be a mapping with name, arguments, and optional warmup/warmup_init")
     if sched is None:
         return
-    if sched.get("name") not in SCHEDULES:
+    name = sched.get("name")
+    if name not in SCHEDULES:
         r.bad("lr_schedule.name", f"must be one of the mlx schedules {', '.join(SCHEDULES)}")
     args = sched.get("arguments")
     if not isinstance(args, list) or not args or not all(_is_number(a) for a in args):
         r.bad("lr_schedule.arguments", "must be a list of numbers, the first being the peak learning rate")
     elif not 0 < args[0] < 1:
         r.bad("lr_schedule.arguments", "the first argument (peak learning rate) must be between 0 and 1")
+    elif name in SCHEDULE_ARGS:
+        fewest, most, steps = SCHEDULE_ARGS[name]
+        if not fewest <= len(args) <= most:
+            count = str(fewest) if fewest == most else f"{fewest} or {most}"
+            r.bad("lr_schedule.arguments", f"{name} takes {count} arguments, got {len(args)}")
+        elif any(not 1 <= args[i] <= MAX_COUNT for i in steps if i < len(args)):
+            r.bad("lr_schedule.arguments", f"{name}'s step count must be from 1 to {MAX_COUNT:,}")
     w = sched.get("warmup", 0)
-    if not _is_int(w) or w < 0:
-        r.bad("lr_schedule.warmup", "must be an integer ≥ 0 (warm-up iterations)")
+    if not _is_int(w) or not 0 <= w <= MAX_COUNT:
+        r.bad("lr_schedule.warmup", f"must be an integer ≥ 0 and ≤ {MAX_COUNT:,} (warm-up iterations)")
+    wi = sched.get("warmup_init", 0.0)
+    if not _is_number(wi) or not 0 <= wi < 1:
+        r.bad("lr_schedule.warmup_init", "must be a learning rate in [0, 1)")
     unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
     if unknown:
-        r.bad("lr_schedule", f"unknown keys {sorted(unknown)}")
+        r.bad("lr_schedule", f"unknown keys {sorted(map(str, unknown))}")
+
+
+def _optimizer_value_ok(kind: str, v: Any) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "count":
+        return _is_int(v) and 1 <= v <= 1000
+    if kind == "optional":
+        return v is None or (_is_number(v) and 0 <= v < 1)
+    if kind == "signed":
+        return _is_number(v)
+    if kind in ("betas", "pair"):
+        return (isinstance(v, list) and len(v) == 2 and all(_is_number(x) and x >= 0 for x in v)
+                and (kind == "pair" or all(x < 1 for x in v)))
+    return _is_number(v) and v >= 0
+
+
+_OPTIMIZER_KINDS = {"bool": "true or false", "count": "an integer from 1 to 1000", "optional": "a number in [0, 1) "
+                    "or null", "signed": "a number", "betas": "a list of two numbers in [0, 1)",
+                    "pair": "a list of two numbers ≥ 0", "number": "a number ≥ 0"}
+
+
+def _check_optimizer_config(r: _Report) -> None:
+    oc = r.mapping("optimizer_config", f"must be a mapping of optimizer name ({', '.join(OPTIMIZERS)}) to its "
+                                       "arguments")
+    for name in sorted(oc or {}, key=str):
+        args, field = oc[name], f"optimizer_config.{name}"
+        if name not in OPTIMIZER_ARGS:
+            r.bad(field, f"unknown optimizer; use {', '.join(OPTIMIZERS)}")
+            continue
+        if args is None:
+            continue
+        if not isinstance(args, dict):
+            r.bad(field, "must be a mapping of argument names to values")
+            continue
+        for key in sorted(args, key=str):
+            kind = OPTIMIZER_ARGS[name].get(key)
+            if kind is None:
+                r.bad(f"{field}.{key}", f"unknown argument of {name}; use {', '.join(OPTIMIZER_ARGS[name])}")
+            elif not _optimizer_value_ok(kind, args[key]):
+                r.bad(f"{field}.{key}", f"must be {_OPTIMIZER_KINDS[kind]}")
 
 
 def _check_data(r: _Report) -> None:
@@ -310,20 +482,22 @@ def _check_data(r: _Report) -> None:
         return
     if cfg.get("mode") != "cpt":
         r.bad("mixture", "a replay mixture needs mode: cpt")
-    elif not isinstance(mix, dict) or not isinstance(mix.get("data"), str):
+    elif not isinstance(mix, dict) or not isinstance(mix.get("data"), str) or not mix["data"].strip():
         r.bad("mixture", "must be a mapping {data: PATH, ratio: 0..1}")
     elif not _is_number(mix.get("ratio")) or not 0 < mix["ratio"] < 1:
         r.bad("mixture.ratio", "must be a share of training tokens between 0 and 1")
+    elif set(mix) - {"data", "ratio"}:
+        r.bad("mixture", f"unknown keys {sorted(map(str, set(mix) - {'data', 'ratio'}))}; use data and ratio")
 
 
 def _check_early_stopping(r: _Report) -> None:
     es = r.mapping("early_stopping", "must be a mapping with patience, min_delta, overfit_threshold")
     if es is None:
         return
-    for k in sorted(set(es) - EARLY_STOPPING_KEYS):
+    for k in sorted(set(es) - EARLY_STOPPING_KEYS, key=str):
         r.bad(f"early_stopping.{k}", f"unknown key; use {', '.join(sorted(EARLY_STOPPING_KEYS))}")
     p = es.get("patience", 3)
-    if not _is_int(p) or p < 1:
+    if not _is_int(p) or not 1 <= p <= MAX_COUNT:
         r.bad("early_stopping.patience", "must be an integer ≥ 1 (evaluations without improvement)")
     for k in ("min_delta", "overfit_threshold"):
         v = es.get(k, 0.0)
@@ -333,26 +507,43 @@ def _check_early_stopping(r: _Report) -> None:
 
 def _check_rest(r: _Report) -> None:
     kc = r.cfg.get("keep_checkpoints")
-    if kc is not None and (not _is_int(kc) or kc < 1):
+    if kc is not None and (not _is_int(kc) or not 1 <= kc <= MAX_COUNT):
         r.bad("keep_checkpoints", "must be an integer ≥ 1 (or absent to keep all)")
     if r.cfg.get("train_embeddings") and r.cfg.get("fine_tune_type") != "full":
         r.bad("train_embeddings", "only applies to fine_tune_type: full")
 
 
 def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
-    """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason."""
+    """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason.
+
+    ``user_keys`` are the keys the person wrote (the rest are defaults): unknown ones are named, and
+    ``model``/``data`` must be among them."""
     report = _Report(cfg)
+    huge = _check_size(report, user_keys)
+    if huge:  # nothing else looks into values that large
+        raise ConfigProblems(report.errors)
     _check_keys(report, user_keys)
-    for check in (_check_choices, _check_numbers, _check_lora, _check_schedule, _check_data, _check_early_stopping,
-                  _check_rest):
+    _check_required(report, user_keys)
+    for check in (_check_choices, _check_types, _check_numbers, _check_lora, _check_schedule,
+                  _check_optimizer_config, _check_data, _check_early_stopping, _check_rest):
         check(report)
+    _check_lengths(report, user_keys)
     if report.errors:
         raise ConfigProblems(report.errors)
 
 
-def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """Checks that need the model's ``config.json``: context length and layer count."""
+def check_against_model(cfg: dict[str, Any], model_config: dict[str, Any], weight_names: set[str] = frozenset()
+                        ) -> None:
+    """Checks that need the model's ``config.json``: context length and layer count; with the names of its
+    weights, that every ``lora_parameters.keys`` entry names a module of its blocks (as mlx-lm matches them)."""
     errors = []
+    keys = (cfg.get("lora_parameters") or {}).get("keys") if cfg.get("fine_tune_type") in ("lora", "dora") else None
+    modules = {n.rsplit(".", 1)[0] for n in weight_names if ".layers." in n}
+    for k in keys or []:
+        if modules and not any(m.endswith("." + k) for m in modules):
+            near = sorted({m.split(".layers.", 1)[1].split(".", 1)[-1] for m in modules})[:8]
+            errors.append(ConfigError("lora_parameters.keys", keys, f"{k!r} is no module of this model's layers "
+                                                                  f"(they have {', '.join(near)})"))
     ctx = model_config.get("max_position_embeddings")
     if isinstance(ctx, int) and cfg["max_seq_length"] > ctx:
         errors.append(ConfigError("max_seq_length", cfg["max_seq_length"], f"exceeds the model's context of {ctx}"))

@@ -77,7 +77,7 @@ class Workspace:
         p = Path(path)
         resolved = (p if p.is_absolute() else self.root / p).resolve()
         if resolved != self.root and self.root not in resolved.parents:
-            raise ValueError(f"path {str(path)!r} is outside the workspace {self.root}")
+            raise BadName(f"path {str(path)!r} is outside the workspace {self.root}")
         return resolved
 
     def find(self, value: str | os.PathLike, kind: str) -> Path:

@@ -127,5 +127,5 @@ def test_an_uploaded_config_is_utf8_yaml_of_at_most_a_megabyte():
         config_mod.check_yaml_size(config_mod.MAX_YAML_BYTES + 1, "big.yaml")
     with pytest.raises(ConfigError, match=r"bad\.yaml:2"):
         config_mod.parse_yaml_bytes(b"a: [1, 2\n", "bad.yaml")
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(ConfigError, match=r"latin\.yaml.*not UTF-8 text"):
         config_mod.parse_yaml_bytes(b"model: \xff\n", "latin.yaml")

@@ -212,6 +212,35 @@ async def test_upload_keeps_unknown_keys_and_reports_bad_yaml(ui_user: User):
     assert el(ui_user, "field-iters").value == 50  # nothing changed
 
 
+async def test_an_upload_the_cli_would_refuse_shows_its_problems_and_starts_nothing(ui_user: User, services,
+                                                                                    tiny_model, chat_data):
+    """Issue 15 W2: the upload shows exactly what ``forgellm train`` says, and Start never launches it."""
+    await ui_user.open("/train")
+    upload = el(ui_user, "upload")
+    head = f"model: {tiny_model}\ndata: {chat_data}\nmode: ift\n".encode()
+    for text, shown in ((b"iters: 1000000000000000000000000000000\n",
+                         "iters = 1000000000000000000000000000000: must be an integer ≥ 1 and ≤ 1,000,000,000"),
+                        (b"iters: 1.0e30\n", "iters = 1e+30: must be an integer ≥ 1 and ≤ 1,000,000,000"),
+                        (b"lr_schedule: cosine\n", "lr_schedule = 'cosine': must be a mapping"),
+                        (b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                         b"project_name: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "project_name = [")):
+        await upload.handle_uploads([SmallFileUpload("bad.yaml", "application/x-yaml", head + text)])
+        await wait_for(lambda: shown in el(ui_user, "upload-problems").text)  # noqa: B023
+        assert "bad.yaml was not loaded" in el(ui_user, "upload-problems").text
+        assert el(ui_user, "field-model").value != str(tiny_model)  # the form kept what it had
+        ui_user.find(marker="start").click()
+        await asyncio.sleep(0.1)
+        assert services.manager.list() == []
+    await upload.handle_uploads([SmallFileUpload("ok.yaml", "application/x-yaml",
+                                                 b"model: not/here\n" + head.split(b"\n", 1)[1] + b"iters: 7\n")])
+    await wait_for(lambda: el(ui_user, "field-iters").value == 7)
+    assert el(ui_user, "upload-problems").text == ""
+    await ui_user.should_see("model = 'not/here': not found")  # the form shows it, as the CLI would
+    ui_user.find(marker="start").click()
+    await asyncio.sleep(0.1)
+    assert services.manager.list() == []
+
+
 def test_form_round_trip_for_every_preset():
     presets = list_presets(REPO / "configs")
     assert {"cpt-lora", "ift-lora", "ift-dora", "cpt-full"} <= set(presets)

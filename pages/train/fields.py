@@ -13,8 +13,8 @@ from nicegui import events, ui
 from nicegui.elements.mixins.value_element import ValueElement
 
 from pages.common import METHODS, MODES
-from pages.train.form import SCHEDULE_KINDS, TIPS, config_to_form, form_field, form_to_config, schedule_choices
-from services.config import MAX_YAML_BYTES, OPTIMIZERS, ConfigError, check_yaml_size, dump_yaml, parse_yaml_bytes
+from pages.train.form import SCHEDULE_KINDS, TIPS, form_field, form_to_config, load_upload, schedule_choices
+from services.config import MAX_YAML_BYTES, OPTIMIZERS, ConfigError, check_yaml_size, dump_yaml
 
 Form = dict[str, Any]
 
@@ -256,10 +256,13 @@ class SchedulePreview:
 
 
 class YamlFiles:
-    """The form's config as a YAML download, and a YAML upload into the form (through ``fill(form)``)."""
+    """The form's config as a YAML download, and a YAML upload into the form (through ``fill(form)``) once
+    ``prepare`` (the run manager's ``prepare_config``) finds nothing but model or data paths to fix."""
 
-    def __init__(self, form: TrainForm, fill: Callable[[Form], None]) -> None:
-        self.form, self.fill = form, fill
+    def __init__(self, form: TrainForm, fill: Callable[[Form], None],
+                 prepare: Callable[[dict[str, Any]], Any]) -> None:
+        self.form, self.fill, self.prepare = form, fill, prepare
+        self.problems: ui.label | None = None
 
     def download(self) -> None:
         cfg = form_to_config(self.form.read())
@@ -267,17 +270,34 @@ class YamlFiles:
         ui.download.content(dump_yaml(cfg).encode(), f"{name}.yaml", "application/x-yaml")
 
     async def upload(self, e: events.UploadEventArguments) -> None:
+        name = e.file.name
         try:
-            check_yaml_size(e.file.size(), e.file.name)  # the browser's limit can be bypassed
-            cfg = parse_yaml_bytes(await e.file.read(), e.file.name)
-        except (ConfigError, UnicodeDecodeError) as err:
-            ui.notify(f"Could not read {e.file.name}: {err}", type="negative", multi_line=True)
+            check_yaml_size(e.file.size(), name)  # the browser's limit can be bypassed
+        except ConfigError as err:
+            self.refuse(name, [err])
             return
-        self.fill(config_to_form(cfg))
-        ui.notify(f"Loaded {e.file.name}")
+        form, problems = load_upload(await e.file.read(), name, self.prepare)
+        if form is None:
+            self.refuse(name, problems)
+            return
+        self.show_problems("")
+        self.fill(form)
+        ui.notify(f"Loaded {name}" + (f"; choose {' and '.join(p.field for p in problems)}" if problems else ""))
+
+    def refuse(self, name: str, problems: list[ConfigError]) -> None:
+        """Say why ``name`` was not loaded, problem by problem (the form keeps what it had)."""
+        self.show_problems(f"{name} was not loaded; fix it and upload it again:\n"
+                           + "\n".join(f"• {p}" for p in problems))
+        ui.notify(f"{name} was not loaded: {len(problems)} problem(s)", type="negative")
+
+    def show_problems(self, text: str) -> None:
+        if self.problems is not None:
+            self.problems.set_text(text)
 
     def upload_widget(self) -> ui.upload:
-        """The upload field (YAML files up to :data:`services.config.MAX_YAML_BYTES`)."""
-        return ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_YAML_BYTES,
-                         on_upload=self.upload).props("accept=.yaml,.yml flat bordered dense") \
+        """The upload field (YAML files up to :data:`services.config.MAX_YAML_BYTES`) and its problems."""
+        widget = ui.upload(label="Upload YAML config", auto_upload=True, max_file_size=MAX_YAML_BYTES,
+                           on_upload=self.upload).props("accept=.yaml,.yml flat bordered dense") \
             .classes("w-full").mark("upload")
+        self.problems = ui.label("").classes("whitespace-pre-line text-negative text-sm").mark("upload-problems")
+        return widget

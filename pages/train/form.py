@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError, ConfigProblems, schedule
+from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError, ConfigProblems, parse_yaml_bytes, schedule
 
 SCHEDULE_KINDS = {"constant": "constant", "linear": "linear decay", "cosine": "cosine decay"}
 
@@ -157,6 +157,30 @@ def check_form(form: dict[str, Any], prepare: Callable[[dict[str, Any]], Any]) -
             seen.add(f)
             unique.append(e)
     return cfg, unique
+
+
+# Problems of an uploaded config that the person fixes in the form after loading it: its model and dataset
+# (a config written on another machine names paths this one does not have).
+FIXED_IN_FORM = ("model", "data", "mixture.data")
+
+
+def load_upload(data: bytes, name: str, prepare: Callable[[dict[str, Any]], Any]
+                ) -> tuple[dict[str, Any] | None, list[ConfigError]]:
+    """The form for an uploaded YAML file and its problems: exactly what ``forgellm train FILE`` reports
+    (``prepare`` is the run manager's ``prepare_config``, the CLI's validation). A file with any problem but
+    its model or data paths is not loaded (``None``): the form cannot show a value it cannot hold, and Start
+    must never launch what the CLI would refuse."""
+    try:
+        cfg = parse_yaml_bytes(data, name)
+        prepare(cfg)
+        errors: list[ConfigError] = []
+    except ConfigProblems as e:
+        errors = e.errors
+    except ConfigError as e:
+        return None, [e]
+    if any(e.field not in FIXED_IN_FORM for e in errors):
+        return None, errors
+    return config_to_form(cfg), errors
 
 
 def visible_fields(form: dict[str, Any]) -> dict[str, bool]:

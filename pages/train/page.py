@@ -82,7 +82,7 @@ class TrainPage:
                                   on_preset=self.apply_preset, on_change=self.refresh)
             with ui.column().classes("w-[420px] max-lg:w-full gap-3 shrink-0"):
                 self.preview = SchedulePreview()
-                self.actions = StartCard(self.start, YamlFiles(self.form, self.fill))
+                self.actions = StartCard(self.start, YamlFiles(self.form, self.fill, self.manager.prepare_config))
                 self.preflight = PreflightPanel(services, self.current, self.apply_changes)
         self.form.model_data.mode.on_value_change(lambda e: self.follow_mode(e.value))
 

@@ -114,7 +114,7 @@ class PreflightPanel:
             return None
         self.estimate_button.props("loading")
         try:
-            est = await run.io_bound(preflight.estimate, cfg)
+            est = await run.io_bound(preflight.estimate, cfg, workspace=self.services.workspace.root)
         except (ValueError, OSError) as e:  # PreflightError and DataError are ValueErrors
             self.text.set_text(f"Cannot estimate: {e}")
             self.text.classes(replace="whitespace-pre-line text-xs text-negative")

@@ -139,7 +139,7 @@ def check_jsonl(path: Path, name: str, fmt: str | None = None, cfg: dict[str, An
 def check_document(path: Path, name: str) -> FileCheck:
     fc = FileCheck(path, name, "document")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # as training reads it: a BOM is not part of the text
     except UnicodeDecodeError as e:
         fc.bad, fc.bad_lines = [f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"], [0]
         return fc

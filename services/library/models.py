@@ -57,6 +57,22 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def weight_names(folder: Path) -> set[str]:
+    """The tensor names of a model folder's weights; a weight file that is cut short (or not safetensors) is a
+    :class:`LibraryError` naming it, before anything tries to load it."""
+    names: set[str] = set()
+    for f in weight_files(folder):
+        header = safetensors_header(f)
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        end = max((h["data_offsets"][1] for h in header.values() if isinstance(h, dict) and "data_offsets" in h),
+                  default=0)
+        if f.stat().st_size < 8 + n + end:
+            raise LibraryError(f"{f}: cut short ({f.stat().st_size:,} of {8 + n + end:,} bytes): copy the model again")
+        names.update(header)
+    return names
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The ``*.safetensors`` files of a model folder (the only weights mlx-lm loads)."""
     return sorted(p for p in Path(folder).glob("*.safetensors") if p.is_file())

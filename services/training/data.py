@@ -76,16 +76,19 @@ def read_jsonl_lenient(path: str | Path) -> tuple[list[tuple[int, dict]], list[s
     with fh:
         for n, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as e:
                 bad.append(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})")
                 continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # so a line cut short reports its own last column
             except json.JSONDecodeError as e:
                 bad.append(f"{path}:{n}: invalid JSON, column {e.colno}: {e.msg}")
+                continue
+            except RecursionError:
+                bad.append(f"{path}:{n}: too deeply nested (JSON arrays or objects inside each other)")
                 continue
             if not isinstance(obj, dict):
                 bad.append(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
@@ -130,8 +133,15 @@ def check_row(row: dict, fmt: str, where: str, cfg: dict[str, Any] | None = None
                 raise DataError(f"{where}: messages[{i}] needs a role in {sorted(ROLES)}")
             if not isinstance(m.get("content", ""), str):
                 raise DataError(f"{where}: messages[{i}].content must be a string")
-        if not any(m["role"] == "assistant" for m in messages):
+        roles = [m["role"] for m in messages]
+        if "assistant" not in roles:
             raise DataError(f"{where}: no assistant message: nothing to learn")
+        if "user" not in roles:
+            raise DataError(f"{where}: no user message: a chat needs a user turn before the assistant's")
+        first = next(r for r in roles if r != "system")
+        if first != "user":
+            raise DataError(f"{where}: the chat starts with {first!r}; after an optional system message the first "
+                            "turn must be the user's")
 
 
 def read_rows(path: Path, cfg: dict[str, Any] | None = None) -> tuple[str, list[tuple[str, dict]]]:
@@ -179,7 +189,7 @@ def read_documents(path: str | Path) -> list[Document]:
                     docs.append(Document(f"{f}:{n}", row["text"]))
         else:
             try:
-                text = f.read_text(encoding="utf-8")
+                text = f.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:
                 raise DataError(f"{f}: not UTF-8 text ({e.reason})") from None
             if text.strip():
@@ -313,19 +323,28 @@ def prepare_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequenc
 # ----------------------------------------------------------------------------------------- IFT
 
 
-def chat_tokens(tokenizer: Any, messages: list[dict], tools: Any = None, gen: bool = False) -> list[int]:
-    """``messages`` through the tokenizer's chat template as token ids (``gen``: with the generation prompt)."""
-    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, return_dict=False))
+def chat_tokens(tokenizer: Any, messages: list[dict], tools: Any = None, gen: bool = False,
+                where: str | None = None) -> list[int]:
+    """``messages`` through the tokenizer's chat template as token ids (``gen``: with the generation prompt).
+
+    With ``where`` (``file:line``), a conversation the template refuses is a :class:`DataError` naming it."""
+    try:
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=gen,
+                                                  return_dict=False))
+    except Exception as e:  # jinja2's TemplateError, or a ValueError from the template's raise_exception
+        if where is None:
+            raise
+        raise DataError(f"{where}: the model's chat template cannot render this conversation ({e})") from None
 
 
 def render_chat(tokenizer: Any, messages: list[dict], tools: Any, all_turns: bool, where: str) -> Sample:
     """Chat-template a conversation; loss on every assistant turn (or the last one only)."""
-    tokens = chat_tokens(tokenizer, messages, tools)
+    tokens = chat_tokens(tokenizer, messages, tools, where=where)
     mask = [False] * len(tokens)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i in turns if all_turns else turns[-1:]:
-        start = chat_tokens(tokenizer, messages[:i], tools, gen=True)
-        end = chat_tokens(tokenizer, messages[: i + 1], tools)
+        start = chat_tokens(tokenizer, messages[:i], tools, gen=True, where=where)
+        end = chat_tokens(tokenizer, messages[: i + 1], tools, where=where)
         if tokens[: len(start)] != start or tokens[: len(end)] != end:
             raise DataError(
                 f"{where}: the model's chat template does not render turn {i} as a prefix of the whole "
@@ -353,7 +372,7 @@ def render_row(tokenizer: Any, row: dict, fmt: str, cfg: dict[str, Any], where: 
         messages = row[cfg.get("chat_feature") or "messages"]
     masked = cfg.get("mask_all_turns") or cfg.get("mask_prompt")
     if not masked:
-        tokens = chat_tokens(tokenizer, messages, row.get("tools"))
+        tokens = chat_tokens(tokenizer, messages, row.get("tools"), where=where)
         return Sample(tokens, [False] + [True] * (len(tokens) - 1))
     return render_chat(tokenizer, messages, row.get("tools"), bool(cfg.get("mask_all_turns")), where)
 

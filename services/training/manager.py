@@ -35,7 +35,7 @@ from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
 from services.errors import NotFound
 from services.jobs import REPO_ROOT, child_env
-from services.library.models import LibraryError, check_model_folder
+from services.library.models import LibraryError, check_model_folder, weight_names
 from services.notify import notify, run_event
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
@@ -106,6 +106,8 @@ class RunManager:
             return self.workspace.find(value, kind)
         except NotFound as e:
             raise ConfigError(field, value, str(e)) from None
+        except OSError as e:  # a name too long for the file system, a folder that cannot be read
+            raise ConfigError(field, value, f"cannot be looked up ({e.strerror})") from None
 
     def prepare_config(self, user_cfg: dict[str, Any]) -> dict[str, Any]:
         """Resolve defaults and paths and check everything that can be checked without loading the model.
@@ -125,10 +127,19 @@ class RunManager:
                     check_model_folder(model)
                 except LibraryError as e:
                     raise ConfigError("model", cfg["model"], str(e)) from None
-                model_cfg = read_json(model / "config.json")
+                try:
+                    model_cfg = read_json(model / "config.json")
+                except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+                    raise ConfigError("model", cfg["model"], f"{model / 'config.json'} cannot be read ({e})") from None
+                if not isinstance(model_cfg, dict):
+                    raise ConfigError("model", cfg["model"], f"{model / 'config.json'} is not a JSON object")
                 cfg["model"] = str(model)
+                try:
+                    names = weight_names(model)
+                except LibraryError as e:
+                    raise ConfigError("model", cfg["model"], str(e)) from None
                 if not errors:  # the checks against the model need a valid config
-                    config_mod.check_against_model(cfg, model_cfg)
+                    config_mod.check_against_model(cfg, model_cfg, names)
             except ConfigError as e:
                 errors.append(e)
             except ConfigProblems as e:
@@ -154,13 +165,17 @@ class RunManager:
         cfg = self.prepare_config(user_cfg)
         with self._lock:
             base = time.strftime("%Y%m%d-%H%M%S")
-            slug = re.sub(r"[^a-z0-9]+", "-", (cfg.get("name") or cfg.get("mode") or "mlx-lm").lower()).strip("-")
+            slug = re.sub(r"[^a-z0-9]+", "-", (cfg.get("name") or cfg.get("mode") or "mlx-lm").lower())[:60].strip("-")
+            self.workspace.runs.mkdir(parents=True, exist_ok=True)
             run_id, n = f"{base}-{slug or 'run'}", 1
-            while (self.workspace.runs / run_id).exists():
-                n += 1
-                run_id = f"{base}-{slug or 'run'}-{n}"
+            while True:  # mkdir is the claim: another process creating a run in the same second takes the next name
+                try:
+                    (self.workspace.runs / run_id).mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    run_id = f"{base}-{slug or 'run'}-{n}"
             folder = RunFolder(self.workspace.runs / run_id)
-            folder.path.mkdir(parents=True)
             folder.write_config(cfg)
             folder.update(id=run_id, name=cfg.get("name") or run_id, status=status, reason=None,
                           created=time.time(), mode=cfg.get("mode") or "mlx-lm", fine_tune_type=cfg["fine_tune_type"],

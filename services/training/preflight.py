@@ -30,7 +30,7 @@ import psutil
 from services.errors import ForgeError
 from services.library.models import tensor_shapes, text_config, weight_files
 from services.training.folder import ACTIVE
-from services.workspace import Workspace, files_stamp, read_json
+from services.workspace import Workspace, disk_free, files_stamp, read_json
 
 GB = 1e9
 ACT_PER_HIDDEN = 24.0  # fp32 copies of a hidden vector kept per token and layer (calibrated: 20 tiny, 26 20M)
@@ -42,6 +42,7 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "muon": 1, "sgd": 0, "adafactor": 1}
 EXP_PER_SECOND = 53e6  # CPU backend: transcendental ops dominate (softmax, cross-entropy), §4 of the MLX notes
 FLOPS = {"mkl": 100e9, "accelerate": 200e9, "openblas": 40e9, "reference": 4.6e9}
 PROBE_ITERS = 3
+CHECKPOINT_OVERHEAD = 20_000  # rng.npz (NumPy's and MLX's state), state.json, manifest.json
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _LAYER_RE = re.compile(r"^(?:model\.|language_model\.model\.)?layers\.(\d+)\.(.+)\.weight$")
 
@@ -214,9 +215,30 @@ def suggest(facts: dict[str, Any], cfg: dict[str, Any], seq: int, free: float) -
     return None
 
 
+def checkpoint_bytes(facts: dict[str, Any], cfg: dict[str, Any]) -> float:
+    """Bytes of one checkpoint: the trained weights, the optimizer's state, the gradient accumulator (when
+    accumulating), the random state and bookkeeping."""
+    trained = facts["trainable"] * facts["train_bytes"]
+    states = OPTIMIZER_STATES.get(str(cfg.get("optimizer", "adam")).lower(), 2)
+    accum = trained if int(cfg.get("grad_accumulation_steps") or 1) > 1 else 0
+    return trained * (1 + states) + accum + CHECKPOINT_OVERHEAD
+
+
+def disk_need(facts: dict[str, Any], cfg: dict[str, Any], iters: int) -> float:
+    """Bytes the run's checkpoints take at most: each one × how many are on disk at once (the kept ones, the
+    best, the one being written; all of them without ``keep_checkpoints``), plus the run's latest weights."""
+    every = max(int(cfg.get("save_every") or 1), 1)
+    saved = iters // every + (iters % every != 0)  # the final checkpoint comes on top of the regular ones
+    kept = cfg.get("keep_checkpoints")
+    count = min(saved, int(kept) + 2) if kept else saved
+    return count * checkpoint_bytes(facts, cfg) + facts["trainable"] * facts["train_bytes"]
+
+
 def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: float | None = None,
-             blas: str | None = None) -> dict[str, Any]:
-    """Peak memory and time for a resolved config (``RunManager.prepare_config``), against free RAM."""
+             blas: str | None = None, workspace: Path | None = None,
+             disk_free_bytes: float | None = None) -> dict[str, Any]:
+    """Peak memory and time for a resolved config (``RunManager.prepare_config``), against free RAM; with a
+    ``workspace`` (or ``disk_free_bytes``), the checkpoints' disk space against what its disk has free."""
     from services.system import installed_blas  # noqa: PLC0415
 
     facts = model_facts(cfg["model"], cfg)
@@ -239,8 +261,22 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
         "tokens_per_step": tokens_per_step, "tokens_per_second": tps,
         "seconds": iters * tokens_per_step / tps if tps else None, "data": data, "suggestion": None,
     }
+    warnings = []
     if steps_per_epoch == 0:
-        out["warning"] = f"{data['samples']} training samples: fewer than batch_size {batch}"
+        warnings.append(f"{data['samples']} training samples: fewer than batch_size {batch}")
+    out["disk_gb"] = disk_need(facts, cfg, iters) / GB
+    if disk_free_bytes is None and workspace is not None:
+        disk_free_bytes = disk_free(workspace)
+    if disk_free_bytes is not None:
+        out["disk_free_gb"] = disk_free_bytes / GB
+        if disk_free_bytes < out["disk_gb"] * GB:
+            kept = f"{cfg['keep_checkpoints']} kept" if cfg.get("keep_checkpoints") else "all kept"
+            warnings.append(f"the checkpoints need about {out['disk_gb'] * 1000:,.1f} MB ({kept}; "
+                            f"{checkpoint_bytes(facts, cfg) / 1e6:,.1f} MB each) but the workspace disk has "
+                            f"{disk_free_bytes / 1e6:,.1f} MB free: free space, save less often or set "
+                            "keep_checkpoints")
+    if warnings:
+        out["warning"] = "; ".join(warnings)
     if not out["fits"]:
         out["suggestion"] = suggest(facts, cfg, data["seq"], free)
     return out
@@ -256,6 +292,8 @@ def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS) -> dict[str, Any
     user = user_view(cfg) if "train" in cfg else dict(cfg)
     for key in ("epochs", "lr_schedule", "early_stopping", "keep_checkpoints", "resume_adapter_file"):
         user.pop(key, None)
+    accum = user.get("grad_accumulation_steps")
+    iters = max(iters, accum) if isinstance(accum, int) else iters  # at least one optimizer update
     user.update(iters=iters, steps_per_report=1, steps_per_eval=10_000, save_every=10_000, val_batches=1,
                 name="preflight-probe", test=False)
     return user
