@@ -10,11 +10,12 @@ while the person browses elsewhere. The page is three components: :class:`ModelT
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nicegui import events, run, ui
 
-from pages.common import entered
+from pages.common import entered, is_local_client
 from services.jobs import DONE, FAILED
 from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob
 from services.library.models import LibraryError, check_deletable, delete_model, list_models
@@ -166,6 +167,7 @@ class ImportCard:
     def __init__(self, services: Services, on_imported: Callable[[], Awaitable[None]]) -> None:
         self.services, self.on_imported = services, on_imported
         self.imports = services.model_imports
+        self.local = is_local_client()  # a browser on this machine may import its folders and files
         self.seen: tuple[int, int] | None = None  # (id, version) of the job last shown
         self.refreshed: int | None = None  # id of the ended job the table was rescanned for
         with ui.card().classes("w-full").mark("import-card"):
@@ -205,7 +207,7 @@ class ImportCard:
         if text is None:
             return
         try:
-            await run.io_bound(self.imports.start, self.services.workspace, text,
+            await run.io_bound(partial(self.imports.start, local=self.local), self.services.workspace, text,
                                (self.name.value or "").strip() or None, kind=self.kind.value,
                                link=bool(self.link.value), dequantize=bool(self.dequantize.value))
         except ImportBusy as e:

@@ -380,22 +380,34 @@ def test_import_jobs_admit_one_at_a_time(tiny_model, workspace, hub_cache, monke
 
     jobs = ImportJobs()
     with pytest.raises(LibraryError, match="looks like a Local folder source, not a GGUF file"):
-        jobs.start(workspace, str(tiny_model), kind="gguf")
+        jobs.start(workspace, str(tiny_model), kind="gguf", local=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     with pytest.raises(LibraryError, match=r"cannot download org/model from the Hugging Face Hub: offline mode"):
-        jobs.start(workspace, "org/model", kind="hub")
+        jobs.start(workspace, "org/model", kind="hub", local=True)
     assert time.perf_counter() - t0 < 5 and jobs.current is None
-    first = jobs.start(workspace, str(tiny_model), "first", kind="folder")
+    first = jobs.start(workspace, str(tiny_model), "first", kind="folder", local=True)
     assert jobs.running  # a child process takes far longer than this to start up
     with pytest.raises(ImportBusy, match="already running"):
-        jobs.start(workspace, str(tiny_model), "second")
+        jobs.start(workspace, str(tiny_model), "second", local=True)
     assert first.wait(60) == "done" and first.message.startswith("imported into") and jobs.jobs == [first]
     fake_hub_cache(hub_cache, "org/cached", tiny_model)
-    cached = jobs.start(workspace, "org/cached", kind="hub")  # offline, but in the HF cache: admitted
+    cached = jobs.start(workspace, "org/cached", kind="hub", local=True)  # offline, but in the HF cache: admitted
     assert cached.wait(60) == "done", cached.snapshot()
     assert jobs.current is cached and (workspace.models / "cached" / "model.safetensors").is_file()
     jobs.close()
+
+
+def test_a_remote_client_imports_no_model_from_the_server(tiny_model, workspace):
+    from services.library.imports import ImportJobs
+    from services.settings import add_settings
+
+    jobs = ImportJobs()
+    with pytest.raises(LibraryError, match="only for a browser on that machine"):
+        jobs.start(workspace, str(tiny_model), "stolen", kind="folder", local=False)
+    add_settings(workspace, import_roots=[str(tiny_model.parent)])
+    job = jobs.start(workspace, str(tiny_model), "allowed", kind="folder", local=False)  # under an import root
+    assert job.wait(60) == "done" and jobs.current is job and not (workspace.models / "stolen").exists()
 
 
 def test_upload_size_is_checked_before_reading():

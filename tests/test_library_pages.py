@@ -14,7 +14,7 @@ from conftest import chat_row
 from nicegui import ui
 from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
-from uihelpers import el, els
+from uihelpers import el, els, from_this_machine
 from uihelpers import wait_for as _wait_for
 
 from app.composition import build_services
@@ -56,7 +56,7 @@ async def test_nav_has_models_and_datasets(ui_user: User):
 
 async def test_models_page_lists_imports_and_deletes(ui_user: User, services, tiny_model):
     shutil.copytree(tiny_model, services.workspace.models / "tiny")
-    await ui_user.open("/models")
+    await from_this_machine(ui_user).open("/models")  # a folder of this machine: for its own browser only
     table = el(ui_user, "models-table")
     rows = await wait_for(lambda: table.rows)
     assert [(r["name"], r["source_text"], r["params_text"], r["dtype"], r["chat_text"]) for r in rows] == \

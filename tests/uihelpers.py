@@ -44,3 +44,13 @@ async def wait_for(cond, timeout: float = 10.0, step: float = 0.05) -> Any:
             return value
         await asyncio.sleep(step)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def from_this_machine(user: User) -> User:
+    """Make the simulated browser a local one (loopback address and Host), as the pages' server-path rules ask."""
+    import httpx
+    from nicegui import core
+
+    user.http_client = httpx.AsyncClient(transport=httpx.ASGITransport(core.app, client=("127.0.0.1", 5000)),
+                                         base_url="http://localhost")
+    return user

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services.jobs import ChildJob, emit
+from services.library.datasets import server_path_access
 from services.library.models import LibraryError, check_model_folder, check_name, hub_cache_dir, hub_cached_models
 from services.units import human_bytes
 from services.workspace import Workspace, disk_size, staged, suggest_name
@@ -276,17 +277,21 @@ class ImportJobs:
     def running(self) -> bool:
         return self.current is not None and self.current.running
 
-    def start(self, ws: Workspace, source: str, name: str | None = None, *, kind: str | None = None,
+    def start(self, ws: Workspace, source: str, name: str | None = None, *, local: bool, kind: str | None = None,
               link: bool = False, dequantize: bool = False, revision: str | None = None) -> ImportJob:
         """Admit and start an import: none other running (:class:`ImportBusy`), ``source`` of ``kind`` when
-        given, and a Hub repo refused at once when the Hub cannot be reached and the HF cache lacks it. It can
-        take the Hub probe's few seconds: call it off the event loop."""
+        given, a folder or GGUF file of the server only for a client that may read it (``local``: a browser on
+        this machine; others only under the owner's import roots, as for datasets), and a Hub repo refused at
+        once when the Hub cannot be reached and the HF cache lacks it. It can take the Hub probe's few seconds:
+        call it off the event loop."""
         with self._lock:
             if self.running:
                 raise ImportBusy("An import is already running")
             found = source_kind(source)
             if kind is not None and found != kind:
                 raise LibraryError(f"{source}: looks like a {SOURCE_KINDS[found]} source, not a {SOURCE_KINDS[kind]}")
+            if found != "hub":
+                server_path_access(ws, local).check(source)
             if found == "hub":  # fail fast and clearly when offline (the job itself copies from the cache)
                 reason = hub_offline_reason()
                 if reason and not any(r == source for r, _ in hub_cached_models()):
