@@ -12,6 +12,7 @@ Commands::
     {"cmd": "generate", "request": {...}}                     -> token* done
     {"cmd": "compare", "targets": [DIR | null, ...], "request": {...}}   -> item* done
     {"cmd": "perplexity", "path": FILE, "max_seq_length": N, "batch_size": N, "mask_prompt": bool}
+    {"cmd": "evaluate", "targets": [DIR | null, ...], "suites": [...], "tasks": {...} | null}  -> progress* record* done
     {"cmd": "cancel", "ids": [id, ...] | null}                 (null: whatever is running)
     {"cmd": "exit"}
 
@@ -470,7 +471,7 @@ class Server:
         try:
             result = self.dispatch(msg, rid)
             self.send({"id": rid, "type": "done", **result})
-        except (WorkerError, RequestError, LibraryError) as e:
+        except (WorkerError, RequestError, LibraryError, ForgeError) as e:
             self.send({"id": rid, "type": "error", "message": str(e)})
         except Exception as e:  # noqa: BLE001 (report, keep serving)
             traceback.print_exc()
@@ -496,6 +497,11 @@ class Server:
         if cmd == "perplexity":
             return engine.perplexity(msg["path"], int(msg["max_seq_length"]), int(msg["batch_size"]),
                                      bool(msg.get("mask_prompt", False)))
+        if cmd == "evaluate":  # services.evaluation.runner: suites and lm-eval tasks, adapters swapped
+            from services.evaluation.runner import evaluate_targets
+
+            return evaluate_targets(engine, msg["targets"], msg.get("suites") or [], msg.get("tasks"), self.cancel,
+                                    lambda m: self.send({"id": rid, **m}))
         if cmd == "info":
             return engine.describe() if engine.model is not None else {"memory": memory()}
         raise WorkerError(f"unknown command {cmd!r}")
