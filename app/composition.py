@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.evaluation.service import Evaluations
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
 from services.publishing.jobs import PublishJobs
@@ -35,9 +36,12 @@ class Services:
     lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
     model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
+    evals: Evaluations | None = None  # suites and lm-eval tasks in the model worker (build_services makes it)
 
     def close(self) -> None:
         """End every child job this app started: the model worker, publishes and model imports."""
+        if self.evals is not None:
+            self.evals.cancel()
         self.models.unload()
         if self.publisher_jobs is not None:
             self.publisher_jobs.stop()
@@ -49,5 +53,7 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     manager = RunManager(ws)
     watchers = WatcherPool(manager)
+    models = ModelService()
     return Services(workspace=ws, manager=manager, watchers=watchers, status=StatusBoard(manager, watchers),
-                    models=ModelService(), configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws))
+                    models=models, configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws),
+                    evals=Evaluations(ws, manager, models))

@@ -11,6 +11,7 @@ Later records of the same (iteration, name) replace earlier ones (an evaluation 
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from pathlib import Path
@@ -105,3 +106,35 @@ def improved(records: list[dict[str, Any]], name: str, iteration: int, min_delta
         return True
     sign = 1 if mine[0].get("higher_is_better", True) else -1
     return sign * mine[0]["score"] > max(sign * r["score"] for r in earlier if r.get("score") is not None) + min_delta
+
+
+def word_diff(before: str, after: str) -> list[tuple[str, str]]:
+    """``after`` against ``before`` word by word: ``(op, text)`` pieces, op one of ``same``, ``added``, ``removed``."""
+    a, b = before.split(" "), after.split(" ")
+    out: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.append(("same", " ".join(a[i1:i2])))
+            continue
+        if i2 > i1:
+            out.append(("removed", " ".join(a[i1:i2])))
+        if j2 > j1:
+            out.append(("added", " ".join(b[j1:j2])))
+    return out
+
+
+def case_grid(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Per case of suite ``name``: its id and, per evaluated target (base first), output, pass/fail and the diff
+    against the base's output."""
+    recs = [r for r in records if r["name"] == name and r.get("cases")]
+    base = next((r for r in recs if r.get("iteration") == 0), None)
+    base_out = {c["id"]: c["output"] for c in (base or {}).get("cases", [])}
+    grid: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        for c in r["cases"]:
+            row = grid.setdefault(c["id"], {"id": c["id"], "targets": []})
+            row["targets"].append({"label": r.get("label"), "iteration": r.get("iteration"), "output": c["output"],
+                                   "passed": c["passed"], "why": [x["why"] for x in c["checks"] if not x["passed"]],
+                                   "diff": word_diff(base_out[c["id"]], c["output"])
+                                   if c["id"] in base_out and r is not base else None})
+    return list(grid.values())

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.evaluation import harness
 from services.evaluation.results import target_fields
 from services.evaluation.suites import Suite, from_dict, score_case, summarize
 from services.inference.worker import Cancel, Engine
@@ -46,6 +45,8 @@ def evaluate_active(engine: Engine, suites: list[Suite], tasks: dict[str, Any] |
     """Every suite, then the lm-eval tasks, on the model as it is now."""
     records = [run_suite(engine, s, cancel, emit) for s in suites if not cancel.is_set()]
     if tasks and not cancel.is_set():
+        from services.evaluation import harness  # lm-eval (the eval extra) only when tasks are asked for
+
         lm = harness.ForgeLM(engine.model, engine.tokenizer, use_chat_template=tasks.get("chat_template"))
         records += harness.run_tasks(lm, tasks)
     return records

@@ -13,7 +13,7 @@ from typing import Any
 
 from services.errors import ForgeError
 from services.evaluation import results
-from services.evaluation.suites import SUFFIXES, Suite, SuiteError, load_suite, parse_suite_text
+from services.evaluation.suites import SUFFIXES, Suite, SuiteError, from_dict, load_suite, parse_suite_text
 from services.inference.service import CancelHandle, ModelService
 from services.library.models import find_model
 from services.training.folder import RunFolder
@@ -132,10 +132,11 @@ class Evaluations:
         folder = self.workspace.evals
         return sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES) if folder.is_dir() else []
 
-    def save_suite(self, text: str, name: str) -> Path:
-        """Check YAML suite text and save it as ``evals/NAME.yaml`` (the suite's name is set to NAME)."""
+    def save_suite(self, suite_data: str | dict[str, Any], name: str) -> Path:
+        """Check a suite (YAML text or plain data) and save it as ``evals/NAME.yaml`` (its name set to NAME)."""
         name = safe_name(name, "suite name")
-        suite = parse_suite_text(text, f"{name}.yaml")
+        suite = (parse_suite_text(suite_data, f"{name}.yaml") if isinstance(suite_data, str)
+                 else from_dict(suite_data, where=f"{name}.yaml"))
         suite.name = name
         path = self.workspace.evals / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -305,13 +305,33 @@ def parse_check(check: Any, where: str) -> dict[str, Any]:
     if name == "json" and value is not True:
         if not isinstance(value, dict):
             raise SuiteError(f"{where}: check json is 'true' (the output parses) or a JSON schema mapping")
-        import jsonschema
+        try:
+            import jsonschema
+        except ImportError:
+            raise SuiteError(f"{where}: a JSON schema check needs the jsonschema package "
+                             "(pip install 'forgellm[eval]')") from None
 
         try:
             jsonschema.validators.validator_for(value).check_schema(value)
         except jsonschema.SchemaError as e:
             raise SuiteError(f"{where}: invalid JSON schema: {e.message}") from e
     return {name: value}
+
+
+def check_from_text(name: str, text: str, where: str = "check") -> dict[str, Any]:
+    """A check typed into one text field (the app's editor): ``choice`` takes comma-separated answers,
+    ``max_tokens`` a number, ``json`` 'true' or a JSON schema; the others take the text as it is."""
+    value: Any = text
+    if name == "choice":
+        value = [v.strip() for v in text.split(",") if v.strip()]
+    elif name == "max_tokens":
+        value = int(text) if text.strip().isdigit() else text
+    elif name == "json":
+        try:
+            value = True if text.strip() in ("", "true") else json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{where}: the JSON schema is not valid JSON ({e.msg})") from e
+    return parse_check({name: value}, where)
 
 
 # ----------------------------------------------------------------------------------------- scoring
