@@ -25,8 +25,10 @@ def trained(tmp_path_factory, tiny_model, chat_data):
     ws = Workspace.resolve(tmp_path_factory.mktemp("eval-page") / "ws")
     manager = RunManager(ws)
     folder = manager.launch(base_config(tiny_model, chat_data, mode="ift", iters=20))
-    assert manager.wait(folder.id, timeout=240)["status"] == "completed"
-    return ws.root, folder.id
+    other = manager.launch(base_config(tiny_model, chat_data, mode="ift", iters=20, learning_rate=1e-2, name="other"))
+    for f in (folder, other):
+        assert manager.wait(f.id, timeout=240)["status"] == "completed"
+    return ws.root, folder.id, other.id
 
 
 @pytest.fixture
@@ -76,3 +78,26 @@ async def test_write_a_suite_run_it_on_the_checkpoints_and_see_table_and_outputs
     assert el(user, "eval-chart-three").options["series"][0]["data"] == results.series(results.read(folder), "three")
     assert len(els(user, "eval-output")) == 3 * 3  # three cases, each on base and two checkpoints side by side
     assert len(els(user, "eval-diff")) == 3 * 2  # checkpoints are diffed against the base
+
+
+async def test_compare_runs_by_an_eval_metric_and_the_card_carries_the_eval_table(user: User, services, trained):
+    from services.evaluation.suites import from_dict
+    from services.publishing.card import eval_section
+
+    _, a, b = trained
+    suite = from_dict({"name": "says-the", "cases": [{"prompt": p, "checks": [{"contains": "the"}]}
+                                                     for p in ("the cat", "a dog", "the bread")]})
+    for run_id in (a, b):
+        services.evals.run(run_id, [suite])
+    by_run = {r: results.read(services.manager.folder(r)) for r in (a, b)}
+    await user.open(f"/compare?runs={a},{b}")
+    await user.should_see(marker="compare-eval-table")
+    assert el(user, "compare-eval-metric").value == "says-the"
+    ranked = results.rank_runs(by_run, "says-the")
+    shown = el(user, "compare-eval-table").rows
+    assert [r["best"] for r in shown] == [f"{r['score']:.4g} @ {r['iteration']}" for r in ranked]
+    assert el(user, "compare-eval").options["series"][0]["data"] == results.series(by_run[a], "says-the")
+    card = "\n".join(eval_section(services.manager.folder(a), 20))
+    base = next(r for r in by_run[a] if r["iteration"] == 0)["score"]
+    mine = next(r for r in by_run[a] if r["iteration"] == 20)["score"]
+    assert f"| says-the | pass_rate | {base:.3f} | {mine:.3f} |" in card

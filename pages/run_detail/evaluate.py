@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from app.composition import Services
     from services.training.folder import RunFolder
 
+OUTPUT_BOX = "whitespace-pre-wrap break-all font-mono max-h-40 overflow-auto"  # long outputs scroll, not stretch
 DIFF_CLASSES = {"same": "", "added": "bg-green-2 text-green-10", "removed": "bg-red-2 text-red-10 line-through"}
 
 
@@ -125,9 +126,9 @@ class EvalResults:
                 ui.label(t["label"]).classes("text-xs text-grey-7")
                 ui.badge("pass" if t["passed"] else "fail", color="positive" if t["passed"] else "negative")
             if t["diff"] is None:
-                ui.label(t["output"] or "(empty)").classes("text-sm whitespace-pre-wrap font-mono")
+                ui.label(t["output"] or "(empty)").classes(f"text-sm {OUTPUT_BOX}")
             else:
-                with ui.element("div").classes("text-sm whitespace-pre-wrap font-mono").mark("eval-diff"):
+                with ui.element("div").classes(f"text-sm {OUTPUT_BOX}").mark("eval-diff"):
                     for op, text in t["diff"]:
                         ui.label(text + " ").classes(f"inline {DIFF_CLASSES[op]}")
             for why in t["why"]:

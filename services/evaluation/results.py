@@ -138,3 +138,18 @@ def case_grid(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
                                    "diff": word_diff(base_out[c["id"]], c["output"])
                                    if c["id"] in base_out and r is not base else None})
     return list(grid.values())
+
+
+def rank_runs(by_run: dict[str, list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
+    """Runs ranked by their best checkpoint's ``name`` score (best first; runs without it last): ``run``,
+    ``score``, ``iteration``, ``base`` (the base model's score) and ``higher_is_better``."""
+    rows = []
+    for run_id, records in by_run.items():
+        top = best(records, name)
+        base = next((r.get("score") for r in records if r["name"] == name and r.get("iteration") == 0), None)
+        rows.append({"run": run_id, "score": top["score"] if top else None, "base": base,
+                     "iteration": top["iteration"] if top else None,
+                     "higher_is_better": top.get("higher_is_better", True) if top else True})
+    scored = sorted((r for r in rows if r["score"] is not None),
+                    key=lambda r: -r["score"] if r["higher_is_better"] else r["score"])
+    return scored + [r for r in rows if r["score"] is None]
