@@ -41,6 +41,7 @@ BAD = [
     ("cases:\n  - prompt: hi\n    checks: [{json: {type: 12}}]\n", 2, "invalid JSON schema"),
     ("", 1, "empty"),
     ("cases: [\n", 2, "not valid YAML"),
+    ("batch_size: 0\ncases:\n  - prompt: hi\n    checks: [{exact: x}]\n", 1, "batch_size must be"),
 ]
 
 

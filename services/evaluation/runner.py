@@ -27,13 +27,17 @@ def run_suite(engine: Engine, suite: Suite, cancel: Cancel, emit: Emit | None = 
         return {"name": suite.name, "kind": "perplexity", "metrics": metrics, "primary": "perplexity",
                 "score": ppl["perplexity"], "higher_is_better": False, "seconds": time.perf_counter() - t0}
     cases = []
-    for i, case in enumerate(suite.cases):
+    reqs = [suite.request(c) for c in suite.cases]
+    step = suite.batch_size if all(engine.batchable(r) for r in reqs) else 1  # greedy: several cases at once
+    for i in range(0, len(reqs), step):
         if cancel.is_set():
             break
-        out = engine.generate(suite.request(case), cancel, None)
-        cases.append(score_case(case, out["text"], len(out["tokens"])))
+        chunk = suite.cases[i:i + step]
+        outs = (engine.generate_batch(reqs[i:i + step]) if step > 1 and len(chunk) > 1
+                else [engine.generate(reqs[i], cancel, None)])
+        cases += [score_case(c, o["text"], len(o["tokens"])) for c, o in zip(chunk, outs, strict=True)]
         if emit is not None:
-            emit({"type": "progress", "suite": suite.name, "case": i + 1, "cases": len(suite.cases)})
+            emit({"type": "progress", "suite": suite.name, "case": len(cases), "cases": len(suite.cases)})
     metrics = summarize(suite, cases)
     return {"name": suite.name, "kind": "suite", "metrics": metrics, "primary": "pass_rate",
             "score": metrics["pass_rate"], "higher_is_better": True, "min_pass_rate": suite.min_pass_rate,

@@ -15,6 +15,10 @@ A YAML suite::
           - exact: Paris            # also contains, not_contains, regex, json, max_tokens, choice
           - json: {type: object}    # json: true (parses) or a JSON schema
 
+``batch_size: N`` (default 1) generates N greedy cases at once with mlx-lm's ``batch_generate``: faster, but the
+padded batch may flip a near-tie token, so outputs can differ from one-at-a-time greedy (which equals
+``mlx_lm.generate``).
+
 A JSONL suite has one case per line; a line ``{"suite": {name, min_pass_rate, sampling, format}}`` sets the rest.
 A perplexity suite names ``dataset`` (a dataset folder with valid.jsonl, or a .jsonl file, relative to the suite
 file) and optionally ``max_seq_length``, ``batch_size``, ``mask_prompt``.
@@ -102,6 +106,8 @@ class Suite:
             out.update(dataset=self.dataset, max_seq_length=self.max_seq_length, batch_size=self.batch_size,
                        mask_prompt=self.mask_prompt)
         else:
+            if self.batch_size != 1:
+                out["batch_size"] = self.batch_size
             out["cases"] = [c.to_dict() for c in self.cases]
         return out
 
@@ -207,6 +213,10 @@ def from_dict(data: dict[str, Any], where: str = "suite", lines: list[int] | Non
     if kind == "perplexity":
         _perplexity_settings(suite, data, where, base)
         return suite
+    bs = data.get("batch_size", 1)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise SuiteError(f"{where}:1: batch_size must be an integer ≥ 1 (cases generated together)")
+    suite.batch_size = bs
     rows = data.get("cases") or []
     if not rows:
         raise SuiteError(f"{where}:1: no cases: a suite needs at least one case")
