@@ -126,11 +126,11 @@ class EvalResults:
                 ui.label(t["label"]).classes("text-xs text-grey-7")
                 ui.badge("pass" if t["passed"] else "fail", color="positive" if t["passed"] else "negative")
             if t["diff"] is None:
-                ui.label(t["output"] or "(empty)").classes(f"text-sm {OUTPUT_BOX}")
+                ui.label(_visible(t["output"]) or "(empty)").classes(f"text-sm {OUTPUT_BOX}")
             else:
                 with ui.element("div").classes(f"text-sm {OUTPUT_BOX}").mark("eval-diff"):
                     for op, text in t["diff"]:
-                        ui.label(text + " ").classes(f"inline {DIFF_CLASSES[op]}")
+                        ui.label(_visible(text) + " ").classes(f"inline {DIFF_CLASSES[op]}")
             for why in t["why"]:
                 ui.label(why).classes("text-xs text-negative")
 
@@ -244,6 +244,11 @@ class SuiteEditor:
         self.cases.refresh()
         ui.notify(f"Imported {Path(e.file.name).name} into {path}", type="positive")
         self.on_saved()
+
+
+def _visible(text: str) -> str:
+    """Line breaks shown as ↵ (a model that answers with blank lines would otherwise look like no answer)."""
+    return text.replace("\n", "↵\n")
 
 
 def _value_text(value: Any) -> str:

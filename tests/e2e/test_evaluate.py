@@ -38,13 +38,13 @@ def test_write_a_suite_run_it_on_the_checkpoints_and_compare_outputs(page: Page,
     for i, (prompt, check, value) in enumerate(cases):
         editor.get_by_label("Prompt", exact=True).nth(i).fill(prompt)
         editor.get_by_label("Check", exact=True).nth(i).click()
-        page.get_by_role("option", name=check, exact=True).click()
+        page.get_by_role("option", name=check, exact=True).last.click()  # an earlier menu may still be closing
         editor.get_by_label("Expected", exact=True).nth(i).fill(value)
     editor.get_by_role("button", name="Try on the base model").click()
     expect(editor.locator(".q-badge").first).to_be_visible(timeout=60_000)
     shot(page, "evaluate-editor")
     editor.get_by_role("button", name="Save").click()
-    expect(page.get_by_text("Saved")).to_be_visible()
+    expect(page.locator(".q-notification").filter(has_text="Saved")).to_be_visible()
 
     page.get_by_label("Suites (workspace/evals)", exact=True).click()
     page.get_by_role("option", name="e2e-three").click()
