@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -234,7 +235,56 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-seq-length", type=int, default=2048, help="truncation length for the statistics")
     dc.add_argument("--json", action="store_true", help="print one JSON object")
     dc.set_defaults(func=cmd_dataset)
+    ev = sub.add_parser("eval", help="evaluate a model, a run (base + every checkpoint) or RUN@ITER with suites and "
+                                     "lm-eval tasks; exit 1 when a suite is below its min_pass_rate")
+    ev.add_argument("target", metavar="TARGET", help="a model, a published model, a run or RUN@ITER")
+    ev.add_argument("--suite", action="append", default=[], metavar="FILE",
+                    help="a suite file (.yaml/.jsonl; a name under the workspace's evals/ works); repeatable")
+    ev.add_argument("--tasks", metavar="T1,T2", help="lm-eval tasks from --task-dir")
+    ev.add_argument("--task-dir", metavar="DIR", help="a local lm-eval task folder (YAML tasks over local files)")
+    ev.add_argument("--limit", type=int, help="lm-eval: at most N samples per task")
+    ev.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples")
+    ev.add_argument("--chat-template", choices=["on", "off"], help="lm-eval: apply the chat template "
+                                                                  "(default: when the tokenizer has one)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (records, failures)")
+    ev.set_defaults(func=cmd_eval)
     return p
+
+
+def cmd_eval(args: argparse.Namespace, manager: RunManager) -> int:
+    """Evaluate TARGET in one model worker; records of a run go to its evals.jsonl."""
+    from services.errors import ForgeError
+    from services.evaluation.plan import suite_path
+    from services.evaluation.results import metric_names, table
+    from services.evaluation.service import Evaluations
+    from services.evaluation.suites import load_suite, threshold_failures
+    from services.evaluation.tasks import task_spec
+    from services.inference.service import ModelService
+
+    models = ModelService()
+    try:
+        suites = [load_suite(suite_path(s, manager.workspace)) for s in args.suite]
+        tasks = (task_spec(args.tasks, args.task_dir or ".", args.limit, args.num_fewshot,
+                           None if args.chat_template is None else args.chat_template == "on") if args.tasks else None)
+        if not suites and not tasks:
+            raise ConfigError("eval", None, "give at least one --suite FILE or --tasks T1,T2 --task-dir DIR")
+        records = Evaluations(manager.workspace, manager, models).run(args.target, suites, tasks)
+    except ForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        models.unload()
+    failures = threshold_failures(records)
+    if args.json:
+        print(json.dumps({"records": records, "failures": failures}, default=str))
+    else:
+        names = metric_names(records)
+        print("  ".join([f"{'target':<28}"] + [f"{n:>14}" for n in names]))
+        for row in table(records):
+            print("  ".join([f"{row['label']:<28}"] + [f"{row.get(n, float('nan')):>14.4g}" for n in names]))
+        for f in failures:
+            print(f"FAIL {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

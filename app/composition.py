@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.evaluation.service import Evaluations
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
 from services.notify import RunEvents
@@ -37,9 +38,12 @@ class Services:
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
     model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
     events: RunEvents = field(default_factory=RunEvents)  # run endings and new best checkpoints, for toasts
+    evals: Evaluations | None = None  # suites and lm-eval tasks in the model worker (build_services makes it)
 
     def close(self) -> None:
         """End every child job this app started: the model worker, publishes and model imports."""
+        if self.evals is not None:
+            self.evals.cancel()
         self.models.unload()
         if self.publisher_jobs is not None:
             self.publisher_jobs.stop()
@@ -50,7 +54,8 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     """The services of one app process on ``workspace``."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     manager = RunManager(ws)
-    watchers, events = WatcherPool(manager), RunEvents()
+    watchers, events, models = WatcherPool(manager), RunEvents(), ModelService()
     return Services(workspace=ws, manager=manager, watchers=watchers,
-                    status=StatusBoard(manager, watchers, events=events), models=ModelService(),
-                    configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws), events=events)
+                    status=StatusBoard(manager, watchers, events=events), models=models,
+                    configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws), events=events,
+                    evals=Evaluations(ws, manager, models))

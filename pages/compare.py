@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from pages.common import METHODS, MODES, STATUS_COLORS, fmt_loss, line_chart, on_change, page_column
+from services.evaluation import results as evals
 from services.training import index as run_index
 from services.training.folder import ACTIVE
 from services.units import clock
@@ -114,6 +115,41 @@ def diff_table(loaded: list[dict[str, Any]], names: dict[str, str]) -> None:
         .mark("compare-diff")
 
 
+class EvalCompare:
+    """The runs side by side on one eval metric (a suite's pass rate, a task's score, a perplexity suite)."""
+
+    def __init__(self, loaded: list[dict[str, Any]], names: dict[str, str]):
+        self.names = names
+        self.by_run = {r["id"]: evals.read(r["folder"]) for r in loaded}
+        metrics = list(dict.fromkeys(n for recs in self.by_run.values() for n in evals.metric_names(recs)))
+        if not metrics:
+            return
+        with ui.row().classes("w-full items-center gap-2 mt-2"):
+            ui.label("By eval metric").classes("text-sm font-semibold text-grey-7")
+            self.metric = ui.select(metrics, value=metrics[0], on_change=self.show).props("dense outlined") \
+                .classes("min-w-48").mark("compare-eval-metric")
+        lines = [(run_id, names[run_id]) for run_id in self.by_run]
+        colors = [PALETTE[i % len(PALETTE)] for i in range(len(lines))]
+        self.chart = ui.echart(line_chart("", lines, "value", colors)).classes("w-full h-72").mark("compare-eval")
+        columns = [{"name": k, "label": label, "field": k, "align": "left" if k == "name" else "right"}
+                   for k, label in (("rank", "#"), ("name", "Run"), ("best", "Best checkpoint"),
+                                           ("base", "Base model"))]
+        self.table = ui.table(columns=columns, rows=[], row_key="name").classes("w-full").props("flat bordered dense") \
+            .mark("compare-eval-table")
+        self.show()
+
+    def show(self) -> None:
+        name = self.metric.value
+        for i, run_id in enumerate(self.by_run):
+            self.chart.options["series"][i].update(data=evals.series(self.by_run[run_id], name), showSymbol=True)
+        self.chart.options["title"]["text"] = name
+        self.table.rows = [{"rank": i, "name": self.names[r["run"]],
+                            "best": "–" if r["score"] is None else f"{r['score']:.4g} @ {r['iteration']}",
+                            "base": "–" if r["base"] is None else f"{r['base']:.4g}"}
+                           for i, r in enumerate(evals.rank_runs(self.by_run, name), 1)]
+        self.chart.update()
+
+
 class ComparePage:
     """The run picker, the overlaid charts, the summary and the config differences of two or more runs."""
 
@@ -163,6 +199,7 @@ class ComparePage:
                               ':label="props.value" /></q-td>')
         self.summary.on("open_run", lambda e: ui.navigate.to(f"/runs/{e.args}") if isinstance(e.args, str) else None)
         diff_table(self.loaded, self.names)
+        EvalCompare(self.loaded, self.names)
         on_change(self.reread, self.show_axis, FOLLOW_SECONDS)
         on_change(lambda: summary_rows(self.loaded, self.names), self.show_summary, FOLLOW_SECONDS)
 

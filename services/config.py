@@ -69,9 +69,11 @@ FORGE_DEFAULTS: dict[str, Any] = {
     "train_embeddings": False,  # full: also train embeddings, final norm and head
     "early_stopping": None,  # {"patience": 3, "min_delta": 0.0, "overfit_threshold": 0.2}
     "keep_checkpoints": None,  # rotation: keep the last K checkpoints plus the best; None keeps all
+    "eval": None,  # {"suites": [...], "tasks": [...], "task_dir": DIR, "every": "checkpoint"}: services.evaluation.plan
+    "best_by": None,  # None/"val_loss", or "eval:SUITE"
 }
 
-EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold"}
+EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold", "by"}
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 MODES = ("cpt", "ift")

@@ -63,7 +63,7 @@ class Workspace:
         """Workspace from an explicit path, else ``$FORGELLM_WORKSPACE``, else ``./workspace``."""
         root = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
         ws = cls(root)
-        for sub in (ws.models, ws.datasets, ws.runs, ws.published):
+        for sub in (ws.models, ws.datasets, ws.runs, ws.published, ws.evals):
             sub.mkdir(parents=True, exist_ok=True)
         return ws
 
@@ -71,6 +71,7 @@ class Workspace:
     datasets = property(lambda self: self.root / "datasets")
     runs = property(lambda self: self.root / "runs")
     published = property(lambda self: self.root / "published")
+    evals = property(lambda self: self.root / "evals")  # eval suites written in the app
 
     def inside(self, path: str | os.PathLike) -> Path:
         """Resolve ``path`` (relative to the workspace) and refuse anything that escapes it."""

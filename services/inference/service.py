@@ -609,6 +609,27 @@ class ModelService:
                                     "batch_size": batch_size, "mask_prompt": mask_prompt}, call)
         return call.wait()
 
+    def evaluate(self, model: str | os.PathLike, targets: list[str | os.PathLike | None], suites: list[dict[str, Any]],
+                 tasks: dict[str, Any] | None = None, *, on_message: Callable[[dict[str, Any]], None] | None = None,
+                 cancel: CancelHandle | None = None) -> dict[str, Any]:
+        """Run eval suites (plain data, see :mod:`services.evaluation.suites`) and lm-eval tasks on ``model`` and
+        each target (None: the base; else checkpoint/adapter folders of one LoRA layout), in this one worker.
+
+        Loads ``model`` first (kept if already loaded); adapters are swapped, never fused. ``on_message`` gets
+        each ``progress`` and ``record`` message. Returns ``{"records": [...], "cancelled": bool, ...}``.
+        """
+        try:
+            resolved = [None if t is None else str(adapter_files(t)[0].parent) for t in targets]
+        except RequestError as e:
+            raise ModelError(f"evaluate: {e}") from None
+        self.load(model)
+        call = _Call(on_message=on_message)
+        worker, rid = self._submit("evaluate", {"cmd": "evaluate", "targets": resolved, "suites": suites,
+                                                "tasks": tasks}, call)
+        if cancel is not None:
+            cancel._bind(lambda: worker.cancel([rid]))
+        return call.wait()
+
     async def aperplexity(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """:meth:`perplexity` for an event loop (runs in a thread)."""
         return await asyncio.to_thread(self.perplexity, *args, **kwargs)

@@ -12,6 +12,7 @@ Commands::
     {"cmd": "generate", "request": {...}}                     -> token* done
     {"cmd": "compare", "targets": [DIR | null, ...], "request": {...}}   -> item* done
     {"cmd": "perplexity", "path": FILE, "max_seq_length": N, "batch_size": N, "mask_prompt": bool}
+    {"cmd": "evaluate", "targets": [DIR | null, ...], "suites": [...], "tasks": {...} | null}  -> progress* record* done
     {"cmd": "cancel", "ids": [id, ...] | null}                 (null: whatever is running)
     {"cmd": "exit"}
 
@@ -41,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 import psutil
 from mlx.utils import tree_flatten
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import batch_generate, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.trainer import default_loss, evaluate
@@ -303,6 +304,21 @@ class Engine:
         return self._summary(req, fmt, len(tokens), out_tokens, "".join(text), last, cancel, after, stopped - t0,
                              stopped)
 
+    @staticmethod
+    def batchable(req: dict[str, Any]) -> bool:
+        """Whether a request can join a batch: greedy, no logits processors, no rotating cache, EOS honoured."""
+        return (req["temperature"] == 0 and req["repetition_penalty"] == 1.0 and req["max_kv_size"] is None
+                and not req["ignore_eos"])
+
+    def generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Greedy generations of several :meth:`batchable` requests at once, with mlx-lm's ``batch_generate``
+        (what its lm-eval model class uses for generate-until): ``text`` and ``tokens`` per request."""
+        self.require()
+        prompts = [self.prompt_tokens(r)[0] for r in reqs]
+        out = batch_generate(self.model, self.tokenizer, prompts, max_tokens=[r["max_tokens"] for r in reqs],
+                             return_token_ids=True, prefill_batch_size=len(reqs), completion_batch_size=len(reqs))
+        return [{"text": text, "tokens": ids} for text, ids in zip(out.texts, out.token_ids, strict=True)]
+
     def _summary(self, req: dict[str, Any], fmt: str, n_prompt: int, out_tokens: list[int], text: str, last: Any,
                  cancel: Cancel, after: int, elapsed: float, stopped: float) -> dict[str, Any]:
         cancelled = cancel.is_set()
@@ -470,7 +486,7 @@ class Server:
         try:
             result = self.dispatch(msg, rid)
             self.send({"id": rid, "type": "done", **result})
-        except (WorkerError, RequestError, LibraryError) as e:
+        except (WorkerError, RequestError, LibraryError, ForgeError) as e:
             self.send({"id": rid, "type": "error", "message": str(e)})
         except Exception as e:  # noqa: BLE001 (report, keep serving)
             traceback.print_exc()
@@ -496,6 +512,11 @@ class Server:
         if cmd == "perplexity":
             return engine.perplexity(msg["path"], int(msg["max_seq_length"]), int(msg["batch_size"]),
                                      bool(msg.get("mask_prompt", False)))
+        if cmd == "evaluate":  # services.evaluation.runner: suites and lm-eval tasks, adapters swapped
+            from services.evaluation.runner import evaluate_targets
+
+            return evaluate_targets(engine, msg["targets"], msg.get("suites") or [], msg.get("tasks"), self.cancel,
+                                    lambda m: self.send({"id": rid, **m}))
         if cmd == "info":
             return engine.describe() if engine.model is not None else {"memory": memory()}
         raise WorkerError(f"unknown command {cmd!r}")

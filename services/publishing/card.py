@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from services.evaluation import results as evals
 from services.publishing.parity import parity_summary
 from services.publishing.rules import split_front_matter
 from services.training.folder import RunFolder, history
@@ -95,6 +96,22 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def eval_section(folder: RunFolder | None, iteration: int) -> list[str]:
+    """The eval table (suites and lm-eval tasks of ``evals.jsonl``) of the published checkpoint and of the base."""
+    recs = [r for r in evals.read(folder) if r.get("iteration") in (0, iteration)] if folder else []
+    if not recs:
+        return []
+    rows = []
+    for name in evals.metric_names(recs):
+        by_it = {r["iteration"]: r for r in recs if r["name"] == name}
+        base, mine = by_it.get(0, {}), by_it.get(iteration, {})
+        what = (mine or base).get("primary", "")
+        rows.append([name, what, _num(base.get("score"), 3), _num(mine.get("score"), 3)])
+    return ["Evaluations recorded for the run (ForgeLLM suites and lm-eval tasks, base and checkpoint on one base "
+            "model with the adapter swapped in):", "",
+            _md_table(["suite / task", "metric", "base model", f"checkpoint {iteration}"], rows), ""]
+
+
 def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: RunFolder | None) -> str:
     """README.md for a published folder; also writes ``loss_curve.svg`` when the run's metrics are there."""
     src, opts = prov["source"], prov["options"]
@@ -163,6 +180,7 @@ def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: 
     if tests:
         out += [f"Test loss at the end of training: {_num(tests[-1].get('test_loss'))} "
                 f"(perplexity {_num(tests[-1].get('test_perplexity'), 3)}).", ""]
+    out += eval_section(folder, src["iteration"])
     if not loss and not tests:
         out += [parity.get("note") or "No validation data.", ""]
     out += ["## Parity check", "", f"**{'PASSED' if parity['passed'] else 'FAILED'}** — {parity['criteria']}.", ""]

@@ -34,6 +34,7 @@ from services import __version__
 from services import config as config_mod
 from services.config import ConfigError, ConfigProblems
 from services.errors import NotFound
+from services.evaluation.plan import config_problems
 from services.jobs import REPO_ROOT, child_env
 from services.library.models import LibraryError, check_model_folder, weight_names
 from services.notify import notify, run_event
@@ -152,6 +153,8 @@ class RunManager:
                 holder["data"] = str(self.resolve_path(holder["data"], "datasets", field))
             except ConfigError as e:
                 errors.append(e)
+        if "eval" not in flagged:
+            errors += [ConfigError(f, cfg.get(f.split(".")[0]), why) for f, why in config_problems(cfg, self.workspace)]
         if errors:
             raise ConfigProblems(errors)
         return cfg

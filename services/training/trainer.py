@@ -30,6 +30,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load, maybe_set_recommended_wired_limit
 
 from services.errors import ForgeError
+from services.evaluation.during import checkpoint_evals
 from services.notify import notify, run_event
 from services.training import data as data_mod
 from services.training.batching import BatchSampler, eval_batches, masked_loss
@@ -163,6 +164,7 @@ class Trainer:
         # top-level copy for `mlx_lm.generate --adapter-path RUN`
         write_atomic(folder.path / "adapters.safetensors", (final / "adapters.safetensors").read_bytes())
         self._record_checkpoint(it, val_loss)
+        self.eval_stop = self.evals.at(it) if self.evals else None  # services.evaluation.during
 
     def _record_checkpoint(self, it: int, val_loss: float | None) -> None:
         folder = self.folder
@@ -254,7 +256,7 @@ class Trainer:
             raise TrainingFailed(f"validation loss became {val} at iteration {iteration}; "
                                  f"lower the learning rate (now {self.cfg['learning_rate']})")
         es = self.cfg.get("early_stopping")
-        if not es:
+        if not es or es.get("by"):  # early_stopping.by: eval:SUITE stops on a suite score instead
             return None
         min_delta = es.get("min_delta") or 0.0
         if self.best_val is None or val < self.best_val - min_delta:
@@ -305,6 +307,7 @@ class Trainer:
         if resume is not None:
             parent = self.folder.info().get("parent") or {}
             start = self.restore(resume, exact=parent.get("same_data_order", True)) + 1
+        self.evals, self.eval_stop = checkpoint_evals(self.folder, cfg, self.model, self.tokenizer), None
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         total = sum(v.size for _, v in tree_flatten(self.model.parameters()))
         self.folder.update(iters=self.iters, steps_per_epoch=self.steps_per_epoch,
@@ -338,6 +341,8 @@ class Trainer:
         if not self.compat and has_val and start == 1:  # ForgeLLM runs validate the initial weights
             tic = time.perf_counter()
             self._report_val(0, 0, self.evaluate(), time.perf_counter() - tic)
+        if self.evals and start == 1:
+            self.evals.at(0)  # the untrained adapter is the base model
         snap = self._snapshot()
         saved_at, train_time, wall0 = start - 1, 0.0, time.perf_counter()
         for it in range(start, iters + 1):
@@ -376,6 +381,7 @@ class Trainer:
             if it % save_every == 0 or it == iters or reason or stop_now:
                 self.save_checkpoint(it, self._val_for(it), snap)
                 saved_at = it
+                reason = reason or self.eval_stop
             if reason:
                 return Outcome("early-stopped", reason, it)
             if stop_now:

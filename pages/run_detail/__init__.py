@@ -1,4 +1,5 @@
-"""Run detail page: status, lineage, loss and perplexity charts, checkpoints (chat / publish), config and data stats.
+"""Run detail page: status, lineage, loss and perplexity charts, checkpoints (chat / publish), config and data stats;
+the Evaluate tab (:mod:`pages.run_detail.evaluate`).
 
 Charts reuse the Monitor's chart options and checkpoint marks and read the shared
 :class:`services.training.watch.RunWatcher`, so an active run keeps updating (redrawn when the watcher changes).
@@ -21,6 +22,7 @@ from pages.common import (
     on_change,
     page_column,
 )
+from pages.run_detail.evaluate import EvaluateTab
 from services.training import index as run_index
 from services.training.dashboard import DashboardError, export_dashboard
 from services.training.folder import ACTIVE
@@ -238,12 +240,20 @@ class RunDetail:
         ui.label(_info_line(self.info)).classes("text-sm text-grey-7").mark("detail-info")
         self.reason = ui.label("").classes("text-sm").mark("detail-reason")
         parent_line(self.info)
-        self.charts: dict[str, ui.echart] = {}
-        with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
-            for key in DETAIL_CHARTS:
-                self.charts[key] = ui.echart(line_chart(*CHARTS[key])).classes("w-full h-72").mark(f"detail-{key}")
-        self.checkpoints = CheckpointTable(self.folder, run_id)
-        config_and_stats(self.folder)
+        with ui.tabs().props("dense align=left").classes("w-full") as tabs:
+            overview = ui.tab("Overview").mark("tab-overview")
+            evaluate = ui.tab("Evaluate").mark("tab-evaluate")
+        with ui.tab_panels(tabs, value=overview).classes("w-full").props("keep-alive"):
+            with ui.tab_panel(overview).classes("p-0 gap-3"):
+                self.charts: dict[str, ui.echart] = {}
+                with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+                    for key in DETAIL_CHARTS:
+                        self.charts[key] = ui.echart(line_chart(*CHARTS[key])).classes("w-full h-72") \
+                            .mark(f"detail-{key}")
+                self.checkpoints = CheckpointTable(self.folder, run_id)
+                config_and_stats(self.folder)
+            with ui.tab_panel(evaluate).classes("p-0 gap-3"):
+                EvaluateTab(services, run_id, self.folder, self.info.get("model") or "")
         self.shown_info: dict[str, Any] | None = None
         self.watcher.poll(force=True)
         on_change(self.version, self.update, 1.0)
