@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
-from services.config import ConfigError
+from services.config import ConfigError, world_size
+from services.training.distributed import rank_states
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import resume_refusal
 from services.units import clock
@@ -98,6 +99,36 @@ class LiveView:
             self.log.push("\n".join(lines))
 
 
+class RanksTable:
+    """Each rank of a distributed run: host, pid, status, heartbeat age, tokens/s and memory (hidden otherwise)."""
+
+    COLUMNS = [{"name": k, "label": label, "field": k, "align": "left"} for k, label in (
+        ("rank", "Rank"), ("host", "Host"), ("pid", "pid"), ("status", "Status"), ("heartbeat", "Heartbeat"),
+        ("tokens_per_second", "Tokens/s"), ("peak_memory_gb", "Peak memory GB"))]
+
+    def __init__(self, watcher: RunWatcher) -> None:
+        self.folder = watcher.folder
+        try:
+            self.cfg = self.folder.config()
+        except (OSError, ValueError):
+            self.cfg = {}
+        self.shown = world_size(self.cfg) > 1
+        with ui.column().classes("w-full gap-1") as self.box:
+            ui.label(f"Ranks ({world_size(self.cfg)} processes)").classes("text-sm font-semibold text-grey-7")
+            self.table = ui.table(columns=self.COLUMNS, rows=[], row_key="rank").props("dense flat bordered") \
+                .classes("w-full").mark("ranks")
+        self.box.set_visibility(self.shown)
+
+    def show(self, latest: dict[str, Any], active: bool) -> None:
+        if not self.shown:
+            return
+        rows = rank_states(self.folder, self.cfg, latest, active)
+        self.table.rows = [{**r, "heartbeat": f"{r['heartbeat_age']:.0f} s ago" if r["heartbeat_age"] is not None
+                            else "–", "tokens_per_second": _fmt(r["tokens_per_second"], "tokens_per_second"),
+                            "peak_memory_gb": _fmt(r["peak_memory_gb"], "peak_memory_gb")} for r in rows]
+        self.table.update()
+
+
 def monitor_page(services: Services, run_id: str | None = None) -> None:
     """Build the Monitor page for ``run_id`` (default: the running run, else the newest)."""
     manager = services.manager
@@ -146,6 +177,7 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
     with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
         for key, (title, series, ytype) in CHARTS.items():
             charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
+    ranks = RanksTable(watcher)
     ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
     log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
     view = LiveView(watcher, charts, log)
@@ -175,6 +207,7 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
         resume_btn.set_text("Start now" if waiting else "Resume")
         view.push_series()
         view.push_log()
+        ranks.show(latest, active)
 
     def stop() -> None:
         try:

@@ -68,9 +68,12 @@ FORGE_DEFAULTS: dict[str, Any] = {
     "train_embeddings": False,  # full: also train embeddings, final norm and head
     "early_stopping": None,  # {"patience": 3, "min_delta": 0.0, "overfit_threshold": 0.2}
     "keep_checkpoints": None,  # rotation: keep the last K checkpoints plus the best; None keeps all
+    "distributed": None,  # {"processes": N} on this machine, or {"hosts": [...], "backend": ..., "python": PATH}
 }
 
 EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold"}
+BACKENDS = ("ring", "jaccl", "mpi")  # mx.distributed backends that mlx.launch starts on Macs
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 MODES = ("cpt", "ift")
@@ -209,6 +212,10 @@ class _Report:
             self.bad(field, reason)
         return value if isinstance(value, dict) else None
 
+    def integer_at(self, field: str, v: Any, minimum: int) -> None:
+        if not _is_int(v) or v < minimum:
+            self.bad(field, f"must be an integer ≥ {minimum}")
+
     def integer(self, field: str, minimum: int, allow: tuple = ()) -> None:
         v = self.cfg.get(field)
         if v in allow:
@@ -339,12 +346,68 @@ def _check_rest(r: _Report) -> None:
         r.bad("train_embeddings", "only applies to fine_tune_type: full")
 
 
+def world_size(cfg: dict[str, Any]) -> int:
+    """How many processes train the run (1 without ``distributed``)."""
+    dist = cfg.get("distributed") or {}
+    if not isinstance(dist, dict):
+        return 1
+    if dist.get("hosts") is not None:
+        return len(dist["hosts"]) if isinstance(dist["hosts"], list) else 1
+    return dist["processes"] if _is_int(dist.get("processes")) else 1
+
+
+def host_entry(entry: Any) -> dict[str, Any]:
+    """A ``distributed.hosts`` entry as ``{"ssh": NAME, "ips": [...]}`` (a bare string is both when it is an IP)."""
+    if isinstance(entry, str):
+        return {"ssh": entry, "ips": [entry] if re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", entry) else []}
+    ips = entry.get("ips", [entry["ip"]] if "ip" in entry else [])
+    return {"ssh": entry.get("ssh"), "ips": list(ips), **({"rdma": entry["rdma"]} if "rdma" in entry else {})}
+
+
+def _check_hosts(r: _Report, hosts: Any, backend: str) -> None:
+    if not isinstance(hosts, list) or len(hosts) < 2:
+        r.bad("distributed.hosts", "must list at least two hosts (ssh names or IP addresses), rank 0 first")
+        return
+    for i, h in enumerate(hosts):
+        field = f"distributed.hosts.{i}"
+        if not isinstance(h, (str, dict)) or (isinstance(h, dict) and not isinstance(h.get("ssh"), str)):
+            r.errors.append(ConfigError(field, h, "must be a host name or {ssh: NAME, ips: [IP, ...]}"))
+        elif backend == "ring" and not host_entry(h)["ips"]:
+            r.errors.append(ConfigError(field, h, "the ring backend needs the host's IP address "
+                                                  "({ssh: NAME, ips: [IP]}, e.g. its Thunderbolt bridge address)"))
+
+
+def _check_distributed(r: _Report) -> None:
+    dist = r.mapping("distributed", "must be a mapping {processes: N} or {hosts: [...], backend: ring|jaccl|mpi}")
+    if dist is None:
+        return
+    for k in sorted(set(dist) - {"processes", "hosts", "backend", "python"}):
+        r.bad(f"distributed.{k}", "unknown key; use processes, or hosts, backend and python")
+    backend = dist.get("backend", "ring")
+    if backend not in BACKENDS:
+        r.bad("distributed.backend", f"must be one of {', '.join(BACKENDS)}")
+    if ("processes" in dist) == ("hosts" in dist):
+        r.bad("distributed", "give either processes (on this machine) or hosts (several machines)")
+    elif "processes" in dist:
+        r.integer_at("distributed.processes", dist.get("processes"), 1)
+        if backend != "ring":
+            r.bad("distributed.backend", "processes on one machine use the ring backend over loopback")
+    else:
+        _check_hosts(r, dist.get("hosts"), backend)
+    py = dist.get("python")
+    if py is not None and (not isinstance(py, str) or not py.startswith("/")):
+        r.bad("distributed.python", "must be the absolute path of the Python interpreter on every host")
+    n, bs = world_size(r.cfg), r.cfg.get("batch_size")
+    if n > 1 and _is_int(bs) and bs % n:
+        r.bad("batch_size", f"is the global batch and must divide by the {n} processes of distributed")
+
+
 def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
     """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason."""
     report = _Report(cfg)
     _check_keys(report, user_keys)
     for check in (_check_choices, _check_numbers, _check_lora, _check_schedule, _check_data, _check_early_stopping,
-                  _check_rest):
+                  _check_rest, _check_distributed):
         check(report)
     if report.errors:
         raise ConfigProblems(report.errors)
@@ -391,7 +454,7 @@ def to_mlx_lm(cfg: dict[str, Any], adapter_path: str) -> dict[str, Any]:
     Raises :class:`ConfigError` naming the first ForgeLLM-only feature that mlx-lm cannot express.
     """
     for key, default in FORGE_DEFAULTS.items():
-        if key != "name" and cfg.get(key, default) != default:
+        if key not in ("name", "distributed") and cfg.get(key, default) != default:  # distributed: how it launches
             raise ConfigError(key, cfg.get(key), "is a ForgeLLM feature that mlx_lm.lora cannot run")
     out = {k: v for k, v in cfg.items() if k in MLX_LM_DEFAULTS or k in MLX_LM_FEATURE_KEYS}
     out["adapter_path"] = adapter_path

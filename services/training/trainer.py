@@ -32,6 +32,7 @@ from mlx_lm.utils import load, maybe_set_recommended_wired_limit
 from services.errors import ForgeError
 from services.training import data as data_mod
 from services.training.batching import BatchSampler, eval_batches, masked_loss
+from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
 from services.workspace import read_json, write_atomic, write_json
 
@@ -134,6 +135,8 @@ class Trainer:
         return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0]}
 
     def save_checkpoint(self, it: int, val_loss: float | None, snap: dict[str, Any]) -> None:
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return
         folder = self.folder
         final, tmp = folder.checkpoint_dir(it), folder.checkpoints / f".tmp-{it:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +225,7 @@ class Trainer:
     # -- evaluation and early stopping ------------------------------------------------------------
 
     def evaluate(self) -> float:
-        loss = self.loss
+        loss = self.dist.eval_loss(self.loss)
         batches = iterate_batches if self.compat else eval_batches
         val = evaluate(model=self.model, dataset=self.valid, batch_size=self.cfg["batch_size"],
                        num_batches=self.cfg["val_batches"], max_seq_length=self.cfg["max_seq_length"],
@@ -293,7 +296,9 @@ class Trainer:
         apply_fine_tune_type(self.model, cfg)
         write_json(self.folder.path / "adapter_config.json", adapter_config(cfg, self.folder.path))
         self.opt = build_optimizer(cfg)
-        self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"])
+        self.dist = Group.for_config(cfg)
+        self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
+                                    **self.dist.sampler_options())
         self.losses, self.n_tokens, self.steps, self.trained_tokens = 0, 0, 0, 0
         self.grad_accum = None
         self.last_train_loss, self.best_val, self.bad_evals = None, None, 0
@@ -313,7 +318,7 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.opt
         if cfg["grad_checkpoint"]:
             grad_checkpoint(model.layers[0])
-        loss_value_and_grad = nn.value_and_grad(model, self.loss)
+        loss_value_and_grad = nn.value_and_grad(model, self.dist.train_loss(self.loss))
         accum_steps = cfg["grad_accumulation_steps"]
         state = [model.state, opt.state, mx.random.state]
 
@@ -323,6 +328,7 @@ class Trainer:
             if prev_grad is not None:
                 grad = tree_map(lambda x, y: x + y, grad, prev_grad)
             if do_update:
+                grad = self.dist.reduce_grads(grad)
                 if accum_steps > 1:
                     grad = tree_map(lambda x: x / accum_steps, grad)
                 opt.update(model, grad)
@@ -369,7 +375,7 @@ class Trainer:
                 tic = time.perf_counter()
                 reason = self._report_val(it, it, self.evaluate(), time.perf_counter() - tic)
             snap = self._snapshot()
-            stop_now = self.stop.is_set()
+            stop_now = self.dist.agree(self.stop.is_set())
             if it % save_every == 0 or it == iters or reason or stop_now:
                 self.save_checkpoint(it, self._val_for(it), snap)
                 saved_at = it
@@ -390,8 +396,8 @@ class Trainer:
         return val
 
     def _report_train(self, it: int, train_time: float, wall0: float, start: int) -> None:
-        train_loss = self.losses.item() / self.steps
-        n_tokens = int(self.n_tokens.item())
+        local_tokens = int(self.n_tokens.item())
+        train_loss, n_tokens = self.dist.train_report(self.losses, self.n_tokens, self.steps)
         self.trained_tokens += n_tokens
         self.last_train_loss = train_loss
         elapsed = time.perf_counter() - wall0
@@ -403,6 +409,8 @@ class Trainer:
             "tokens_per_second": n_tokens / train_time if train_time else None,
             "trained_tokens": self.trained_tokens, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "rss_gb": _rss_gb(), "eta_seconds": elapsed / done * (self.iters - it),
+            **self.dist.per_rank(local_tokens / train_time if train_time else None, mx.get_peak_memory() / 1e9,
+                                 _rss_gb()),
         })
         self.losses, self.n_tokens, self.steps = 0, 0, 0
 
@@ -413,7 +421,7 @@ class Trainer:
         state = np.random.get_state()
         loss = evaluate(model=self.model, dataset=self.test, batch_size=self.cfg["batch_size"],
                         num_batches=self.cfg["test_batches"], max_seq_length=self.cfg["max_seq_length"],
-                        loss=self.loss, iterate_batches=batches)
+                        loss=self.dist.eval_loss(self.loss), iterate_batches=batches)
         np.random.set_state(state)
         self.folder.append_metric({"type": "test", "step": self.iters, "iteration": self.iters, "test_loss": loss,
                                    "test_perplexity": _ppl(loss)})
