@@ -188,6 +188,27 @@ class Group:
         tokens = mx.distributed.all_sum(n_tokens, stream=mx.cpu).item()
         return total / (steps * (self.size if self.compat else 1)), int(tokens)
 
+    def gather_state(self, losses: Any, n_tokens: Any, grad_accum: Any) -> dict[str, Any]:
+        """Every rank's own accumulators, stacked rank by rank (a checkpoint holds them all: the loss and tokens
+        of the report window under way, and pending gradients, differ between ranks). Empty for one process."""
+        if self.size == 1:
+            return {}
+        import mlx.core as mx  # noqa: PLC0415
+        from mlx.utils import tree_map  # noqa: PLC0415
+
+        def stack(x: Any) -> Any:
+            return mx.distributed.all_gather(mx.array(x)[None], stream=mx.cpu)
+
+        out = {"losses": stack(mx.array(losses, mx.float32)), "n_tokens": stack(n_tokens)}
+        out["grad_accum"] = tree_map(stack, grad_accum) if grad_accum is not None else None
+        return out
+
+    def own(self, stacked: Any) -> Any:
+        """This rank's row of what :meth:`gather_state` stacked."""
+        from mlx.utils import tree_map  # noqa: PLC0415
+
+        return tree_map(lambda x: x[self.rank], stacked)
+
     def agree(self, flag: bool) -> bool:
         """True on every rank when it is true on any (a stop asked of one rank stops all after the same step)."""
         if self.size == 1:

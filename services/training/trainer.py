@@ -135,7 +135,8 @@ class Trainer:
         return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0]}
 
     def save_checkpoint(self, it: int, val_loss: float | None, snap: dict[str, Any]) -> None:
-        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+        ranks = self.dist.gather_state(self.losses, self.n_tokens, self.grad_accum)
+        if not self.dist.is_main:  # every rank holds the same weights and RNG; rank 0 writes them
             return
         folder = self.folder
         final, tmp = folder.checkpoint_dir(it), folder.checkpoints / f".tmp-{it:07d}"
@@ -145,18 +146,20 @@ class Trainer:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.opt.state)))
         if self.grad_accum is not None:
-            mx.save_safetensors(str(tmp / "grad_accum.safetensors"), dict(tree_flatten(self.grad_accum)))
+            pending = ranks["grad_accum"] if ranks else self.grad_accum
+            mx.save_safetensors(str(tmp / "grad_accum.safetensors"), dict(tree_flatten(pending)))
         name, keys, pos, has_gauss, cached = snap["np"]
         perm = snap["sampler"]["perm"]
         np.savez(tmp / "rng.npz", np_keys=keys, np_meta=np.array([pos, has_gauss], np.int64),
                  np_cached=np.array([cached], np.float64), mx_key=np.array(snap["key"]),
                  perm=perm if perm is not None else np.zeros(0, np.int64),
-                 losses=np.array(self.losses, np.float32), n_tokens=np.array(self.n_tokens))
+                 losses=np.array(ranks["losses"] if ranks else self.losses, np.float32),
+                 n_tokens=np.array(ranks["n_tokens"] if ranks else self.n_tokens))
         write_json(tmp / "state.json", {
             "iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
             "trained_tokens": self.trained_tokens, "steps": self.steps, "has_perm": perm is not None,
             "pos": snap["sampler"]["pos"], "np_name": name, "best_val": self.best_val, "bad_evals": self.bad_evals,
-            "time": time.time(),
+            "time": time.time(), "world_size": self.dist.size,
         })
         write_manifest(tmp)  # the sizes and checksums resume verifies; fsyncs every file and the folder
         folder.remove_checkpoint(it)  # a checkpoint of this iteration from an earlier session
@@ -206,6 +209,8 @@ class Trainer:
         self.opt.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
         if (ckpt / "grad_accum.safetensors").exists():
             flat = mx.load(str(ckpt / "grad_accum.safetensors"))  # onto the full tree: flattening drops empty nodes
+            if self._saved_ranks(ckpt) > 1:
+                flat = self.dist.own(flat)
             self.grad_accum = tree_map_with_path(lambda p, x: flat.get(p, x), self.model.trainable_parameters())
         st = read_json(ckpt / "state.json")
         self.steps, self.trained_tokens = st["steps"], st["trained_tokens"]
@@ -213,6 +218,8 @@ class Trainer:
         rng = np.load(ckpt / "rng.npz")
         self.losses = mx.array(rng["losses"])
         self.n_tokens = mx.array(rng["n_tokens"])
+        if self._saved_ranks(ckpt) > 1:  # each rank's own window so far
+            self.losses, self.n_tokens = self.dist.own(self.losses), self.dist.own(self.n_tokens)
         if not exact:  # a fork onto other data: same weights and optimizer, fresh data order
             return st["iteration"]
         pos, has_gauss = (int(x) for x in rng["np_meta"])
@@ -221,6 +228,14 @@ class Trainer:
         mx.random.seed((k0 << 32) | k1)
         self.sampler.restore({"perm": rng["perm"] if st["has_perm"] else None, "pos": st["pos"]})
         return st["iteration"]
+
+    def _saved_ranks(self, ckpt: Path) -> int:
+        """How many ranks wrote their accumulators into ``ckpt`` (1: plain ones)."""
+        ranks = (read_json(ckpt / "state.json") or {}).get("world_size") or 1
+        if ranks > 1 and ranks != self.dist.size:
+            raise TrainingFailed(f"checkpoint {ckpt.name} was written by {ranks} processes; resume it with "
+                                 f"distributed: {{processes: {ranks}}}")
+        return ranks
 
     # -- evaluation and early stopping ------------------------------------------------------------
 
