@@ -201,6 +201,7 @@ class Group:
 
         out = {"losses": stack(mx.array(losses, mx.float32)), "n_tokens": stack(n_tokens)}
         out["grad_accum"] = tree_map(stack, grad_accum) if grad_accum is not None else None
+        mx.eval(out)  # on every rank now: a collective that only rank 0 evaluated would wait forever
         return out
 
     def own(self, stacked: Any) -> Any:
