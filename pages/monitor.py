@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from nicegui import ui
 
 from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
-from services.config import ConfigError
+from services.config import ConfigError, world_size
+from services.training.distributed import rank_states
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import ending_note, resume_refusal
 from services.units import clock
@@ -98,6 +99,36 @@ class LiveView:
             self.log.push("\n".join(lines))
 
 
+class RanksTable:
+    """Each rank of a distributed run: host, pid, status, heartbeat age, tokens/s and memory (hidden otherwise)."""
+
+    COLUMNS = [{"name": k, "label": label, "field": k, "align": "left"} for k, label in (
+        ("rank", "Rank"), ("host", "Host"), ("pid", "pid"), ("status", "Status"), ("heartbeat", "Heartbeat"),
+        ("tokens_per_second", "Tokens/s"), ("peak_memory_gb", "Peak memory GB"))]
+
+    def __init__(self, watcher: RunWatcher) -> None:
+        self.folder = watcher.folder
+        try:
+            self.cfg = self.folder.config()
+        except (OSError, ValueError):
+            self.cfg = {}
+        self.shown = world_size(self.cfg) > 1
+        with ui.column().classes("w-full gap-1") as self.box:
+            ui.label(f"Ranks ({world_size(self.cfg)} processes)").classes("text-sm font-semibold text-grey-7")
+            self.table = ui.table(columns=self.COLUMNS, rows=[], row_key="rank").props("dense flat bordered") \
+                .classes("w-full").mark("ranks")
+        self.box.set_visibility(self.shown)
+
+    def show(self, latest: dict[str, Any], active: bool) -> None:
+        if not self.shown:
+            return
+        rows = rank_states(self.folder, self.cfg, latest, active)
+        self.table.rows = [{**r, "heartbeat": f"{r['heartbeat_age']:.0f} s ago" if r["heartbeat_age"] is not None
+                            else "–", "tokens_per_second": _fmt(r["tokens_per_second"], "tokens_per_second"),
+                            "peak_memory_gb": _fmt(r["peak_memory_gb"], "peak_memory_gb")} for r in rows]
+        self.table.update()
+
+
 class MonitorPage:
     """One run's status, progress, metric cards, live charts and log, following the run's shared watcher."""
 
@@ -138,6 +169,7 @@ class MonitorPage:
         with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
             for key, (title, series, ytype) in CHARTS.items():
                 charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
+        self.ranks = RanksTable(self.watcher)
         ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
         log = ui.log(max_lines=self.watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
         self.view = LiveView(self.watcher, charts, log)
@@ -178,6 +210,7 @@ class MonitorPage:
         self.resume_btn.set_text("Start now" if waiting else "Resume")
         self.view.push_series()
         self.view.push_log()
+        self.ranks.show(latest, st in ACTIVE)
 
     def stop(self) -> None:
         try:

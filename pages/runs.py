@@ -32,6 +32,7 @@ COLUMNS: list[dict[str, Any]] = [
     {"name": "method", "label": "Method", "field": "method_text", "sortable": True, "align": "left"},
     {"name": "model", "label": "Base model", "field": "model", "sortable": True, "align": "left"},
     {"name": "dataset", "label": "Dataset", "field": "dataset", "sortable": True, "align": "left"},
+    {"name": "world_size", "label": "Processes", "field": "world_size", "sortable": True},
     {"name": "best_val_loss", "label": "Best val loss", "field": "best_val_loss", "sortable": True},
     {"name": "duration", "label": "Duration", "field": "duration", "sortable": True},
     {"name": "date", "label": "Date", "field": "date", "sortable": True, "align": "left"},

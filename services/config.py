@@ -71,9 +71,12 @@ FORGE_DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": None,  # rotation: keep the last K checkpoints plus the best; None keeps all
     "eval": None,  # {"suites": [...], "tasks": [...], "task_dir": DIR, "every": "checkpoint"}: services.evaluation.plan
     "best_by": None,  # None/"val_loss", or "eval:SUITE"
+    "distributed": None,  # {"processes": N} on this machine, or {"hosts": [...], "backend": ..., "python": PATH}
 }
 
 EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold", "by"}
+BACKENDS = ("ring", "jaccl", "mpi")  # mx.distributed backends that mlx.launch starts on Macs
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 MODES = ("cpt", "ift")
@@ -261,6 +264,10 @@ class _Report:
         if value is not None and not isinstance(value, dict):
             self.bad(field, reason)
         return value if isinstance(value, dict) else None
+
+    def integer_at(self, field: str, v: Any, minimum: int, maximum: int = MAX_COUNT) -> None:
+        if not _is_int(v) or not minimum <= v <= maximum:
+            self.bad(field, f"must be an integer ≥ {minimum} and ≤ {maximum:,}")
 
     def integer(self, field: str, minimum: int, allow: tuple = (), maximum: int = MAX_COUNT) -> None:
         v = self.cfg.get(field)
@@ -515,6 +522,62 @@ def _check_rest(r: _Report) -> None:
         r.bad("train_embeddings", "only applies to fine_tune_type: full")
 
 
+def world_size(cfg: dict[str, Any]) -> int:
+    """How many processes train the run (1 without ``distributed``)."""
+    dist = cfg.get("distributed") or {}
+    if not isinstance(dist, dict):
+        return 1
+    if dist.get("hosts") is not None:
+        return len(dist["hosts"]) if isinstance(dist["hosts"], list) else 1
+    return dist["processes"] if _is_int(dist.get("processes")) else 1
+
+
+def host_entry(entry: Any) -> dict[str, Any]:
+    """A ``distributed.hosts`` entry as ``{"ssh": NAME, "ips": [...]}`` (a bare string is both when it is an IP)."""
+    if isinstance(entry, str):
+        return {"ssh": entry, "ips": [entry] if re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", entry) else []}
+    ips = entry.get("ips", [entry["ip"]] if "ip" in entry else [])
+    return {"ssh": entry.get("ssh"), "ips": list(ips), **({"rdma": entry["rdma"]} if "rdma" in entry else {})}
+
+
+def _check_hosts(r: _Report, hosts: Any, backend: str) -> None:
+    if not isinstance(hosts, list) or len(hosts) < 2:
+        r.bad("distributed.hosts", "must list at least two hosts (ssh names or IP addresses), rank 0 first")
+        return
+    for i, h in enumerate(hosts):
+        field = f"distributed.hosts.{i}"
+        if not isinstance(h, (str, dict)) or (isinstance(h, dict) and not isinstance(h.get("ssh"), str)):
+            r.errors.append(ConfigError(field, h, "must be a host name or {ssh: NAME, ips: [IP, ...]}"))
+        elif backend == "ring" and not host_entry(h)["ips"]:
+            r.errors.append(ConfigError(field, h, "the ring backend needs the host's IP address "
+                                                  "({ssh: NAME, ips: [IP]}, e.g. its Thunderbolt bridge address)"))
+
+
+def _check_distributed(r: _Report) -> None:
+    dist = r.mapping("distributed", "must be a mapping {processes: N} or {hosts: [...], backend: ring|jaccl|mpi}")
+    if dist is None:
+        return
+    for k in sorted(set(dist) - {"processes", "hosts", "backend", "python"}):
+        r.bad(f"distributed.{k}", "unknown key; use processes, or hosts, backend and python")
+    backend = dist.get("backend", "ring")
+    if backend not in BACKENDS:
+        r.bad("distributed.backend", f"must be one of {', '.join(BACKENDS)}")
+    if ("processes" in dist) == ("hosts" in dist):
+        r.bad("distributed", "give either processes (on this machine) or hosts (several machines)")
+    elif "processes" in dist:
+        r.integer_at("distributed.processes", dist.get("processes"), 1)
+        if backend != "ring":
+            r.bad("distributed.backend", "processes on one machine use the ring backend over loopback")
+    else:
+        _check_hosts(r, dist.get("hosts"), backend)
+    py = dist.get("python")
+    if py is not None and (not isinstance(py, str) or not py.startswith("/")):
+        r.bad("distributed.python", "must be the absolute path of the Python interpreter on every host")
+    n, bs = world_size(r.cfg), r.cfg.get("batch_size")
+    if n > 1 and _is_int(bs) and bs % n:
+        r.bad("batch_size", f"is the global batch and must divide by the {n} processes of distributed")
+
+
 def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
     """Raise :class:`ConfigProblems` listing every invalid field with its value and the reason.
 
@@ -527,7 +590,7 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
     _check_keys(report, user_keys)
     _check_required(report, user_keys)
     for check in (_check_choices, _check_types, _check_numbers, _check_lora, _check_schedule,
-                  _check_optimizer_config, _check_data, _check_early_stopping, _check_rest):
+                  _check_optimizer_config, _check_data, _check_early_stopping, _check_rest, _check_distributed):
         check(report)
     _check_lengths(report, user_keys)
     if report.errors:
@@ -584,7 +647,7 @@ def to_mlx_lm(cfg: dict[str, Any], adapter_path: str) -> dict[str, Any]:
     Raises :class:`ConfigError` naming the first ForgeLLM-only feature that mlx-lm cannot express.
     """
     for key, default in FORGE_DEFAULTS.items():
-        if key != "name" and cfg.get(key, default) != default:
+        if key not in ("name", "distributed") and cfg.get(key, default) != default:  # distributed: how it launches
             raise ConfigError(key, cfg.get(key), "is a ForgeLLM feature that mlx_lm.lora cannot run")
     out = {k: v for k, v in cfg.items() if k in MLX_LM_DEFAULTS or k in MLX_LM_FEATURE_KEYS}
     out["adapter_path"] = adapter_path

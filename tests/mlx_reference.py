@@ -1,10 +1,12 @@
 """Run a config through mlx-lm's own trainer (``mlx_lm.lora``'s code path) and print its reports as JSON.
 
-Usage: ``python tests/mlx_reference.py CONFIG.yaml ADAPTER_DIR``. Builds args exactly as
+Usage: ``python tests/mlx_reference.py CONFIG.yaml ADAPTER_DIR`` (under ``mlx.launch`` too: rank 0 prints).
+Builds args exactly as
 ``mlx_lm.lora.main`` does and calls ``mlx_lm.lora.train_model`` with a recording callback.
 """
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -20,13 +22,17 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import load_dataset
 from mlx_lm.utils import load
 
+RANK0 = os.environ.get("MLX_RANK", "0") == "0"  # under mlx.launch every rank reports the same reduced figures
+
 
 class Recorder(TrainingCallback):
     def on_train_loss_report(self, info):
-        print(json.dumps({"type": "train", **info}), flush=True)
+        if RANK0:
+            print(json.dumps({"type": "train", **info}), flush=True)
 
     def on_val_loss_report(self, info):
-        print(json.dumps({"type": "val", **info}), flush=True)
+        if RANK0:
+            print(json.dumps({"type": "val", **info}), flush=True)
 
 
 def main() -> None:

@@ -158,6 +158,21 @@ class EvaluationCard:
                 self.overfit_threshold = make.number("overfit_threshold", "Overfit threshold", step=0.05)
 
 
+class MachinesCard:
+    """Where the run trains: processes on this machine (hosts in YAML), with a check of every host."""
+
+    def __init__(self, make: FieldMaker, check: Callable[[], Any]) -> None:
+        with card("Machines"):
+            with ui.row().classes("w-full items-end gap-3"):
+                self.processes = make.number("processes", "Processes")
+                ui.button("Check machines", icon="lan", on_click=check).props("outline").mark("check-machines")
+            self.result = ui.label("").classes("text-sm whitespace-pre-line").mark("machines")
+
+    def show(self, checks: list[dict[str, Any]]) -> None:
+        self.result.set_text("\n".join(f"rank {c['rank']} · {c['host']} · " + (
+            "ready" if c["ok"] else "; ".join(c["problems"])) for c in checks))
+
+
 class TrainForm:
     """The form's cards in one column, read and filled as the form dict of :mod:`pages.train.form`.
 
@@ -165,7 +180,8 @@ class TrainForm:
     """
 
     def __init__(self, presets: list[str], models: dict[str, str], datasets: dict[str, str],
-                 on_preset: Callable[[str | None], None], on_change: Callable[[], None]) -> None:
+                 on_preset: Callable[[str | None], None], on_change: Callable[[], None],
+                 check_machines: Callable[[], Any] = lambda: None) -> None:
         self.on_change = on_change
         self.filling = False
         # form keys without a widget: a schedule the form cannot edit and config keys it has no field for
@@ -179,6 +195,7 @@ class TrainForm:
             self.weights = WeightsCard(make)
             self.data_handling = DataHandlingCard(make)
             self.evaluation = EvaluationCard(make)
+            self.machines = MachinesCard(make, check_machines)
         self.widgets = make.widgets
         for el in self.widgets.values():
             if hasattr(el, "without_auto_validation"):

@@ -31,7 +31,7 @@ FORM_DEFAULTS: dict[str, Any] = {
     "grad_accumulation_steps": 1, "seed": 0, "packing": FORGE_DEFAULTS["packing"],
     "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
     "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
-    "keep_checkpoints": None, "train_embeddings": False, "extra": {}, "extra_lora": {},
+    "keep_checkpoints": None, "train_embeddings": False, "processes": 1, "extra": {}, "extra_lora": {},
 }
 
 TIPS = {
@@ -77,6 +77,8 @@ TIPS = {
     "min_delta": "Smallest drop of validation loss that counts as improvement.",
     "overfit_threshold": "Stop when validation loss is this fraction above the best (0.2 = 20%); blank: off.",
     "grad_checkpoint": "Recompute activations in the backward pass: less memory, about 30% slower.",
+    "processes": "Processes on this machine that train together (mx.distributed, ring over loopback); the batch "
+                 "size is the global batch and must divide by it. Several Macs: set distributed.hosts in YAML.",
 }
 
 # Form fields that must hold a number (None = left blank → "required").
@@ -85,7 +87,7 @@ REQUIRED_NUMBERS = ("batch_size", "learning_rate", "num_layers", "max_seq_length
                     "valid_fraction", "warmup")
 INTEGER_FIELDS = ("iters", "batch_size", "num_layers", "max_seq_length", "steps_per_report", "steps_per_eval",
                   "save_every", "val_batches", "grad_accumulation_steps", "seed", "warmup", "schedule_steps",
-                  "rank", "patience", "keep_checkpoints")
+                  "rank", "patience", "keep_checkpoints", "processes")
 
 # Config error field (dotted) → form field that shows it.
 ERROR_FIELDS = {
@@ -264,6 +266,8 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     if f.get("fine_tune_type") == "full" and f.get("train_embeddings"):
         cfg["train_embeddings"] = True
     cfg["seed"] = f.get("seed")
+    if isinstance(f.get("processes"), int) and f["processes"] > 1:
+        cfg["distributed"] = {"processes": f["processes"]}
     for k, v in (f.get("extra") or {}).items():
         cfg.setdefault(k, copy.deepcopy(v))
     return cfg
@@ -338,6 +342,9 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(es, dict):
         form.update(early_stopping=True, patience=es.get("patience", 3), min_delta=es.get("min_delta", 0.0),
                     overfit_threshold=es.get("overfit_threshold"))
+    dist = cfg.get("distributed")
+    if isinstance(dist, dict) and set(dist) <= {"processes", "backend"} and dist.get("backend", "ring") == "ring":
+        form["processes"] = cfg.pop("distributed").get("processes", 1)  # several hosts stay YAML (extra)
     form["extra"] = cfg
     return form
 

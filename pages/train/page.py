@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from nicegui import ui
+from nicegui import run, ui
 
 from pages.train.fields import SchedulePreview, TrainForm, YamlFiles
 from pages.train.form import check_form, config_to_form, default_form, lr_preview, visible_fields
@@ -20,6 +20,7 @@ from pages.train.preflight import PreflightPanel
 from services.config import ConfigError, ConfigProblems, list_presets, load_yaml
 from services.library.datasets import list_datasets, suggested_dataset
 from services.library.models import list_models
+from services.training.distributed import preflight as preflight_hosts
 from services.training.folder import WAITING
 from services.training.index import without_defaults
 
@@ -79,7 +80,8 @@ class TrainPage:
         ui.label("Train").classes("text-2xl font-semibold")
         with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
             self.form = TrainForm(list(self.presets), models, {d["key"]: d["label"] for d in self.datasets},
-                                  on_preset=self.apply_preset, on_change=self.refresh)
+                                  on_preset=self.apply_preset, on_change=self.refresh,
+                                  check_machines=self.check_machines)
             with ui.column().classes("w-[420px] max-lg:w-full gap-3 shrink-0"):
                 self.preview = SchedulePreview()
                 self.actions = StartCard(self.start, YamlFiles(self.form, self.fill, self.manager.prepare_config))
@@ -163,6 +165,16 @@ class TrainPage:
             return
         ui.notify(f"Run {folder.id} started", type="positive")
         ui.navigate.to(f"/monitor/{folder.id}")
+
+    async def check_machines(self) -> None:
+        """Preflight every host of the form's config (ssh for remote ones) off the event loop."""
+        cfg, _ = self.current()
+        try:
+            prepared = self.manager.prepare_config(cfg)
+        except (ConfigError, ConfigProblems) as e:
+            ui.notify(f"Fix the config first: {e}", type="warning", multi_line=True)
+            return
+        self.form.machines.show(await run.io_bound(preflight_hosts, prepared))
 
     def clone_run(self, run_id: str) -> None:
         """Fill the form with a run's config (``/train?from=RUN``, the Runs page's "clone config")."""

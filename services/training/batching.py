@@ -69,14 +69,24 @@ def masked_loss(model: nn.Module, batch: mx.array, mask: mx.array) -> tuple[mx.a
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-class BatchSampler:
-    """Endless training batches; the permutation of an epoch is drawn lazily from numpy's global RNG."""
+def trained_tokens(rows: list[Sample], max_seq_length: int) -> int:
+    """How many tokens of ForgeLLM rows the loss counts, once collated (the global count a shard divides by)."""
+    return int(sum(np.count_nonzero(s.mask[1 : min(len(s.tokens), max_seq_length)]) for s in rows))
 
-    def __init__(self, dataset: Any, batch_size: int, max_seq_length: int):
+
+class BatchSampler:
+    """Endless training batches; the permutation of an epoch is drawn lazily from numpy's global RNG.
+
+    With ``shard = (rank, size)`` each batch yields rows ``rank::size`` of the global batch (mlx-lm's split
+    across ranks); ``with_total`` adds the global batch's trained-token count, for a loss summed over ranks."""
+
+    def __init__(self, dataset: Any, batch_size: int, max_seq_length: int, shard: tuple[int, int] = (0, 1),
+                 with_total: bool = False):
         self.dataset, self.max_seq_length = dataset, max_seq_length
         self.batches = batch_indices(dataset, batch_size)
         self.perm: np.ndarray | None = None
         self.pos = 0
+        self.shard, self.with_total = shard, with_total
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -87,7 +97,11 @@ class BatchSampler:
             self.pos = 0
         rows = [self.dataset[j] for j in self.batches[self.perm[self.pos]]]
         self.pos += 1
-        return collate(rows, self.max_seq_length)
+        rank, size = self.shard
+        batch = collate(rows[rank::size], self.max_seq_length)
+        if self.with_total:
+            return (*batch, mx.array(trained_tokens(rows, self.max_seq_length), mx.float32))
+        return batch
 
     def state(self) -> dict[str, Any]:
         return {"perm": None if self.perm is None else self.perm.copy(), "pos": self.pos}
@@ -102,11 +116,16 @@ def eval_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool 
 
     The ``iterate_batches`` contract that mlx-lm's ``evaluate`` expects; its loss is weighted by tokens,
     so a partial batch counts exactly. (mlx-lm's own iterator drops the remainder.)
+    Under ``comm_group`` (several ranks) each rank takes rows ``rank::size`` of every batch; a rank whose share
+    of a short last batch is empty gets one row with nothing to count, so every rank sees the same batches.
     """
     idx = sorted_indices(dataset)
     batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     while True:
         for i in np.random.permutation(len(batches)):
-            yield collate([dataset[j] for j in batches[i]], max_seq_length)
+            rows = [dataset[j] for j in batches[i]]
+            share = rows[rank::size] or [Sample(rows[0].tokens, np.zeros_like(rows[0].mask))]
+            yield collate(share, max_seq_length)
         if not loop:
             break

@@ -89,7 +89,7 @@ def run_row(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         "duration": run_duration(info, now), "date": created,
         "date_text": time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "–",
         "parent": f"{parent['run']}@{parent.get('iteration')}" if parent.get("run") else "",
-        "checkpoints": len(info.get("checkpoints") or []),
+        "checkpoints": len(info.get("checkpoints") or []), "world_size": info.get("world_size") or 1,
     }
 
 

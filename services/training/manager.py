@@ -38,6 +38,7 @@ from services.evaluation.plan import config_problems
 from services.jobs import REPO_ROOT, child_env
 from services.library.models import LibraryError, check_model_folder, weight_names
 from services.notify import notify, run_event
+from services.training import distributed
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
@@ -184,6 +185,7 @@ class RunManager:
                           created=time.time(), mode=cfg.get("mode") or "mlx-lm", fine_tune_type=cfg["fine_tune_type"],
                           model=cfg["model"], data=cfg["data"], seed=cfg["seed"], parent=parent,
                           forgellm=__version__, checkpoints=[], best=None, iteration=0,
+                          world_size=config_mod.world_size(cfg),
                           iters=None if cfg.get("epochs") else cfg.get("iters"))  # by epochs: the worker counts
             self.version += 1
         return folder
@@ -209,9 +211,7 @@ class RunManager:
             if previous is not None:
                 previous.wait(timeout=60)  # it has written its final status and is exiting
             folder.stop_path.unlink(missing_ok=True)
-            cmd = [self.python, "-m", "services.training.worker", str(folder.path)]
-            if checkpoint is not None:
-                cmd += ["--resume", str(checkpoint)]
+            cmd = distributed.worker_command(folder, folder.config(), self.python, checkpoint)
             env = child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             # The worker records its own pid and start time; until it does, `_procs` vouches for it.
             folder.update(status="queued", pid=None, pid_created=None, reason=None, launched=time.time())
@@ -356,8 +356,9 @@ class RunManager:
         """Whether the run's worker process is still there (pid plus start time, so a reused pid is not it)."""
         proc = self._procs.get(info.get("id", ""))
         pid = info.get("pid")
+        running = proc is not None and proc.poll() is None  # poll() also reaps our own child: never a zombie
         if proc is not None and (not pid or pid == proc.pid):
-            return proc.poll() is None  # our own child: poll() also reaps it, so it never lingers as a zombie
+            return running
         if not pid:
             return False
         try:

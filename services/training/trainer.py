@@ -34,6 +34,7 @@ from services.evaluation.during import checkpoint_evals
 from services.notify import notify, run_event
 from services.training import data as data_mod
 from services.training.batching import BatchSampler, eval_batches, masked_loss
+from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
 from services.workspace import Workspace, read_json, write_atomic, write_json
 
@@ -136,6 +137,9 @@ class Trainer:
         return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0]}
 
     def save_checkpoint(self, it: int, val_loss: float | None, snap: dict[str, Any]) -> None:
+        ranks = self.dist.gather_state(self.losses, self.n_tokens, self.grad_accum)
+        if not self.dist.is_main:  # every rank holds the same weights and RNG; rank 0 writes them
+            return
         folder = self.folder
         final, tmp = folder.checkpoint_dir(it), folder.checkpoints / f".tmp-{it:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,18 +148,20 @@ class Trainer:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.opt.state)))
         if self.grad_accum is not None:
-            mx.save_safetensors(str(tmp / "grad_accum.safetensors"), dict(tree_flatten(self.grad_accum)))
+            pending = ranks["grad_accum"] if ranks else self.grad_accum
+            mx.save_safetensors(str(tmp / "grad_accum.safetensors"), dict(tree_flatten(pending)))
         name, keys, pos, has_gauss, cached = snap["np"]
         perm = snap["sampler"]["perm"]
         np.savez(tmp / "rng.npz", np_keys=keys, np_meta=np.array([pos, has_gauss], np.int64),
                  np_cached=np.array([cached], np.float64), mx_key=np.array(snap["key"]),
                  perm=perm if perm is not None else np.zeros(0, np.int64),
-                 losses=np.array(self.losses, np.float32), n_tokens=np.array(self.n_tokens))
+                 losses=np.array(ranks["losses"] if ranks else self.losses, np.float32),
+                 n_tokens=np.array(ranks["n_tokens"] if ranks else self.n_tokens))
         write_json(tmp / "state.json", {
             "iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
             "trained_tokens": self.trained_tokens, "steps": self.steps, "has_perm": perm is not None,
             "pos": snap["sampler"]["pos"], "np_name": name, "best_val": self.best_val, "bad_evals": self.bad_evals,
-            "time": time.time(),
+            "time": time.time(), "world_size": self.dist.size,
         })
         write_manifest(tmp)  # the sizes and checksums resume verifies; fsyncs every file and the folder
         folder.remove_checkpoint(it)  # a checkpoint of this iteration from an earlier session
@@ -208,6 +214,8 @@ class Trainer:
         self.opt.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
         if (ckpt / "grad_accum.safetensors").exists():
             flat = mx.load(str(ckpt / "grad_accum.safetensors"))  # onto the full tree: flattening drops empty nodes
+            if self._saved_ranks(ckpt) > 1:
+                flat = self.dist.own(flat)
             self.grad_accum = tree_map_with_path(lambda p, x: flat.get(p, x), self.model.trainable_parameters())
         st = read_json(ckpt / "state.json")
         self.steps, self.trained_tokens = st["steps"], st["trained_tokens"]
@@ -215,6 +223,8 @@ class Trainer:
         rng = np.load(ckpt / "rng.npz")
         self.losses = mx.array(rng["losses"])
         self.n_tokens = mx.array(rng["n_tokens"])
+        if self._saved_ranks(ckpt) > 1:  # each rank's own window so far
+            self.losses, self.n_tokens = self.dist.own(self.losses), self.dist.own(self.n_tokens)
         if not exact:  # a fork onto other data: same weights and optimizer, fresh data order
             return st["iteration"]
         pos, has_gauss = (int(x) for x in rng["np_meta"])
@@ -224,10 +234,18 @@ class Trainer:
         self.sampler.restore({"perm": rng["perm"] if st["has_perm"] else None, "pos": st["pos"]})
         return st["iteration"]
 
+    def _saved_ranks(self, ckpt: Path) -> int:
+        """How many ranks wrote their accumulators into ``ckpt`` (1: plain ones)."""
+        ranks = (read_json(ckpt / "state.json") or {}).get("world_size") or 1
+        if ranks > 1 and ranks != self.dist.size:
+            raise TrainingFailed(f"checkpoint {ckpt.name} was written by {ranks} processes; resume it with "
+                                 f"distributed: {{processes: {ranks}}}")
+        return ranks
+
     # -- evaluation and early stopping ------------------------------------------------------------
 
     def evaluate(self) -> float:
-        loss = self.loss
+        loss = self.dist.eval_loss(self.loss)
         batches = iterate_batches if self.compat else eval_batches
         val = evaluate(model=self.model, dataset=self.valid, batch_size=self.cfg["batch_size"],
                        num_batches=self.cfg["val_batches"], max_seq_length=self.cfg["max_seq_length"],
@@ -298,7 +316,9 @@ class Trainer:
         apply_fine_tune_type(self.model, cfg)
         write_json(self.folder.path / "adapter_config.json", adapter_config(cfg, self.folder.path))
         self.opt = build_optimizer(cfg)
-        self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"])
+        self.dist = Group.for_config(cfg)
+        self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
+                                    **self.dist.sampler_options())
         self.losses, self.n_tokens, self.steps, self.trained_tokens = 0, 0, 0, 0
         self.grad_accum = None
         self.last_train_loss, self.best_val, self.bad_evals = None, None, 0
@@ -319,7 +339,7 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.opt
         if cfg["grad_checkpoint"]:
             grad_checkpoint(model.layers[0])
-        loss_value_and_grad = nn.value_and_grad(model, self.loss)
+        loss_value_and_grad = nn.value_and_grad(model, self.dist.train_loss(self.loss))
         accum_steps = cfg["grad_accumulation_steps"]
         state = [model.state, opt.state, mx.random.state]
 
@@ -329,6 +349,7 @@ class Trainer:
             if prev_grad is not None:
                 grad = tree_map(lambda x, y: x + y, grad, prev_grad)
             if do_update:
+                grad = self.dist.reduce_grads(grad)
                 if accum_steps > 1:
                     grad = tree_map(lambda x: x / accum_steps, grad)
                 opt.update(model, grad)
@@ -377,7 +398,7 @@ class Trainer:
                 tic = time.perf_counter()
                 reason = self._report_val(it, it, self.evaluate(), time.perf_counter() - tic)
             snap = self._snapshot()
-            stop_now = self.stop.is_set()
+            stop_now = self.dist.agree(self.stop.is_set())
             if it % save_every == 0 or it == iters or reason or stop_now:
                 self.save_checkpoint(it, self._val_for(it), snap)
                 saved_at = it
@@ -399,8 +420,8 @@ class Trainer:
         return val
 
     def _report_train(self, it: int, train_time: float, wall0: float, start: int) -> None:
-        train_loss = self.losses.item() / self.steps
-        n_tokens = int(self.n_tokens.item())
+        local_tokens = int(self.n_tokens.item())
+        train_loss, n_tokens = self.dist.train_report(self.losses, self.n_tokens, self.steps)
         self.trained_tokens += n_tokens
         self.last_train_loss = train_loss
         elapsed = time.perf_counter() - wall0
@@ -412,6 +433,8 @@ class Trainer:
             "tokens_per_second": n_tokens / train_time if train_time else None,
             "trained_tokens": self.trained_tokens, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "rss_gb": _rss_gb(), "eta_seconds": elapsed / done * (self.iters - it),
+            **self.dist.per_rank(local_tokens / train_time if train_time else None, mx.get_peak_memory() / 1e9,
+                                 _rss_gb()),
         })
         self.losses, self.n_tokens, self.steps = 0, 0, 0
 
@@ -422,7 +445,7 @@ class Trainer:
         state = np.random.get_state()
         loss = evaluate(model=self.model, dataset=self.test, batch_size=self.cfg["batch_size"],
                         num_batches=self.cfg["test_batches"], max_seq_length=self.cfg["max_seq_length"],
-                        loss=self.loss, iterate_batches=batches)
+                        loss=self.dist.eval_loss(self.loss), iterate_batches=batches)
         np.random.set_state(state)
         self.folder.append_metric({"type": "test", "step": self.iters, "iteration": self.iters, "test_loss": loss,
                                    "test_perplexity": _ppl(loss)})

@@ -19,9 +19,10 @@ from pathlib import Path
 import psutil
 
 from services import __version__, blas
-from services.config import ConfigProblems
+from services.config import ConfigProblems, world_size
 from services.errors import ForgeError
 from services.notify import notify, run_event
+from services.training import distributed
 from services.training.data import DataError
 from services.training.folder import RunFolder, checkpoint_problem
 from services.training.trainer import Outcome, Trainer, TrainingFailed
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="checkpoint folder to restore before training")
     args = p.parse_args(argv)
     folder = RunFolder(args.run_dir)
+    try:
+        cfg = folder.config()
+    except Exception:  # noqa: BLE001 (the trainer reads it again and reports what is wrong)
+        cfg = {}
+    rank = distributed.rank_of_process(cfg)
+    if rank > 0:
+        return _follow(distributed.RankFolder(folder.path, rank), world_size(cfg), args.resume)
     claim = folder.claim_worker()  # held until this process ends, however it ends
     if claim is None:
         folder.log(f"worker {os.getpid()} exits at once: another worker already trains this run")
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
     beat.start()
+    watchdog = _watch(folder, world_size(cfg), done)
     try:
         folder.sweep_leftovers()
         resume = verified_checkpoint(folder, Path(args.resume)) if args.resume else None
@@ -96,12 +105,53 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Outcome("failed", _reason(folder, e), _iteration(folder))
         _log(folder, "failed: " + traceback.format_exc())
     except Exception as e:  # noqa: BLE001 (any crash must still mark the run)
-        outcome = Outcome("failed", _reason(folder, e, f"{type(e).__name__}: {e}"), _iteration(folder))
+        lost = distributed.lost_reason(watchdog, e)
+        outcome = (Outcome("interrupted", distributed.interrupted_reason(folder, lost), _iteration(folder)) if lost
+                   else Outcome("failed", _reason(folder, e, f"{type(e).__name__}: {e}"), _iteration(folder)))
         _log(folder, "crashed: " + traceback.format_exc())
     done.set()
+    if watchdog is not None:
+        watchdog.done.set()
+        if outcome.status == "interrupted":
+            watchdog.stop_others()
     _finish(folder, outcome)
     _hand_over(folder)
     return 0 if outcome.status != "failed" else 1
+
+
+def _watch(folder: RunFolder, size: int, done: threading.Event) -> distributed.Watchdog | None:
+    """Rank 0 of a distributed run: watch the other ranks; one that is gone while the training thread is stuck
+    in a collective ends the run as interrupted (and every local rank with it) after a grace period."""
+    if size <= 1:
+        return None
+
+    def give_up(why: str) -> None:
+        if done.wait(distributed.GRACE_SECONDS):  # the training thread saw it and reports it itself
+            return
+        _finish(folder, Outcome("interrupted", distributed.interrupted_reason(folder, why), _iteration(folder)))
+        watchdog.stop_others()
+        os._exit(1)
+
+    watchdog = distributed.Watchdog(folder, 0, size, give_up)
+    watchdog.start()
+    return watchdog
+
+
+def _follow(folder: distributed.RankFolder, size: int, resume: str | None) -> int:
+    """Rank R ≥ 1: train in step with rank 0, which records the run; exit at once when another rank is gone."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # agreed with the others after the step
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    folder.log(f"rank {folder.rank} of {size}: pid {os.getpid()} started")
+    distributed.Watchdog(folder, folder.rank, size, lambda why: (_log(folder, f"{why}: exiting"), os._exit(1))).start()
+    try:
+        trainer = Trainer(folder, stop)
+        outcome = trainer.run(trainer.setup(verified_checkpoint(folder, Path(resume)) if resume else None))
+    except Exception:  # noqa: BLE001 (rank 0 records the run's outcome)
+        _log(folder, "ended: " + traceback.format_exc())
+        return 1
+    _log(folder, f"{outcome.status}: {outcome.reason}")
+    return 0
 
 
 def _begin(folder: RunFolder, resume: str | None) -> None:
