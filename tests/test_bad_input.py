@@ -54,7 +54,8 @@ KIND = {
     "project_name": "text", "resume_adapter_file": "text", "adapter_path": "text", "config": "text",
     "text_feature": "text", "prompt_feature": "text", "completion_feature": "text", "chat_feature": "text",
     "model": "text", "data": "text", "optimizer_config": "mapping", "lr_schedule": "mapping",
-    "lora_parameters": "mapping", "mixture": "mapping", "early_stopping": "mapping",
+    "lora_parameters": "mapping", "mixture": "mapping", "early_stopping": "mapping", "eval": "mapping",
+    "distributed": "mapping", "best_by": "choice",
 }
 # Wrong nesting and values inside the mappings: (the key's value, the field the message must name).
 NESTED: list[tuple[str, Any, str]] = [

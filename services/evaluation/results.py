@@ -78,11 +78,11 @@ def series(records: list[dict[str, Any]], name: str) -> list[tuple[int, float]]:
             if r["name"] == name and r.get("iteration") is not None and r.get("score") is not None]
 
 
-def best_by_name(best_by: str | None) -> str | None:
+def best_by_name(best_by: object) -> str | None:
     """The suite/task name of ``best_by: eval:NAME`` (None for the default, validation loss)."""
-    if not best_by or best_by == "val_loss":
+    if best_by is None or best_by == "val_loss":
         return None
-    if not best_by.startswith(BEST_PREFIX) or not best_by[len(BEST_PREFIX):].strip():
+    if not isinstance(best_by, str) or not best_by.startswith(BEST_PREFIX) or not best_by[len(BEST_PREFIX):].strip():
         raise EvalConfigError(f"best_by: use 'val_loss' or 'eval:SUITE', got {best_by!r}")
     return best_by[len(BEST_PREFIX):].strip()
 
