@@ -82,12 +82,16 @@ class BatchSampler:
         return len(self.batches)
 
     def next(self) -> tuple[mx.array, mx.array]:
+        rows = [self.dataset[j] for j in self.batches[self.next_index()]]
+        return collate(rows, self.max_seq_length)
+
+    def next_index(self) -> int:
+        """The next batch of the epoch's permutation (a new permutation when the epoch is through)."""
         if self.perm is None or self.pos == len(self.perm):
             self.perm = np.random.permutation(len(self.batches))
             self.pos = 0
-        rows = [self.dataset[j] for j in self.batches[self.perm[self.pos]]]
         self.pos += 1
-        return collate(rows, self.max_seq_length)
+        return int(self.perm[self.pos - 1])
 
     def state(self) -> dict[str, Any]:
         return {"perm": None if self.perm is None else self.perm.copy(), "pos": self.pos}
