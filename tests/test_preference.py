@@ -66,3 +66,117 @@ def test_loss_streams_equal_mlx_lm_lora_report_for_report(manager, tiny_model, p
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-4, (a["iteration"], a["val_loss"], b["val_loss"])
     # the losses moved: the comparison is of a run that trains, not of two constants
     assert abs(ours_train[-1]["train_loss"] - ours_train[0]["train_loss"]) > 1e-3
+
+
+def test_dpo_learns_a_clear_preference_on_held_out_pairs(manager, tiny_model, pref_data):
+    cfg = pref_config(tiny_model, pref_data, iters=40, steps_per_eval=20, save_every=20, learning_rate=5e-3,
+                      preference={"beta": 0.5, "best": "accuracy"})
+    folder = run_to_end(manager, cfg)
+    val = reports(folder, "val")
+    assert val[0]["iteration"] == 0 and val[0]["val_preference_accuracy"] == 0.5  # policy == reference
+    assert val[-1]["val_preference_accuracy"] >= 0.9, val[-1]
+    assert val[-1]["val_reward_margin"] > 0 and val[-1]["val_rewards_chosen"] > val[-1]["val_rewards_rejected"]
+    train = reports(folder, "train")
+    assert {"rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
+            "logps_rejected"} <= set(train[-1])
+    info = folder.info()
+    assert info["best"]["val_accuracy"] == max(c["val_accuracy"] for c in info["checkpoints"])
+    stats = json.loads(folder.stats_path.read_text())
+    assert stats["reference"] == "adapters-off" and stats["train"]["pairs"] == 32
+    # greedy answers move toward the chosen style
+    from mlx_lm import generate, load
+
+    from services.training.data import chat_tokens
+    base, tok = load(str(tiny_model))
+    tuned, _ = load(str(tiny_model), adapter_path=str(folder.path))
+    prompt = chat_tokens(tok, [{"role": "user", "content": "the cat sees the ball."}], gen=True)
+    before, after = (generate(m, tok, prompt, max_tokens=4) for m in (base, tuned))
+    assert after.startswith("y") and not before.startswith("y"), (before, after)  # "yes." is the chosen start
+
+
+MEASURED = ("second", "time", "memory", "rss", "eta")  # what a report measures of the machine, not of the run
+
+
+def learned(folder) -> list[dict]:
+    """The train reports without the machine's figures: loss, rewards, accuracy, log-probabilities, tokens."""
+    return [{k: v for k, v in r.items() if not any(m in k for m in MEASURED)} for r in reports(folder, "train")]
+
+
+def test_dpo_stop_and_resume_is_bitwise_identical(manager, tiny_model, pref_data, tmp_path):
+    cfg = pref_config(tiny_model, pref_data, iters=60, steps_per_report=5, steps_per_eval=20, save_every=7,
+                      lora_parameters={"rank": 4, "dropout": 0.1, "scale": 10.0})
+    ref = run_to_end(manager, cfg)
+    folder = manager.launch(cfg)
+    stop_when(manager, folder, 12)
+    info = manager.wait(folder.id)
+    assert info["status"] == "stopped" and 12 <= info["iteration"] < 60, info
+    manager.resume(folder.id)
+    assert manager.wait(folder.id)["status"] == "completed"
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        tensors_equal(folder.checkpoint_dir(60) / name, ref.checkpoint_dir(60) / name)
+    assert learned(folder) == learned(ref)
+    assert [r["val_loss"] for r in reports(folder, "val")] == [r["val_loss"] for r in reports(ref, "val")]
+
+
+def test_full_fine_tune_precomputes_the_reference_once(manager, tiny_model, pref_data):
+    cfg = pref_config(tiny_model, pref_data, fine_tune_type="full", learning_rate=1e-4, iters=6, save_every=3)
+    folder = run_to_end(manager, cfg)
+    stats = json.loads(folder.stats_path.read_text())
+    assert stats["reference"] == "precomputed" and (folder.path / "reference_logps.npz").exists()
+    val = reports(folder, "val")
+    assert abs(val[0]["val_loss"] - 0.6931471805599453) < 1e-6  # log 2: the policy starts as its reference
+
+
+def bad_rows_file(tmp_path: Path, good: int = 0) -> Path:
+    rng = random.Random(5)
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "  ", "rejected": "an answer"},
+            {"prompt": "long " * 400, "chosen": "a", "rejected": "b"}]
+    rows += [pref_row(rng) for _ in range(good)]
+    return write_jsonl(tmp_path / "bad" / "train.jsonl", rows)
+
+
+def test_bad_rows_are_named_file_line_and_left_out(tiny_model, tmp_path):
+    from mlx_lm.utils import load
+
+    from services.training.data import prepare
+
+    path = bad_rows_file(tmp_path, good=8)
+    _, tok = load(str(tiny_model))
+    cfg = resolve(pref_config(tiny_model, path.parent, batch_size=2))
+    prepared = prepare(cfg, tok, ("train",))
+    assert len(prepared.train) == 8
+    left = prepared.stats["train"]["left_out_examples"]
+    assert left[0].startswith(f"{path}:1: chosen and rejected are the same")
+    assert left[1].startswith(f"{path}:2: empty chosen answer")
+    assert left[2].startswith(f"{path}:3: the prompt takes") and "max_seq_length=96" in left[2]
+
+
+def test_a_dataset_of_only_invalid_rows_refuses_to_start(manager, tiny_model, tmp_path):
+    path = bad_rows_file(tmp_path)
+    cfg = pref_config(tiny_model, path.parent, batch_size=1)
+    folder = manager.launch(cfg)
+    info = manager.wait(folder.id, timeout=120)
+    assert info["status"] == "failed"
+    assert "no usable preference pair" in info["reason"] and f"{path}:1" in info["reason"]
+
+
+def test_config_validates_the_preference_block(tiny_model, pref_data):
+    with pytest.raises(ConfigProblems) as e:
+        resolve(pref_config(tiny_model, pref_data, preference={"beta": -1, "loss_type": "kto", "lambda": 1}))
+    fields = {x.field for x in e.value.errors}
+    assert {"preference.beta", "preference.loss_type", "preference.lambda"} <= fields
+    with pytest.raises(ConfigProblems) as e:
+        resolve(pref_config(tiny_model, pref_data, mode="ift"))
+    assert "preference" in {x.field for x in e.value.errors}
+    resolve(pref_config(tiny_model, pref_data, mode="orpo"))
+
+
+def test_preference_rows_under_ift_say_which_mode_they_need(tiny_model, pref_data):
+    from mlx_lm.utils import load
+
+    from services.training.data import prepare
+
+    _, tok = load(str(tiny_model))
+    with pytest.raises(DataError, match="mode: dpo or orpo"):
+        prepare(resolve(base_config(tiny_model, pref_data, mode="ift")), tok)
