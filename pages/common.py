@@ -22,7 +22,15 @@ CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
     "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
     "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
+    "margin": ("Reward margin", [("reward_margin", "train"), ("val_reward_margin", "validation")], "value"),
+    "accuracy": ("Preference accuracy", [("preference_accuracy", "train"),
+                                         ("val_preference_accuracy", "validation")], "value"),
+    "rewards": ("Rewards", [("rewards_chosen", "chosen"), ("rewards_rejected", "rejected"),
+                            ("val_rewards_chosen", "val chosen"), ("val_rewards_rejected", "val rejected")], "value"),
+    "logps": ("Log-probability per answer token", [("logps_chosen", "chosen"), ("logps_rejected", "rejected")],
+              "value"),
 }
+PREFERENCE_CHARTS = ("margin", "accuracy", "rewards", "logps")  # shown for dpo/orpo runs only
 MAX_MARKS = 50
 
 

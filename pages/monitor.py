@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
+from pages.common import CHARTS, LIVE_SECONDS, PREFERENCE_CHARTS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import resume_refusal
@@ -71,7 +71,8 @@ class LiveView:
         self.marks: list[dict[str, Any]] | None = None
 
     def push_series(self) -> None:
-        for key, (_, series, _) in CHARTS.items():
+        for key in self.charts:
+            series = CHARTS[key][1]
             opts = self.charts[key].options["series"]
             for i, (name, _) in enumerate(series):
                 gen, length = self.sent.get(name, (-1, 0))
@@ -144,7 +145,10 @@ def monitor_page(services: Services, run_id: str | None = None) -> None:
                 cards[key] = ui.label("–").classes("text-lg font-medium").mark(f"card-{key}")
     charts: dict[str, ui.echart] = {}
     with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
+        preference = next((r for r in runs if r["id"] == run_id), {}).get("mode") in ("dpo", "orpo")
         for key, (title, series, ytype) in CHARTS.items():
+            if key in PREFERENCE_CHARTS and not preference:
+                continue
             charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
     ui.label("Worker log").classes("text-sm font-semibold text-grey-7")
     log = ui.log(max_lines=watcher.log_lines).classes("w-full h-64 text-xs").mark("log")
