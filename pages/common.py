@@ -14,7 +14,7 @@ from nicegui import ui
 STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
                  "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
 METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
-MODES = {"cpt": "CPT", "ift": "IFT", "mlx-lm": "plain mlx-lm"}
+MODES = {"cpt": "CPT", "ift": "IFT", "dpo": "DPO", "orpo": "ORPO", "mlx-lm": "plain mlx-lm"}
 # chart marker → (title, [(series, label)], y-axis type)
 CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),

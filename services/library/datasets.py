@@ -77,11 +77,13 @@ def validation_datasets(ws: Workspace) -> list[dict[str, Any]]:
 
 
 # A dataset's format (the first word of :func:`dataset_format`) → the training modes it is meant for.
-MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
+MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools"), "dpo": ("preference",),
+                "orpo": ("preference",)}
 
 
 def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
-    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
+    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT,
+    pairs for DPO/ORPO."""
     kinds = MODE_FORMATS.get(mode, ())
     return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
 
