@@ -102,9 +102,10 @@ def learned(folder) -> list[dict]:
     return [{k: v for k, v in r.items() if not any(m in k for m in MEASURED)} for r in reports(folder, "train")]
 
 
-def test_dpo_stop_and_resume_is_bitwise_identical(manager, tiny_model, pref_data, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # the two-pass step, and the joint pass (dropout)
+def test_dpo_stop_and_resume_is_bitwise_identical(manager, tiny_model, pref_data, tmp_path, dropout):
     cfg = pref_config(tiny_model, pref_data, iters=60, steps_per_report=5, steps_per_eval=20, save_every=7,
-                      lora_parameters={"rank": 4, "dropout": 0.1, "scale": 10.0})
+                      lora_parameters={"rank": 4, "dropout": dropout, "scale": 10.0})
     ref = run_to_end(manager, cfg)
     folder = manager.launch(cfg)
     stop_when(manager, folder, 12)
@@ -116,6 +117,42 @@ def test_dpo_stop_and_resume_is_bitwise_identical(manager, tiny_model, pref_data
         tensors_equal(folder.checkpoint_dir(60) / name, ref.checkpoint_dir(60) / name)
     assert learned(folder) == learned(ref)
     assert [r["val_loss"] for r in reports(folder, "val")] == [r["val_loss"] for r in reports(ref, "val")]
+
+
+@pytest.mark.parametrize("mode", ["dpo", "orpo"])
+def test_the_two_pass_step_equals_the_joint_pass(tiny_model, pref_data, mode):
+    """The default step computes the chosen and rejected sides' gradients one after the other; they sum to the
+    joint pass's gradient and its loss is the same."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
+
+    from services.training import preference
+    from services.training.preference_loss import collate_pairs, lora_layers, make_loss, two_pass_value_and_grad
+    from services.training.trainer import apply_fine_tune_type
+
+    cfg = resolve(pref_config(tiny_model, pref_data, mode, lora_parameters={"rank": 4, "dropout": 0.0,
+                                                                            "scale": 10.0}))
+    model, tok = load(str(tiny_model))
+    mx.random.seed(0)
+    apply_fine_tune_type(model, cfg)
+    for _, layer, _ in lora_layers(model):  # adapters away from zero: the policy is not its reference
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+    pairs = preference.prepare(cfg, tok, Path(pref_data), ("train",)).train[:4]
+    c, r, cm, rm = collate_pairs(pairs, cfg["max_seq_length"])
+    ref = (mx.zeros((4,)) - 30.0, mx.zeros((4,)) - 35.0)
+    pref = preference.settings(cfg)
+    (l1, t1, s1), g1 = nn.value_and_grad(model, make_loss(mode, pref))(model, c, r, cm, rm, *ref)
+    (l2, t2, s2), g2 = two_pass_value_and_grad(model, mode, pref)(model, c, r, cm, rm, *ref)
+    assert abs(l1.item() - l2.item()) < 1e-6 and t1.item() == t2.item()
+    assert np.allclose(np.array(s1), np.array(s2), atol=1e-5)
+    flat1, flat2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert flat1.keys() == flat2.keys() and len(flat1) > 0
+    for k, v in flat1.items():
+        assert np.allclose(np.array(v), np.array(flat2[k]), rtol=1e-4, atol=1e-6), k
+    assert max(float(mx.abs(v).max()) for v in flat1.values()) > 1e-4  # a gradient that is not zero
 
 
 def test_full_fine_tune_precomputes_the_reference_once(manager, tiny_model, pref_data):

@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 from services.training.batching import BatchSampler
 from services.training.preference import Pair, settings
@@ -127,20 +127,55 @@ def pair_losses(mode: str, pref: dict[str, Any], pol: tuple[mx.array, mx.array],
 def make_loss(mode: str, pref: dict[str, Any]):
     """The ``loss(model, chosen, rejected, cmask, rmask, ref_c, ref_r)`` the loop differentiates: the batch's mean
     pair loss, its answer tokens, and the per-batch sums of :data:`STATS`."""
+    clip = mode == "orpo"
 
     def loss(model, chosen, rejected, cmask, rmask, ref_c, ref_r):
-        clip = mode == "orpo"
         pol = (sequence_logps(model, chosen, cmask, clip), sequence_logps(model, rejected, rmask, clip))
-        counts = (cmask.sum(-1), rmask.sum(-1))
-        losses, rew_c, rew_r = pair_losses(mode, pref, pol, (ref_c, ref_r), counts)
-        nc, nr = (mx.maximum(n, 1) for n in counts)
-        # a tie (the untrained policy is its reference) counts half: accuracy starts at 0.5, not 0
-        right = (rew_c > rew_r).astype(mx.float32) + 0.5 * (rew_c == rew_r).astype(mx.float32)
-        sums = mx.stack([rew_c.sum(), rew_r.sum(), right.sum(),
-                         (pol[0] / nc).sum(), (pol[1] / nr).sum(), mx.array(float(chosen.shape[0]))])
-        return losses.mean(), counts[0].sum() + counts[1].sum(), mx.stop_gradient(sums)
+        return from_logps(mode, pref, pol, (cmask.sum(-1), rmask.sum(-1)), (ref_c, ref_r))
 
     return loss
+
+
+def from_logps(mode: str, pref: dict[str, Any], pol: tuple[mx.array, mx.array], counts: tuple[mx.array, mx.array],
+               ref: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+    """``(mean loss, answer tokens, STATS sums)`` of a batch from its summed policy log-probabilities."""
+    losses, rew_c, rew_r = pair_losses(mode, pref, pol, ref, counts)
+    nc, nr = (mx.maximum(n, 1) for n in counts)
+    # a tie (the untrained policy is its reference) counts half: accuracy starts at 0.5, not 0
+    right = (rew_c > rew_r).astype(mx.float32) + 0.5 * (rew_c == rew_r).astype(mx.float32)
+    sums = mx.stack([rew_c.sum(), rew_r.sum(), right.sum(), (pol[0] / nc).sum(), (pol[1] / nr).sum(),
+                     mx.array(float(pol[0].shape[0]))])
+    return losses.mean(), counts[0].sum() + counts[1].sum(), mx.stop_gradient(sums)
+
+
+def two_pass_value_and_grad(model: nn.Module, mode: str, pref: dict[str, Any]):
+    """``value_and_grad`` of :func:`make_loss`'s loss in two passes that never hold the activations of both
+    sides at once: the loss depends on the weights only through each pair's summed log-probabilities, so
+
+        dL/dθ = Σ_pairs dL/dpc · dpc/dθ + dL/dpr · dpr/dθ
+
+    First both sides' log-probabilities are computed without a gradient; then the small pair loss is
+    differentiated in them (the weights ``dL/dpc``, ``dL/dpr``); then each side's gradient is the gradient of its
+    weighted log-probabilities, one side after the other, summed. Each phase is evaluated before the next (MLX
+    would otherwise schedule the passes together), so the step cannot be compiled as one graph. Without dropout
+    only: MLX cannot replay a random state, so the gradient passes would draw other dropout masks."""
+    clip = mode == "orpo"
+
+    def side_grad(tokens: mx.array, mask: mx.array, weights: mx.array) -> Any:
+        return nn.value_and_grad(model, lambda m: (sequence_logps(m, tokens, mask, clip) * weights).sum())(model)[1]
+
+    def value_and_grad(model, chosen, rejected, cmask, rmask, ref_c, ref_r):
+        pol = (sequence_logps(model, chosen, cmask, clip), sequence_logps(model, rejected, rmask, clip))
+        counts = (cmask.sum(-1), rmask.sum(-1))
+        (lvalue, toks, sums), (wc, wr) = mx.value_and_grad(
+            lambda pc, pr: from_logps(mode, pref, (pc, pr), counts, (ref_c, ref_r)), argnums=(0, 1))(*pol)
+        mx.eval(lvalue, toks, sums, wc, wr)
+        grad_c = side_grad(chosen, cmask, wc)
+        mx.eval(grad_c)  # the chosen side's activations are freed before the rejected side's pass
+        grad = tree_map(lambda a, b: a + b, grad_c, side_grad(rejected, rmask, wr))
+        return (lvalue, toks, sums), grad
+
+    return value_and_grad
 
 
 def averages(sums: np.ndarray | mx.array, prefix: str = "") -> dict[str, float]:
@@ -183,6 +218,19 @@ class Objective:
         self.stored: dict[str, np.ndarray] | None = None  # precomputed reference: split → (pairs, 2)
         self.sums = mx.zeros((len(STATS),))
         self.last_val: dict[str, float] = {}
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the step is :func:`two_pass_value_and_grad` (one side's activations at a time: less memory) rather
+        than the joint pass of both sides (compat mode, for mlx-lm-lora's rounding, and LoRA dropout)."""
+        dropout = self.cfg["fine_tune_type"] != "full" and (self.cfg.get("lora_parameters") or {}).get("dropout")
+        return not (self.compat or dropout)
+
+    def value_and_grad(self, model: nn.Module):
+        """The step's ``value_and_grad`` (see :attr:`two_pass`)."""
+        if self.two_pass:
+            return two_pass_value_and_grad(model, self.mode, self.pref)
+        return nn.value_and_grad(model, self.loss)
 
     @property
     def reference(self) -> str:

@@ -14,7 +14,6 @@ import threading
 import time
 import types
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -342,11 +341,10 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.opt
         if cfg["grad_checkpoint"]:
             grad_checkpoint(model.layers[0])
-        loss_value_and_grad = nn.value_and_grad(model, self.loss)
+        loss_value_and_grad = self.pref.value_and_grad(model) if self.pref else nn.value_and_grad(model, self.loss)
         accum_steps = cfg["grad_accumulation_steps"]
         state = [model.state, opt.state, mx.random.state]
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def step(batch, prev_grad, do_update):
             (lvalue, toks, *extra), grad = loss_value_and_grad(model, *batch)  # extra: a preference run's sums
             if prev_grad is not None:
@@ -358,6 +356,8 @@ class Trainer:
                 grad = None
             return lvalue, toks, extra, grad
 
+        if not (self.pref and self.pref.two_pass):  # the two-pass step evaluates between its passes
+            step = mx.compile(step, inputs=state, outputs=state)
         iters, has_val = self.iters, len(self.valid) > 0
         eval_every, report_every, save_every = cfg["steps_per_eval"], cfg["steps_per_report"], cfg["save_every"]
         model.train()
