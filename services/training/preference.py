@@ -40,6 +40,23 @@ def settings(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **(cfg.get("preference") or {})}
 
 
+def reference_kind(cfg: dict[str, Any], forked: bool = False) -> str:
+    """Where a run's reference log-probabilities come from: ``none`` (ORPO), ``precomputed`` (a full fine-tune or
+    a fork: the starting weights are not the base; computed once and kept in the run folder) or ``adapters-off``
+    (LoRA/DoRA from the base: the policy with its adapters switched off, per batch)."""
+    if cfg.get("mode") == "orpo":
+        return "none"
+    return "precomputed" if cfg.get("fine_tune_type") == "full" or forked else "adapters-off"
+
+
+def two_pass(cfg: dict[str, Any]) -> bool:
+    """Whether a step computes the chosen and rejected sides' gradients one after the other (one side's
+    activations at a time) rather than in one joint pass: not in compat mode (mlx-lm-lora's rounding) and not with
+    LoRA dropout (MLX cannot replay a dropout mask between a value pass and a gradient pass)."""
+    dropout = cfg.get("fine_tune_type") != "full" and (cfg.get("lora_parameters") or {}).get("dropout")
+    return not (settings(cfg)["compat"] or dropout)
+
+
 @dataclass
 class Pair:
     """One rendered pair: the full token ids of each side and the length of the shared prompt."""

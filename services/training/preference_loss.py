@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
+from services.training import preference
 from services.training.batching import BatchSampler
 from services.training.preference import Pair, settings
 
@@ -221,10 +222,9 @@ class Objective:
 
     @property
     def two_pass(self) -> bool:
-        """Whether the step is :func:`two_pass_value_and_grad` (one side's activations at a time: less memory) rather
-        than the joint pass of both sides (compat mode, for mlx-lm-lora's rounding, and LoRA dropout)."""
-        dropout = self.cfg["fine_tune_type"] != "full" and (self.cfg.get("lora_parameters") or {}).get("dropout")
-        return not (self.compat or dropout)
+        """Whether the step is :func:`two_pass_value_and_grad` rather than the joint pass
+        (:func:`services.training.preference.two_pass`)."""
+        return preference.two_pass(self.cfg)
 
     def value_and_grad(self, model: nn.Module):
         """The step's ``value_and_grad`` (see :attr:`two_pass`)."""
@@ -239,8 +239,8 @@ class Objective:
         return "precomputed" if self.stored is not None else "adapters-off"
 
     def prepare_reference(self, resume: Path | None, run_path: Path) -> None:
-        """Choose the reference: the stored log-probabilities if this run has them; else precompute them when the
-        starting weights are not the base (a full fine-tune, or a fork from another run's checkpoint)."""
+        """Choose the reference (:func:`services.training.preference.reference_kind`): the stored
+        log-probabilities if this run has them; else precompute them when the starting weights are not the base."""
         if self.mode == "orpo":
             return
         if self.ref_file.exists():
@@ -248,7 +248,7 @@ class Objective:
                 self.stored = {k: f[k] for k in f.files}
             return
         forked = resume is not None and run_path.resolve() not in resume.resolve().parents
-        if self.cfg["fine_tune_type"] == "full" or forked:
+        if preference.reference_kind(self.cfg, forked) == "precomputed":
             self.model.eval()  # no dropout: the reference is deterministic and draws no random numbers
             self.stored = {"train": self._logps_of(self.train), "valid": self._logps_of(self.valid)}
             self.model.train()
