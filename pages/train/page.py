@@ -21,7 +21,7 @@ from services.config import ConfigError, ConfigProblems, list_presets, load_yaml
 from services.library.datasets import list_datasets, suggested_dataset
 from services.library.models import list_models
 from services.training.folder import WAITING
-from services.training.index import without_defaults
+from services.training.index import default_fork_iters, without_defaults
 from services.training.manager import parse_ref
 
 if TYPE_CHECKING:
@@ -71,7 +71,9 @@ class StartCard:
 
     def show_fork(self, ref: str | None) -> None:
         """Say that the run starts from checkpoint ``ref`` (a fork starts at once: it has no queue)."""
-        self.fork.set_text(f"Starts from checkpoint {ref} (a fork of that run)" if ref else "")
+        it = ref.rpartition("@")[2] if ref else ""
+        self.fork.set_text(f"Starts from checkpoint {ref} (a fork of that run: iterations count on from {it})"
+                           if ref else "")
         self.fork.set_visibility(bool(ref))
         self.queue.set_visibility(not ref)
 
@@ -116,8 +118,10 @@ class TrainPage:
                 folder = self.manager.folder(run_id)
                 if it not in folder.checkpoint_iterations():
                     raise ConfigError("start", start, f"run {run_id} has checkpoints {folder.checkpoint_iterations()}")
-                form = config_to_form(folder.config())
+                parent = folder.config()
+                form = config_to_form(parent)
                 form["extra"] = without_defaults(form["extra"])
+                form["iters"] = default_fork_iters(parent, it)  # a fork counts on from its checkpoint
                 self.fork_from = (run_id, it)
                 form["name"] = f"{folder.info().get('name') or run_id}-dpo"
             except (ConfigError, OSError, ValueError, yaml.YAMLError) as err:
@@ -170,6 +174,10 @@ class TrainPage:
         if errors:
             self.refresh()
             ui.notify(f"Fix {len(errors)} problem(s) before starting", type="warning")
+            return
+        if self.fork_from and cfg.get("iters") is not None and cfg["iters"] <= self.fork_from[1]:
+            ui.notify(f"A fork counts on from its checkpoint: set more than {self.fork_from[1]} iterations",
+                      type="warning")
             return
         busy = [] if queue or side_by_side else self.manager.active()
         if busy:  # two runs at once share the CPU/GPU and memory: ask first
