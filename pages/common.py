@@ -16,7 +16,7 @@ from services.system import is_local_request
 STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
                  "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
 METHODS = {"lora": "LoRA", "dora": "DoRA", "full": "Full"}
-MODES = {"cpt": "CPT", "ift": "IFT", "mlx-lm": "plain mlx-lm"}
+MODES = {"cpt": "CPT", "ift": "IFT", "dpo": "DPO", "orpo": "ORPO", "mlx-lm": "plain mlx-lm"}
 # chart marker → (title, [(series, label)], y-axis type)
 CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
@@ -24,7 +24,15 @@ CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
     "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
     "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
+    "margin": ("Reward margin", [("reward_margin", "train"), ("val_reward_margin", "validation")], "value"),
+    "accuracy": ("Preference accuracy", [("preference_accuracy", "train"),
+                                         ("val_preference_accuracy", "validation")], "value"),
+    "rewards": ("Rewards", [("rewards_chosen", "chosen"), ("rewards_rejected", "rejected"),
+                            ("val_rewards_chosen", "val chosen"), ("val_rewards_rejected", "val rejected")], "value"),
+    "logps": ("Log-probability per answer token", [("logps_chosen", "chosen"), ("logps_rejected", "rejected")],
+              "value"),
 }
+PREFERENCE_CHARTS = ("margin", "accuracy", "rewards", "logps")  # shown for dpo/orpo runs only
 MAX_MARKS = 50
 
 

@@ -48,6 +48,11 @@ TOKEN_CSS = """
 .tok-mark { font-family: ui-sans-serif, sans-serif; font-size: 11px; font-weight: 600; color: #b91c1c;
             border-left: 2px solid #b91c1c; padding: 0 4px; margin: 0 2px; }
 .tok-nl { color: #9ca3af; }
+.pair-view { display: flex; gap: 12px; align-items: flex-start; }
+.pair-side { flex: 1 1 0; min-width: 0; border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px; }
+.pair-head { font-family: ui-sans-serif, sans-serif; font-size: 12px; font-weight: 600; margin-bottom: 4px; }
+.pair-chosen .pair-head { color: #15803d; }
+.pair-rejected .pair-head { color: #b91c1c; }
 """
 PREVIEW_COLUMNS: list[dict[str, Any]] = [
     {"name": "index", "label": "#", "field": "index", "align": "right"},
@@ -92,13 +97,39 @@ def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
         rows += [("Trained tokens", f"{st['trained_tokens']:,} (loss targets within max_seq_length)"),
                  ("Truncated", f"{st['truncated_samples']:,} samples longer than {st['max_seq_length']:,} "
                                f"({st['truncated_tokens']:,} tokens dropped)")]
-        if st.get("untrainable"):
+        if fmt == "preference":
+            rows += pair_rows(st)
+        elif st.get("untrainable"):
             rows.append(("Nothing to train", f"{st['untrainable']:,} samples have no trained token within "
                                              f"{st['max_seq_length']:,} (a run leaves them out)"))
     rows.append(("Duplicates", f"{st['duplicates']:,} exact duplicate samples"))
     if st["errors"]:
         rows.append(("Not renderable", f"{len(st['errors'])}: {st['errors'][0]}"))
     return rows
+
+
+def pair_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of a preference dataset's pair statistics (lengths are each pair's longer side)."""
+    ps = st["pairs"]
+    rows = [("Pairs", f"{ps['pairs']:,} a run trains on (each: two sequences, the longer side's length above)")]
+    if ps["pairs"]:
+        share = ps["chosen_longer"]
+        bias = " (a length bias: DPO may learn to prefer longer answers)" if share >= 0.7 else \
+            " (a length bias: DPO may learn to prefer shorter answers)" if share <= 0.3 else ""
+        rows += [("Answer lengths", f"chosen {ps['chosen_mean_length']:,} · rejected {ps['rejected_mean_length']:,}"
+                                    f" tokens on average (prompt {ps['prompt_mean_length']:,})"),
+                 ("Length bias", f"chosen is longer in {share:.0%} of pairs{bias}")]
+    if st["untrainable"]:
+        rows.append(("Left out", f"{st['untrainable']:,} rows: {st['left_out'][0]}"))
+    return rows
+
+
+def pair_html(view: dict[str, Any]) -> str:
+    """The chosen and rejected sides of a pair side by side, each as :func:`tokens_html` draws it."""
+    cols = [f'<div class="pair-side pair-{side}"><div class="pair-head">{side} · {view[side]["total"]:,} tokens, '
+            f'{view[side]["trained"]:,} trained</div>{tokens_html(view[side])}</div>'
+            for side in ("chosen", "rejected")]
+    return f'<div class="pair-view">{"".join(cols)}</div>'
 
 
 def histogram_options(st: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +415,11 @@ class MaskCard:
         except DataError as err:
             self.info.set_text(short(str(err), self.ws_root))
             self.view.set_content("")
+            return
+        if check.fmt == "preference":
+            self.info.set_text(f"{short(where, self.ws_root)}: the pair as a DPO/ORPO run renders it (the prompt is "
+                               "context, the answers are trained)")
+            self.view.set_content(pair_html(view))
             return
         cut = view["total"] - seq_len if view["truncated_at"] is not None else 0
         self.info.set_text(f"{short(where, self.ws_root)}: {view['total']:,} tokens, {view['trained']:,} trained"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import CHARTS, LIVE_SECONDS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
+from pages.common import CHARTS, LIVE_SECONDS, PREFERENCE_CHARTS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError, world_size
 from services.training.distributed import rank_states
 from services.training.folder import ACTIVE, WAITING
@@ -72,7 +72,8 @@ class LiveView:
         self.marks: list[dict[str, Any]] | None = None
 
     def push_series(self) -> None:
-        for key, (_, series, _) in CHARTS.items():
+        for key in self.charts:
+            series = CHARTS[key][1]
             opts = self.charts[key].options["series"]
             for i, (name, _) in enumerate(series):
                 gen, length = self.sent.get(name, (-1, 0))
@@ -166,8 +167,11 @@ class MonitorPage:
                     ui.label(title).classes("text-xs text-grey-7")
                     self.cards[key] = ui.label("–").classes("text-lg font-medium").mark(f"card-{key}")
         charts: dict[str, ui.echart] = {}
+        preference = next((r for r in runs if r["id"] == run_id), {}).get("mode") in ("dpo", "orpo")
         with ui.grid().classes("w-full gap-3 grid-cols-1 xl:grid-cols-2"):
             for key, (title, series, ytype) in CHARTS.items():
+                if key in PREFERENCE_CHARTS and not preference:
+                    continue
                 charts[key] = ui.echart(line_chart(title, series, ytype)).classes("w-full h-72").mark(f"chart-{key}")
         self.ranks = RanksTable(self.watcher)
         ui.label("Worker log").classes("text-sm font-semibold text-grey-7")

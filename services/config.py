@@ -59,7 +59,7 @@ MLX_LM_DEFAULTS: dict[str, Any] = {
 MLX_LM_FEATURE_KEYS = ("text_feature", "prompt_feature", "completion_feature", "chat_feature")
 
 FORGE_DEFAULTS: dict[str, Any] = {
-    "mode": None,  # "cpt" | "ift"; None keeps mlx-lm's behaviour exactly
+    "mode": None,  # "cpt" | "ift" | "dpo" | "orpo"; None keeps mlx-lm's behaviour exactly
     "name": None,  # run name shown in the UI
     "epochs": None,  # train for N epochs instead of `iters`
     "valid_fraction": 0.1,  # share of documents/samples held out when no valid file exists
@@ -72,6 +72,7 @@ FORGE_DEFAULTS: dict[str, Any] = {
     "eval": None,  # {"suites": [...], "tasks": [...], "task_dir": DIR, "every": "checkpoint"}: services.evaluation.plan
     "best_by": None,  # None/"val_loss", or "eval:SUITE"
     "distributed": None,  # {"processes": N} on this machine, or {"hosts": [...], "backend": ..., "python": PATH}
+    "preference": None,  # dpo/orpo: {"beta", "loss_type", "label_smoothing", "best", "compat"}
 }
 
 EARLY_STOPPING_KEYS = {"patience", "min_delta", "overfit_threshold", "by"}
@@ -79,7 +80,10 @@ BACKENDS = ("ring", "jaccl", "mpi")  # mx.distributed backends that mlx.launch s
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
-MODES = ("cpt", "ift")
+MODES = ("cpt", "ift", "dpo", "orpo")
+# the keys of a dpo/orpo run's `preference` block, and the choices of those that have some
+PREFERENCE_KEYS = {"beta": None, "loss_type": ("sigmoid", "ipo", "hinge"), "label_smoothing": None,
+                   "best": ("val_loss", "accuracy"), "compat": None}
 # mlx.optimizers.schedulers that take (init, ...) arguments and so work with mlx-lm's build_schedule.
 SCHEDULES = ("cosine_decay", "linear_schedule", "exponential_decay", "step_decay")
 KNOWN_KEYS = set(MLX_LM_DEFAULTS) | set(MLX_LM_FEATURE_KEYS) | set(FORGE_DEFAULTS)
@@ -514,6 +518,31 @@ def _check_early_stopping(r: _Report) -> None:
             r.bad(f"early_stopping.{k}", "must be a number ≥ 0")
 
 
+def _check_preference(r: _Report) -> None:
+    pref = r.mapping("preference", "must be a mapping with beta, loss_type, label_smoothing, best, compat")
+    if pref is None:
+        return
+    if r.cfg.get("mode") not in ("dpo", "orpo"):
+        r.bad("preference", "preference settings need mode: dpo or orpo")
+    for k in sorted(set(pref) - set(PREFERENCE_KEYS)):
+        r.bad(f"preference.{k}", f"unknown key; use {', '.join(PREFERENCE_KEYS)}")
+    beta = pref.get("beta", 0.1)
+    if not _is_number(beta) or beta <= 0:
+        r.bad("preference.beta", "must be a positive number (typical: 0.1; ORPO's lambda)")
+    for k in ("loss_type", "best"):
+        if k in pref and pref[k] not in PREFERENCE_KEYS[k]:
+            r.bad(f"preference.{k}", f"must be one of {', '.join(PREFERENCE_KEYS[k])}")
+    if r.cfg.get("mode") == "orpo" and pref.get("loss_type", "sigmoid") != "sigmoid":
+        r.bad("preference.loss_type", "is a DPO setting; ORPO has one loss")
+    ls = pref.get("label_smoothing", 0.0)
+    if not _is_number(ls) or not 0 <= ls < 0.5:
+        r.bad("preference.label_smoothing", "must be in [0, 0.5) (the assumed share of flipped pairs)")
+    elif ls and (r.cfg.get("mode") != "dpo" or pref.get("loss_type", "sigmoid") != "sigmoid"):
+        r.bad("preference.label_smoothing", "applies to mode: dpo with loss_type: sigmoid only")
+    if not isinstance(pref.get("compat", False), bool):
+        r.bad("preference.compat", "must be true or false")
+
+
 def _check_rest(r: _Report) -> None:
     kc = r.cfg.get("keep_checkpoints")
     if kc is not None and (not _is_int(kc) or not 1 <= kc <= MAX_COUNT):
@@ -559,6 +588,8 @@ def _check_distributed(r: _Report) -> None:
         return
     for k in sorted(set(dist) - {"processes", "hosts", "backend", "python"}):
         r.bad(f"distributed.{k}", "unknown key; use processes, or hosts, backend and python")
+    if r.cfg.get("mode") in ("dpo", "orpo") and world_size(r.cfg) > 1:
+        r.bad("distributed", "preference training (dpo, orpo) runs in one process for now")
     backend = dist.get("backend", "ring")
     if backend not in BACKENDS:
         r.bad("distributed.backend", f"must be one of {', '.join(BACKENDS)}")
@@ -590,7 +621,8 @@ def validate(cfg: dict[str, Any], user_keys: set[str] | None = None) -> None:
     _check_keys(report, user_keys)
     _check_required(report, user_keys)
     for check in (_check_choices, _check_types, _check_numbers, _check_lora, _check_schedule,
-                  _check_optimizer_config, _check_data, _check_early_stopping, _check_rest, _check_distributed):
+                  _check_optimizer_config, _check_data, _check_early_stopping, _check_preference, _check_rest,
+                  _check_distributed):
         check(report)
     _check_lengths(report, user_keys)
     if report.errors:

@@ -55,7 +55,7 @@ KIND = {
     "text_feature": "text", "prompt_feature": "text", "completion_feature": "text", "chat_feature": "text",
     "model": "text", "data": "text", "optimizer_config": "mapping", "lr_schedule": "mapping",
     "lora_parameters": "mapping", "mixture": "mapping", "early_stopping": "mapping", "eval": "mapping",
-    "distributed": "mapping", "best_by": "choice",
+    "distributed": "mapping", "best_by": "choice", "preference": "mapping",
 }
 # Wrong nesting and values inside the mappings: (the key's value, the field the message must name).
 NESTED: list[tuple[str, Any, str]] = [

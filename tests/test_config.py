@@ -102,7 +102,7 @@ def test_presets_are_valid_configs():
     assert len(presets) >= 4
     for p in presets:
         cfg = config_mod.resolve(yaml.safe_load(p.read_text()))
-        assert cfg["mode"] in ("cpt", "ift"), p
+        assert cfg["mode"] in ("cpt", "ift", "dpo", "orpo"), p
 
 
 def test_presets_are_the_yaml_files_of_the_configs_folder(tmp_path):

@@ -138,6 +138,36 @@ async def test_datasets_upload_bad_lines_drop_preview_mask_stats_split(ui_user: 
     assert (services.workspace.datasets / "my_data-clean-split" / "valid.jsonl").is_file()
 
 
+async def test_datasets_page_shows_preference_pairs(ui_user: User, services, tiny_model):
+    """A preference dataset: detected, bad rows named, pair statistics with the length bias, both sides of a pair
+    side by side as the DPO run renders them."""
+    from services.training.preference import render_pair
+
+    shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    rows = [{"prompt": f"question {i}?", "chosen": f"a long and careful answer number {i}.", "rejected": "no."}
+            for i in range(5)] + [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q"}]
+    data = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    await ui_user.open("/datasets")
+    await el(ui_user, "dataset-upload").handle_uploads([SmallFileUpload("pairs.jsonl", "application/jsonl", data)])
+    bad = await wait_for(lambda: els(ui_user, "bad-line"))
+    assert [b.text.split(": ", 1)[0] for b in bad] == ["pairs.jsonl:7"]  # no rejected side
+    assert "preference pairs" in el(ui_user, "check-title").text + el(ui_user, "check-info").text
+    ui_user.find(marker="stats-run").click()
+    await ui_user.should_see("Length bias")
+    await ui_user.should_see("chosen is longer in 100% of pairs (a length bias")
+    await ui_user.should_see("pairs.jsonl:6: chosen and rejected are the same answer")
+    table = el(ui_user, "preview-table")
+    ui_user.find(marker="preview-table").trigger("rowClick", [{}, table.rows[0], 0])
+    mask = el(ui_user, "mask-view")
+    await wait_for(lambda: "pair-chosen" in mask.content)
+    assert "pair-rejected" in mask.content and "tok-masked" in mask.content and "tok-trained" in mask.content
+    from services.library.checks import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    pair = render_pair(tok, rows[0], "x")  # the training renderer: as many trained tokens as the run's answer
+    assert f"chosen · {len(pair.chosen):,} tokens, {len(pair.chosen) - pair.prompt_length:,} trained" in mask.content
+
+
 async def test_upload_refused_on_the_server(ui_user: User, services):
     await ui_user.open("/datasets")
     upload = el(ui_user, "dataset-upload")

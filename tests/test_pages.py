@@ -253,6 +253,38 @@ def test_form_round_trip_for_every_preset():
             assert cfg.get(key) == raw.get(key), (name, key)
 
 
+def test_preference_fields_round_trip():
+    raw = parse_yaml((REPO / "configs" / "dpo-lora.yaml").read_text())
+    form = config_to_form(raw)
+    assert (form["mode"], form["beta"], form["loss_type"], form["best_by"], form["compat"]) == \
+        ("dpo", 0.1, "sigmoid", "accuracy", False)
+    assert form_to_config(form)["preference"] == raw["preference"]
+    # ORPO has no loss type nor label smoothing: the form leaves them out, and they are hidden
+    orpo = {**form, "mode": "orpo", "beta": 0.25}
+    assert form_to_config(orpo)["preference"] == {"beta": 0.25, "best": "accuracy", "compat": False}
+    shown = visible_fields(orpo)
+    assert shown["beta"] and shown["best_by"] and not shown["loss_type"] and not shown["label_smoothing"]
+    assert not visible_fields({**form, "loss_type": "ipo"})["label_smoothing"]
+    assert not any(visible_fields({**form, "mode": "ift"})[k] for k in ("beta", "loss_type", "best_by", "compat"))
+    assert "preference" not in form_to_config({**form, "mode": "ift"})
+    # a key the form has no widget for is kept (and validation names it)
+    odd = config_to_form({**raw, "preference": {**raw["preference"], "gamma": 2}})
+    assert form_to_config(odd)["preference"]["gamma"] == 2
+
+
+async def test_dpo_preset_shows_the_preference_card(ui_user: User, services):
+    await ui_user.open("/train")
+    await ui_user.should_not_see(marker="field-beta")
+    set_value(ui_user, "preset", "dpo-lora")
+    assert el(ui_user, "field-mode").value == "dpo" and el(ui_user, "field-best_by").value == "accuracy"
+    await ui_user.should_see(marker="field-beta")
+    await ui_user.should_see(marker="field-label_smoothing")
+    set_value(ui_user, "field-loss_type", "hinge")
+    await ui_user.should_not_see(marker="field-label_smoothing")
+    ui_user.find(marker="field-beta").clear().type("-1")
+    await ui_user.should_see("must be a positive number")
+
+
 @pytest.mark.parametrize(("kind", "warmup", "accum"), [("cosine", 10, 1), ("linear", 5, 2), ("constant", 7, 1),
                                                        ("cosine", 0, 1)])
 def test_lr_preview_matches_mlx(kind, warmup, accum):

@@ -14,6 +14,7 @@ from conftest import base_config
 from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User, user_simulation
 from nicegui.testing.user_interaction import UserInteraction
+from test_runs_pages import record_navigation
 from uihelpers import el, els, set_value
 from uihelpers import wait_for as _wait_for
 
@@ -228,10 +229,30 @@ async def test_compare_base_and_checkpoint_and_blind_pick(ui_user: User, service
     titles = texts(ui_user, "compare-title")
     assert [t[:4] for t in titles] == ["A = ", "B = "]
     assert {t[4:].removesuffix(" ★ best") for t in titles} == {f"{trained} @ 10", f"{trained} @ 20"}
+    session = el(ui_user, "preference-dataset").value
+    assert session.startswith("ratings-")  # one dataset per session
     rows = [json.loads(line) for line in
-            (services.workspace.datasets / "preferences" / "train.jsonl").read_text().splitlines()]
+            (services.workspace.datasets / session / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["prompt"] == "the cat"
     assert split_think(rows[0]["chosen"])[1] == answers[0] and split_think(rows[0]["rejected"])[1] == answers[1]
+
+    # a tie is counted, not trained on; "Train on these ratings" opens DPO from the rated checkpoint
+    ui_user.find(marker="compare").click()
+    await wait_for(lambda: els(ui_user, "pick-tie") and len(els(ui_user, "compare-stats")) == 2)
+    ui_user.find(marker="pick-tie").click()
+    await wait_for(lambda: "1 tie(s)" in el(ui_user, "rating-tally").text)
+    assert "1 pair(s) to train on" in el(ui_user, "rating-tally").text
+    assert len((services.workspace.datasets / session / "train.jsonl").read_text().splitlines()) == 1
+    targets = record_navigation(ui_user)
+    ui_user.find(marker="train-on-ratings").click()
+    picked = titles[0][4:].removesuffix(" ★ best").split(" @ ")[1]  # shown twice each: the one chosen
+    assert targets == [f"/train?preference={session}&start={trained}%40{picked}"]
+    await ui_user.open(f"/train?preference={session}&start={trained}@{picked}")
+    assert el(ui_user, "field-mode").value == "dpo" and el(ui_user, "field-data").value == session
+    assert el(ui_user, "field-model").value == services.manager.get(trained)["model"]  # the parent's settings
+    assert el(ui_user, "field-rank").value == 8
+    await ui_user.should_see(f"Starts from checkpoint {trained}@{picked}")
+    await ui_user.should_not_see(marker="queue")
 
 
 async def test_link_to_checkpoint_loads_it(ui_user: User, services, trained):

@@ -118,3 +118,47 @@ def test_probe_reports_a_failing_run(workspace, tiny_model, tmp_path):
     probe = preflight.Probe(cfg, root=tmp_path / "probes").start()
     probe.wait(120)
     assert probe.state == "failed" and "fewer than batch_size=4" in probe.message
+
+
+def test_preference_runs_count_two_sequences_and_their_reference(workspace, tiny_model, tmp_path):
+    """DPO: the pairs a run keeps, both sides' tokens per step, the joint pass holding twice the rows of the two-pass
+    step, the reference named; the probe runs real DPO steps and the estimate is close to what they measure."""
+    import random
+
+    from conftest import write_jsonl
+    from test_preference import pref_row
+
+    from services.training import preference
+
+    rng = random.Random(1)
+    data = tmp_path / "pairs"
+    write_jsonl(data / "train.jsonl", [pref_row(rng) for _ in range(12)] + [{"prompt": "p", "chosen": "x",
+                                                                             "rejected": "x"}])
+    write_jsonl(data / "valid.jsonl", [pref_row(rng) for _ in range(4)])
+    manager = RunManager(workspace)
+    tok = load_tokenizer(str(tiny_model))
+    cfg = manager.prepare_config(base_config(tiny_model, data, mode="dpo", batch_size=4, max_seq_length=96,
+                                             lora_parameters={"rank": 8, "dropout": 0.0, "scale": 20.0}))
+    est = preflight.estimate(cfg, tok, free_bytes=64e9)
+    prepared = preference.prepare(cfg, tok, data)
+    assert est["samples"] == len(prepared.train) == 12 and est["steps_per_epoch"] == 3  # the equal pair is left out
+    assert est["data"]["pairs"]["chosen_longer"] == prepared.stats["train"]["chosen_longer"] == 0.0
+    assert est["tokens_per_step"] == pytest.approx(4 * prepared.stats["train"]["tokens"] / 12)
+    assert est["preference"] == {"sequences_per_sample": 2, "step": "two-pass", "reference": "adapters-off",
+                                 "extra_forwards": 4, "reference_once": False}
+    from pages.train.preflight import preflight_lines
+
+    assert any(line.startswith("Preference: 2 sequences per pair (two-pass step") and "adapters-off" in line
+               for line in preflight_lines(est))
+    joint = preflight.estimate({**cfg, "preference": {"compat": True}}, tok, free_bytes=64e9)
+    assert joint["preference"]["step"] == "joint" and joint["parts_gb"]["activations"] == pytest.approx(
+        2 * est["parts_gb"]["activations"])
+    orpo = preflight.estimate({**cfg, "mode": "orpo"}, tok, free_bytes=64e9)
+    assert orpo["preference"]["reference"] == "none" and orpo["seconds"] < est["seconds"]
+    full = preflight.estimate({**cfg, "fine_tune_type": "full"}, tok, free_bytes=64e9)
+    assert full["preference"]["reference"] == "precomputed" and full["preference"]["reference_once"]
+    probe = preflight.Probe(cfg, root=tmp_path / "probes").start()
+    assert probe.wait(180) is not None, probe.message
+    assert probe.state == "done" and probe.result["iterations"] == preflight.PROBE_ITERS
+    assert abs(est["peak_gb"] - probe.result["peak_gb"]) / probe.result["peak_gb"] <= 0.3, (est["peak_gb"],
+                                                                                           probe.result)

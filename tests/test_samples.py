@@ -86,13 +86,13 @@ def test_cpt_documents():
 def test_install_copies_and_is_idempotent(tmp_path):
     datasets = tmp_path / "datasets"
     paths = install_samples(datasets)
-    assert paths == {"cpt": datasets / "sample-cpt", "ift": datasets / "sample-ift"}
+    assert paths == {"cpt": datasets / "sample-cpt", "ift": datasets / "sample-ift", "dpo": datasets / "sample-dpo"}
     for kind, dst in paths.items():
         src = SAMPLES_DIR / kind
         assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
         for f in src.iterdir():
             assert (dst / f.name).read_bytes() == f.read_bytes()
-    assert sorted(p.name for p in datasets.iterdir()) == ["sample-cpt", "sample-ift"]  # no temp folders
+    assert sorted(p.name for p in datasets.iterdir()) == ["sample-cpt", "sample-dpo", "sample-ift"]  # no temp
 
     edited = paths["ift"] / "train.jsonl"
     edited.write_text('{"messages": []}\n')

@@ -1,5 +1,6 @@
 """The Playground's Compare tab: one prompt answered by the base model and checkpoints side by side, with a
-blind A/B mode whose picks are saved as preference pairs (prompt, chosen, rejected) for DPO/ORPO."""
+blind A/B mode whose ratings are saved as preference pairs (prompt, chosen, rejected) for DPO/ORPO: one dataset
+per session, and "Train on these ratings" opens the Train page on DPO from the rated checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from nicegui import ui
 
@@ -16,13 +18,19 @@ from pages.playground.selection import Selection
 from services.errors import ForgeError
 from services.inference.requests import adapter_label
 from services.inference.service import CancelHandle
-from services.library.datasets import save_preference
-from services.training.index import adapters_for
+from services.library.datasets import (
+    VERDICTS,
+    rated_checkpoint,
+    rating_tally,
+    ratings,
+    record_rating,
+    session_dataset_name,
+)
+from services.training.index import adapters_for, checkpoint_ref
 
 if TYPE_CHECKING:
     from app.composition import Services
 
-PREFERENCES = "preferences"
 
 
 class ComparePanel:
@@ -55,7 +63,8 @@ class ComparePanel:
                 .mark("blind")
             self.blind.tooltip("Two answers shown as A and B in random order; your pick is saved as a preference "
                                "pair (prompt, chosen, rejected) for DPO/ORPO")
-            self.pref_name = ui.input("Save picks to dataset", value=PREFERENCES).props("dense outlined") \
+            self.pref_name = ui.input("Save ratings to dataset", value=session_dataset_name(),
+                                      on_change=lambda: self.show_tally()).props("dense outlined") \
                 .classes("w-56").mark("preference-dataset")
             self.pref_name.set_visibility(False)
             self.run_btn = ui.button("Compare", icon="compare_arrows", on_click=self.compare).mark("compare")
@@ -68,10 +77,18 @@ class ComparePanel:
             .mark("compare-columns")
         with ui.row().classes("items-center gap-3") as self.ab_row:
             ui.label("Which answer is better?").classes("font-medium")
-            for letter in "AB":
-                ui.button(f"{letter} is better", on_click=lambda x=letter: self.pick(x)).mark(f"pick-{letter}")
+            for verdict, text in VERDICTS.items():
+                ui.button(text, on_click=lambda v=verdict: self.pick(v)) \
+                    .props("" if verdict in "AB" else "outline").mark(f"pick-{verdict}")
             ui.button("Skip", on_click=lambda: self.pick(None)).props("flat").mark("pick-skip")
         self.ab_row.set_visibility(False)
+        with ui.row().classes("items-center gap-3") as self.tally_row:
+            self.tally = ui.label("").classes("text-sm").mark("rating-tally")
+            self.train_btn = ui.button("Train on these ratings", icon="model_training", on_click=self.train_on) \
+                .props("outline").mark("train-on-ratings")
+            self.train_btn.tooltip("Open the Train page on DPO with this session's pairs, starting from the rated "
+                                   "checkpoint")
+        self.show_tally()
 
     def refresh_targets(self, model: str | None) -> None:
         """The LoRA runs and checkpoints of ``model`` (full fine-tunes cannot share the base)."""
@@ -144,7 +161,7 @@ class ComparePanel:
         if blind and not cancelled:
             texts = {r["index"]: r.get("text", "") for r in results}
             self.ab = {"prompt": self.selection.settings.prompt(prompt), "order": order, "texts": texts,
-                       "targets": targets}
+                       "targets": targets, "model": model, "sampling": request}
             self.ab_row.set_visibility(True)
 
     def target_title(self, target: str | None) -> str:
@@ -180,8 +197,8 @@ class ComparePanel:
                 AnswerBody(item.get("text", ""))
                 ui.label(stats_text(item)).classes("text-xs opacity-70").mark("compare-stats")
 
-    def pick(self, letter: str | None) -> None:
-        """Save the blind pick as a preference pair and reveal which answer came from where."""
+    def pick(self, verdict: str | None) -> None:
+        """Record the blind rating (``None``: skip) and reveal which answer came from where."""
         ab = self.ab
         if ab is None:
             return
@@ -190,17 +207,34 @@ class ComparePanel:
         order, texts, targets = ab["order"], ab["texts"], ab["targets"]
         for pos, index in enumerate(order):
             self.titles[index].set_text(f"{'AB'[pos]} = {self.target_title(targets[index])}")
-        if letter is None:
+        if verdict is None:
             return
-        chosen = order["AB".index(letter)]
-        rejected = order[1 - "AB".index(letter)]
-        name = (self.pref_name.value or PREFERENCES).strip()
+        shown = {"AB"[pos]: {"target": targets[index], "label": self.target_title(targets[index]),
+                             "text": texts[index]} for pos, index in enumerate(order)}
         try:
-            path = save_preference(self.workspace, name, ab["prompt"], texts[chosen], texts[rejected])
+            folder = record_rating(self.workspace, self.pref_name.value or "", ab["prompt"], shown, verdict,
+                                   ab["model"], ab["sampling"])
         except (ForgeError, OSError) as e:  # OSError: the dataset file could not be written
             ui.notify(f"Not saved: {e}", type="negative", multi_line=True)
             return
         root = self.workspace.root
-        rel = path.relative_to(root) if path.is_relative_to(root) else path
-        ui.notify(f"Saved your pick ({self.target_title(targets[chosen])}) to {rel}", type="positive")
+        rel = folder.relative_to(root) if folder.is_relative_to(root) else folder
+        what = f"your pick ({shown[verdict]['label']})" if verdict in shown else f"a {VERDICTS[verdict]} (counted, " \
+            "not trained on)"
+        ui.notify(f"Saved {what} to {rel}", type="positive")
         self.note.set_text(f"saved to {rel}")
+        self.show_tally()
+
+    def show_tally(self) -> None:
+        """The session dataset's tally; "Train on these ratings" once it holds a pair."""
+        t = rating_tally(ratings(self.workspace, self.pref_name.value or ""))
+        self.tally.set_text(f"{self.pref_name.value}: {t['pairs']} pair(s) to train on · {t['ties']} tie(s) · "
+                            f"{t['both_bad']} both bad (left out)")
+        self.tally_row.set_visibility(t["ratings"] > 0)
+        self.train_btn.set_visibility(t["pairs"] > 0)
+
+    def train_on(self) -> None:
+        """The Train page on DPO with this session's pairs, forked from the checkpoint they rated."""
+        name = (self.pref_name.value or "").strip()
+        start = checkpoint_ref(self.manager, rated_checkpoint(ratings(self.workspace, name)))
+        ui.navigate.to(f"/train?preference={quote(name)}" + (f"&start={quote(start)}" if start else ""))

@@ -13,8 +13,16 @@ from nicegui import events, ui
 from nicegui.elements.mixins.value_element import ValueElement
 
 from pages.common import METHODS, MODES
-from pages.train.form import SCHEDULE_KINDS, TIPS, form_field, form_to_config, load_upload, schedule_choices
+from pages.train.form import (
+    SCHEDULE_KINDS,
+    TIPS,
+    form_field,
+    form_to_config,
+    load_upload,
+    schedule_choices,
+)
 from services.config import MAX_YAML_BYTES, OPTIMIZERS, ConfigError, check_yaml_size, dump_yaml
+from services.training.preference import LOSS_TYPES
 
 Form = dict[str, Any]
 
@@ -140,6 +148,19 @@ class DataHandlingCard:
             self.mask_all_turns = make.switch("mask_all_turns", "Loss on all assistant turns")
 
 
+class PreferenceCard:
+    """DPO/ORPO settings: beta (ORPO's lambda), the DPO loss, label smoothing, the best checkpoint, compat mode."""
+
+    def __init__(self, make: FieldMaker) -> None:
+        self.box = card("Preference tuning")
+        with self.box, ui.row().classes("w-full items-end gap-3"):
+            self.beta = make.number("beta", "Beta (ORPO: lambda)", step=0.05)
+            self.loss_type = make.toggle("loss_type", {k: k for k in LOSS_TYPES})
+            self.label_smoothing = make.number("label_smoothing", "Label smoothing", step=0.05)
+            self.best_by = make.toggle("best_by", {"val_loss": "best by val loss", "accuracy": "best by accuracy"})
+            self.compat = make.switch("compat", "mlx-lm-lora compatible")
+
+
 class EvaluationCard:
     """Reports, evaluations, checkpoints and early stopping."""
 
@@ -194,6 +215,7 @@ class TrainForm:
             self.length = LengthCard(make)
             self.weights = WeightsCard(make)
             self.data_handling = DataHandlingCard(make)
+            self.preference = PreferenceCard(make)
             self.evaluation = EvaluationCard(make)
             self.machines = MachinesCard(make, check_machines)
         self.widgets = make.widgets
@@ -239,6 +261,7 @@ class TrainForm:
         """Show the fields that apply, each with the first problem found for it."""
         for key, shown in visible.items():
             self.widgets[key].set_visibility(shown)
+        self.preference.box.set_visibility(visible["beta"])
         by_field: dict[str, str] = {}
         for e in errors:
             by_field.setdefault(form_field(e.field), e.reason)

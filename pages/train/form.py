@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError, ConfigProblems, parse_yaml_bytes, schedule
+from services.training import preference
+
+# the form's keys of a dpo/orpo run's `preference` block (form key → config key)
+PREFERENCE_FIELDS = {"beta": "beta", "loss_type": "loss_type", "label_smoothing": "label_smoothing",
+                     "best_by": "best", "compat": "compat"}
 
 SCHEDULE_KINDS = {"constant": "constant", "linear": "linear decay", "cosine": "cosine decay"}
 
@@ -32,15 +37,17 @@ FORM_DEFAULTS: dict[str, Any] = {
     "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
     "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
     "keep_checkpoints": None, "train_embeddings": False, "processes": 1, "extra": {}, "extra_lora": {},
+    **{k: preference.DEFAULTS[c] for k, c in PREFERENCE_FIELDS.items()},
 }
 
 TIPS = {
     "name": "Run name shown in the run list; also used in the run folder's name.",
     "model": "An mlx-lm model folder (with config.json) from the workspace's models/ or published/, or a path.",
     "data": "A dataset from the workspace's datasets/, or a path. CPT: text documents; IFT: chat, "
-            "prompt/completion or text rows (train.jsonl + valid.jsonl, or one file that is split).",
-    "mode": "CPT: continued pre-training on raw text. IFT: instruction fine-tuning on chats. "
-            "Plain mlx-lm: exactly mlx_lm.lora's behaviour.",
+            "prompt/completion or text rows; DPO/ORPO: prompt/chosen/rejected pairs (train.jsonl + valid.jsonl, "
+            "or one file that is split).",
+    "mode": "CPT: continued pre-training on raw text. IFT: instruction fine-tuning on chats. DPO/ORPO: preference "
+            "tuning on pairs of a better and a worse answer. Plain mlx-lm: exactly mlx_lm.lora's behaviour.",
     "fine_tune_type": "LoRA: low-rank adapters. DoRA: weight-decomposed LoRA. Full: train the weights themselves "
                       "(most memory).",
     "preset": "Fill every field from a preset in configs/.",
@@ -79,6 +86,13 @@ TIPS = {
     "grad_checkpoint": "Recompute activations in the backward pass: less memory, about 30% slower.",
     "processes": "Processes on this machine that train together (mx.distributed, ring over loopback); the batch "
                  "size is the global batch and must divide by it. Several Macs: set distributed.hosts in YAML.",
+    "beta": "DPO: how far the model may move from its reference (typical 0.1; lower: further). "
+            "ORPO: lambda, the weight of the odds-ratio term.",
+    "loss_type": "DPO loss: sigmoid (the paper's), ipo (squared, length-normalised) or hinge.",
+    "label_smoothing": "DPO sigmoid: the share of pairs assumed to be labelled the wrong way round (0: none).",
+    "best_by": "Which checkpoint is the best: lowest validation loss, or highest validation preference accuracy.",
+    "compat": "mlx-lm-lora's batching and validation, for report-for-report comparison with it (off: every pair "
+              "once per epoch, every validation pair counted once).",
 }
 
 # Form fields that must hold a number (None = left blank → "required").
@@ -95,7 +109,8 @@ ERROR_FIELDS = {
     "lora_parameters.alpha": "scale", "lr_schedule.warmup": "warmup", "lr_schedule.arguments": "learning_rate",
     "lr_schedule.name": "schedule", "lr_schedule": "schedule", "early_stopping.patience": "patience",
     "early_stopping.min_delta": "min_delta", "early_stopping.overfit_threshold": "overfit_threshold",
-    "early_stopping": "early_stopping", "grad_accumulation_steps": "grad_accumulation_steps",
+    "early_stopping": "early_stopping", "grad_accumulation_steps": "grad_accumulation_steps", "preference": "beta",
+    **{f"preference.{c}": k for k, c in PREFERENCE_FIELDS.items()},
 }
 
 
@@ -188,6 +203,7 @@ def load_upload(data: bytes, name: str, prepare: Callable[[dict[str, Any]], Any]
 def visible_fields(form: dict[str, Any]) -> dict[str, bool]:
     """Which optional fields apply to the form's choices (LoRA settings for LoRA/DoRA, packing for CPT…)."""
     lora = form.get("fine_tune_type") in ("lora", "dora")
+    pref, dpo = form.get("mode") in preference.MODES, form.get("mode") == "dpo"
     decaying = form.get("schedule") in ("linear", "cosine")
     stopping = bool(form.get("early_stopping"))
     return {
@@ -196,6 +212,8 @@ def visible_fields(form: dict[str, Any]) -> dict[str, bool]:
         "packing": form.get("mode") == "cpt", "mask_all_turns": form.get("mode") == "ift",
         "warmup": form.get("schedule") != "custom", "final_lr": decaying, "schedule_steps": decaying,
         "patience": stopping, "min_delta": stopping, "overfit_threshold": stopping,
+        "beta": pref, "best_by": pref, "compat": pref, "loss_type": dpo,
+        "label_smoothing": dpo and form.get("loss_type") == "sigmoid",
     }
 
 
@@ -254,6 +272,8 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
         cfg["packing"] = bool(f.get("packing"))
     if mode == "ift":
         cfg["mask_all_turns"] = bool(f.get("mask_all_turns"))
+    if mode in preference.MODES:
+        cfg["preference"] = _form_preference(f, mode)
     for key in ("valid_fraction", "val_batches", "steps_per_report", "steps_per_eval", "save_every"):
         cfg[key] = f.get(key)
     if f.get("keep_checkpoints") is not None:
@@ -271,6 +291,14 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     for k, v in (f.get("extra") or {}).items():
         cfg.setdefault(k, copy.deepcopy(v))
     return cfg
+
+
+def _form_preference(f: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The ``preference`` block: the keys that apply to ``mode`` (ORPO has no loss type or label smoothing)."""
+    shown = visible_fields(f)
+    kept = (f.get("extra") or {}).get("preference")
+    return {**(kept if isinstance(kept, dict) else {}),
+            **{c: (bool(f.get(k)) if k == "compat" else f.get(k)) for k, c in PREFERENCE_FIELDS.items() if shown[k]}}
 
 
 def _schedule_to_form(s: Any, form: dict[str, Any]) -> None:
@@ -338,6 +366,12 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
                 form[key] = lp.pop(key)
         form["extra_lora"] = lp
     _schedule_to_form(cfg.pop("lr_schedule", None), form)
+    pref = cfg.pop("preference", None)
+    if isinstance(pref, dict):
+        pref = dict(pref)
+        form.update({k: pref.pop(c) for k, c in PREFERENCE_FIELDS.items() if c in pref})
+        if pref:  # keys the form has no widget for: validation names them
+            cfg["preference"] = pref
     es = cfg.pop("early_stopping", None)
     if isinstance(es, dict):
         form.update(early_stopping=True, patience=es.get("patience", 3), min_delta=es.get("min_delta", 0.0),

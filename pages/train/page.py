@@ -22,7 +22,8 @@ from services.library.datasets import list_datasets, suggested_dataset
 from services.library.models import list_models
 from services.training.distributed import preflight as preflight_hosts
 from services.training.folder import WAITING
-from services.training.index import without_defaults
+from services.training.index import default_fork_iters, without_defaults
+from services.training.manager import parse_ref
 
 if TYPE_CHECKING:
     from app.composition import Services
@@ -33,6 +34,8 @@ class StartCard:
 
     def __init__(self, start: Callable[..., None], files: YamlFiles) -> None:
         with ui.card().classes("w-full"):
+            self.fork = ui.label("").classes("text-sm").mark("fork-start")
+            self.fork.set_visibility(False)
             self.problems = ui.label("").classes("whitespace-pre-line text-negative text-sm").mark("problems")
             self.valid = ui.label("Config is valid.").classes("text-positive text-sm").mark("valid")
             with ui.row().classes("gap-2"):
@@ -67,6 +70,14 @@ class StartCard:
         for button in (self.start, self.queue):
             button.set_enabled(on)
 
+    def show_fork(self, ref: str | None) -> None:
+        """Say that the run starts from checkpoint ``ref`` (a fork starts at once: it has no queue)."""
+        it = ref.rpartition("@")[2] if ref else ""
+        self.fork.set_text(f"Starts from checkpoint {ref} (a fork of that run: iterations count on from {it})"
+                           if ref else "")
+        self.fork.set_visibility(bool(ref))
+        self.queue.set_visibility(not ref)
+
 
 class TrainPage:
     """The form on the left; the schedule preview, the start card and the preflight panel on the right."""
@@ -77,6 +88,7 @@ class TrainPage:
         self.datasets = list_datasets(services.workspace)
         models = {m["key"]: m["label"] for m in list_models(services.workspace)}
         self.picked_data: str | None = None  # the dataset the page chose (not the person): it follows the mode
+        self.fork_from: tuple[str, int] | None = None  # (run, checkpoint) a preference run starts from
         ui.label("Train").classes("text-2xl font-semibold")
         with ui.row().classes("w-full items-start gap-4 no-wrap max-lg:flex-wrap"):
             self.form = TrainForm(list(self.presets), models, {d["key"]: d["label"] for d in self.datasets},
@@ -97,6 +109,30 @@ class TrainPage:
         self.fill(form)
         if source is not None:
             self.clone_run(source)
+
+    def open_preference(self, dataset: str, start: str | None) -> None:
+        """DPO on ``dataset`` (rated pairs), forked from checkpoint ``start`` (``RUN@ITER``) with its settings:
+        the Playground's "Train on these ratings"."""
+        form = default_form()
+        if start:
+            try:
+                run_id, it = parse_ref(start)
+                folder = self.manager.folder(run_id)
+                if it not in folder.checkpoint_iterations():
+                    raise ConfigError("start", start, f"run {run_id} has checkpoints {folder.checkpoint_iterations()}")
+                parent = folder.config()
+                form = config_to_form(parent)
+                form["extra"] = without_defaults(form["extra"])
+                form["iters"] = default_fork_iters(parent, it)  # a fork counts on from its checkpoint
+                self.fork_from = (run_id, it)
+                form["name"] = f"{folder.info().get('name') or run_id}-dpo"
+            except (ConfigError, OSError, ValueError, yaml.YAMLError) as err:
+                ui.notify(f"Cannot start from {start}: {err}", type="negative")
+        else:
+            form["model"] = next(iter(self.form.model_data.model.options), None)
+        form.update(mode="dpo", data=dataset)
+        self.fill(form)
+        self.actions.show_fork(start if self.fork_from else None)
 
     def current(self) -> tuple[dict[str, Any], list[ConfigError]]:
         """The engine config of the form and every problem found (form blanks, schema, model and data paths)."""
@@ -141,6 +177,10 @@ class TrainPage:
             self.refresh()
             ui.notify(f"Fix {len(errors)} problem(s) before starting", type="warning")
             return
+        if self.fork_from and cfg.get("iters") is not None and cfg["iters"] <= self.fork_from[1]:
+            ui.notify(f"A fork counts on from its checkpoint: set more than {self.fork_from[1]} iterations",
+                      type="warning")
+            return
         busy = [] if queue or side_by_side else self.manager.active()
         if busy:  # two runs at once share the CPU/GPU and memory: ask first
             self.actions.ask(busy[0])
@@ -148,7 +188,9 @@ class TrainPage:
         self.actions.busy_dialog.close()
         self.actions.enable(False)
         try:
-            if queue:
+            if self.fork_from:
+                folder = self.manager.fork(*self.fork_from, cfg)
+            elif queue:
                 folder = self.manager.enqueue(cfg)
             else:
                 folder = self.manager.create(cfg)
@@ -190,6 +232,11 @@ class TrainPage:
 
 
 def train_page(services: Services) -> None:
-    """Build the Train page for one client (``/train?from=RUN`` starts from a run's config)."""
-    source = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query).get("from")
-    TrainPage(services).open(source[0] if source else None)
+    """Build the Train page for one client (``/train?from=RUN`` starts from a run's config;
+    ``/train?preference=DATASET&start=RUN@ITER`` is DPO on rated pairs from a checkpoint)."""
+    query = parse_qs(urlsplit(ui.context.client.sub_pages_router.current_path).query)
+    page = TrainPage(services)
+    if query.get("preference"):
+        page.open_preference(query["preference"][0], (query.get("start") or [None])[0])
+    else:
+        page.open((query.get("from") or [None])[0])

@@ -31,6 +31,15 @@ def preflight_lines(est: dict[str, Any]) -> list[str]:
              f"{est['iters']:,} iterations",
              f"Time ≈ {duration(est['seconds'])} at ~{est['tokens_per_second']:,.0f} tok/s "
              "(rough; the probe measures it)"]
+    pref = est.get("preference")
+    if pref:
+        lines.append(f"Preference: 2 sequences per pair ({pref['step']} step: "
+                     + ("one side's activations at a time" if pref["step"] == "two-pass" else "both sides at once")
+                     + f"); reference: {pref['reference']}"
+                     + (", one forward pass per step" if pref["reference"] == "adapters-off" else "")
+                     + (", computed once before training" if pref["reference_once"] else "")
+                     + (f"; {data['pairs']['pairs']:,} pairs, chosen longer in {data['pairs']['chosen_longer']:.0%}"
+                        if data.get("pairs") else ""))
     if est.get("warning"):
         lines.append(f"⚠ {est['warning']}")
     if data.get("bad_lines"):

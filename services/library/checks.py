@@ -2,7 +2,8 @@
 what the model sees of one sample (tokens, loss mask, truncation).
 
 Formats follow :mod:`services.training.data` (the training pipeline): a ``.jsonl`` file or a folder with
-``train/valid/test.jsonl`` holds text, completions or chat rows (chat rows may carry ``tools``); any other
+``train/valid/test.jsonl`` holds text, completions, chat rows (chat rows may carry ``tools``) or preference
+pairs (rendered by :mod:`services.training.preference`, as DPO/ORPO runs render them); any other
 folder, or a ``.txt``/``.md`` file, holds raw documents for continued pre-training. Every problem is
 reported as ``file:line: reason`` (``file: reason`` for a whole document).
 """
@@ -32,10 +33,12 @@ from services.training.data import (
     row_format,
     split_files,
 )
+from services.training.preference import SIDES, answer_mask, pair_stats, render_pair, render_split
 from services.workspace import staged, write_atomic
 
 FORMATS = {"text": "text rows", "completions": "prompt/completion rows", "chat": "chat rows",
-           "tools": "chat rows with tools", "documents": "raw text documents (CPT)"}
+           "tools": "chat rows with tools", "documents": "raw text documents (CPT)",
+           "preference": "preference pairs (DPO/ORPO)"}
 RUN_CFG: dict[str, Any] = {"mask_all_turns": True}  # what a ForgeLLM IFT run does by default
 MAX_SHOWN_TOKENS = 1500
 
@@ -280,6 +283,12 @@ def summarize(sample: Any, fmt: str, width: int = 160) -> str:
         return _clip(tools + turns, width * 2)
     if fmt == "completions":
         return f"{_clip(sample.get('prompt', ''), width // 2)} → {_clip(sample.get('completion', ''), width // 2)}"
+    if fmt == "preference":
+        prompt = sample.get("prompt")
+        text = prompt if isinstance(prompt, str) else " | ".join(str(m.get("content", "")) for m in prompt or []
+                                                                 if isinstance(m, dict))
+        return (f"{_clip(text, width // 3)} ✓ {_clip(str(sample.get('chosen', '')), width // 3)} "
+                f"✗ {_clip(str(sample.get('rejected', '')), width // 3)}")
     return _clip(sample.get("text", ""), width)
 
 
@@ -326,15 +335,30 @@ def _histogram(lengths: list[int], bins: int) -> list[tuple[int, int, int]]:
     return [(b * width, (b + 1) * width, counts.get(b, 0)) for b in range(min(lengths) // width, top // width + 1)]
 
 
+def _lengths_summary(lengths: list[int], bins: int) -> dict[str, Any]:
+    srt = sorted(lengths)
+    pct = (lambda q: srt[min(int(q * len(srt)), len(srt) - 1)]) if srt else (lambda q: 0)
+    return {"min": srt[0] if srt else 0, "max": srt[-1] if srt else 0,
+            "mean": round(sum(srt) / len(srt), 1) if srt else 0, "p50": pct(0.5), "p95": pct(0.95),
+            "histogram": _histogram(lengths, bins)}
+
+
+def _digest(sample: Any) -> bytes:
+    key = sample.text if isinstance(sample, Document) else json.dumps(sample, sort_keys=True)
+    return hashlib.sha1(key.encode()).digest()
+
+
 def token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, cfg: dict[str, Any] | None = None,
                 bins: int = 20) -> dict[str, Any]:
     """Samples, tokens (as the run renders them), trained tokens, length spread and histogram, truncation at
-    ``max_seq_length`` and exact duplicates. Documents are packed in CPT, so they report windows instead."""
+    ``max_seq_length`` and exact duplicates. Documents are packed in CPT, so they report windows instead;
+    preference pairs add their pair statistics (see :func:`pair_token_stats`)."""
+    if check.fmt == "preference":
+        return pair_token_stats(check, tokenizer, max_seq_length, bins)
     lengths: list[int] = []
     trained, errors, seen, dups, untrainable = 0, [], set(), 0, 0
     for where, _, _, sample in check.samples():
-        key = sample.text if isinstance(sample, Document) else json.dumps(sample, sort_keys=True)
-        digest = hashlib.sha1(key.encode()).digest()
+        digest = _digest(sample)
         if digest in seen:
             dups += 1
         seen.add(digest)
@@ -346,15 +370,9 @@ def token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, cfg: d
         lengths.append(len(toks))
         trained += sum(mask[:max_seq_length]) if check.fmt != "documents" else len(toks)
         untrainable += check.fmt != "documents" and not any(mask[1:max_seq_length])  # a run leaves these out
-    srt = sorted(lengths)
-    pct = (lambda q: srt[min(int(q * len(srt)), len(srt) - 1)]) if srt else (lambda q: 0)
     out: dict[str, Any] = {
-        "samples": len(lengths), "tokens": sum(lengths), "trained_tokens": trained,
-        "min": srt[0] if srt else 0, "max": srt[-1] if srt else 0,
-        "mean": round(sum(srt) / len(srt), 1) if srt else 0, "p50": pct(0.5), "p95": pct(0.95),
-        "duplicates": dups, "untrainable": untrainable, "max_seq_length": max_seq_length,
-        "histogram": _histogram(lengths, bins),
-        "errors": errors,
+        "samples": len(lengths), "tokens": sum(lengths), "trained_tokens": trained, **_lengths_summary(lengths, bins),
+        "duplicates": dups, "untrainable": untrainable, "max_seq_length": max_seq_length, "errors": errors,
     }
     if check.fmt == "documents":  # bos d1 eos d2 eos … cut into windows overlapping by one token
         stream = 1 + sum(n + 1 for n in lengths)
@@ -366,15 +384,56 @@ def token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, cfg: d
     return out
 
 
+def pair_token_stats(check: DatasetCheck, tokenizer: Any, max_seq_length: int, bins: int = 20) -> dict[str, Any]:
+    """:func:`token_stats` of preference pairs, rendered as a DPO/ORPO run renders them: lengths are each pair's
+    longer side (its batch width), ``untrainable`` the rows a run leaves out (``left_out``: ``file:line: why``),
+    and ``pairs`` the pair statistics (answer lengths of each side, the share where chosen is longer)."""
+    pairs, left_out, errors, seen, dups = [], [], [], set(), 0
+    for where, _, _, row in check.samples():
+        digest = _digest(row)
+        dups += digest in seen
+        seen.add(digest)
+        try:
+            kept, left = render_split(tokenizer, [(where, row)], max_seq_length)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        pairs += kept
+        left_out += left
+    lengths = [max(len(p.chosen), len(p.rejected)) for p in pairs]
+    return {"samples": len(pairs) + len(left_out), "tokens": sum(len(p.chosen) + len(p.rejected) for p in pairs),
+            "trained_tokens": sum(sum(answer_mask(p, side)[:max_seq_length]) for p in pairs for side in SIDES),
+            **_lengths_summary(lengths, bins), "duplicates": dups, "untrainable": len(left_out),
+            "left_out": left_out, "max_seq_length": max_seq_length, "errors": errors,
+            "truncated_samples": sum(n > max_seq_length for n in lengths),
+            "truncated_tokens": sum(max(n - max_seq_length, 0) for n in lengths),
+            "pairs": pair_stats(pairs, max_seq_length)}
+
+
 def what_the_model_sees(tokenizer: Any, sample: Any, fmt: str, max_seq_length: int, where: str = "sample",
                         cfg: dict[str, Any] | None = None, limit: int = MAX_SHOWN_TOKENS) -> dict[str, Any]:
     """One sample rendered as the run renders it: every token's text and state.
 
     States: ``trained`` (a loss target), ``masked`` (context only) and ``cut`` (beyond ``max_seq_length``;
-    for documents, where the next packed window starts). At most ``limit`` tokens are returned.
+    for documents, where the next packed window starts). At most ``limit`` tokens are returned. A preference
+    pair gives ``{"chosen": view, "rejected": view}``, each side as :func:`pair_view` renders it.
     """
+    if fmt == "preference":
+        return pair_view(tokenizer, sample, max_seq_length, where, limit)
     toks, mask = render(tokenizer, sample, fmt, where, cfg)
-    doc = isinstance(sample, Document)
+    return _token_view(tokenizer, toks, mask, max_seq_length, isinstance(sample, Document), limit)
+
+
+def pair_view(tokenizer: Any, row: dict, max_seq_length: int, where: str = "sample",
+              limit: int = MAX_SHOWN_TOKENS) -> dict[str, Any]:
+    """Both sides of a preference pair as a DPO/ORPO run sees them: prompt (masked), answer (trained), cut."""
+    pair = render_pair(tokenizer, row, where)
+    return {side: _token_view(tokenizer, getattr(pair, side), answer_mask(pair, side), max_seq_length, False, limit)
+            for side in SIDES}
+
+
+def _token_view(tokenizer: Any, toks: list[int], mask: list[bool], max_seq_length: int, doc: bool, limit: int
+                ) -> dict[str, Any]:
     out = []
     for i, (t, m) in enumerate(zip(toks[:limit], mask[:limit], strict=True)):
         state = "cut" if not doc and i >= max_seq_length else ("trained" if m else "masked")

@@ -1,11 +1,13 @@
 """The dataset catalogue: formats, listing, upload, import and delete of ``workspace/datasets``, the validation
-split that perplexity reads, and the preference pairs that the Playground's blind A/B picks append."""
+split that perplexity reads, and the preference pairs that the Playground's blind A/B ratings append."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,15 @@ from typing import Any
 from services.library.models import LibraryError, LibraryNotFound, check_name
 from services.settings import load_settings, settings_path
 from services.units import human_bytes
-from services.workspace import Workspace, append_jsonl, disk_size, staged, suggest_name, write_atomic
+from services.workspace import (
+    Workspace,
+    append_jsonl,
+    disk_size,
+    read_jsonl_tail,
+    staged,
+    suggest_name,
+    write_atomic,
+)
 
 DATASET_SUFFIXES = (".jsonl", ".txt", ".md")
 SCAN_LIMIT = 5000  # entries of a dataset folder looked at: a link to a huge tree must not slow every listing
@@ -113,11 +123,13 @@ def validation_datasets(ws: Workspace) -> list[dict[str, Any]]:
 
 
 # A dataset's format (the first word of :func:`dataset_format`) → the training modes it is meant for.
-MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools")}
+MODE_FORMATS = {"cpt": ("documents", "text"), "ift": ("chat", "completions", "tools"), "dpo": ("preference",),
+                "orpo": ("preference",)}
 
 
 def suggested_dataset(datasets: list[dict[str, Any]], mode: str) -> str | None:
-    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT."""
+    """The first dataset (of :func:`list_datasets`) whose format fits ``mode``: documents for CPT, chats for IFT,
+    pairs for DPO/ORPO."""
     kinds = MODE_FORMATS.get(mode, ())
     return next((d["key"] for d in datasets if d["format"].split(" ")[0] in kinds), None)
 
@@ -271,16 +283,85 @@ def delete_dataset(ws: Workspace, key: str) -> Path:
 def save_preference(workspace: Workspace, dataset_name: str, prompt: str | list[dict[str, str]], chosen: str,
                     rejected: str) -> Path:
     """Append ``{"prompt", "chosen", "rejected"}`` to ``workspace/datasets/NAME/train.jsonl`` (DPO/ORPO format)."""
-    name = check_name((dataset_name or "").strip(), "dataset name")
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str) or not value.strip():
             raise LibraryError(f"{field}: expected a non-empty string")
     if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
         raise LibraryError("prompt: expected a non-empty string or a list of messages")
+    path = save_preference_folder(workspace, dataset_name) / "train.jsonl"
+    append_jsonl(path, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return path
+
+
+# ----------------------------------------------------------------------------------------- blind ratings
+
+RATINGS_FILE = "ratings.jsonl"  # every blind rating of a session's dataset, pairs or not (not a training split)
+VERDICTS = {"A": "A is better", "B": "B is better", "tie": "tie", "both_bad": "both bad"}
+
+
+def session_dataset_name(now: float | None = None) -> str:
+    """The dataset a Playground session's ratings go to: one per session, named by its start."""
+    return time.strftime("ratings-%Y%m%d-%H%M%S", time.localtime(now))
+
+
+def record_rating(workspace: Workspace, dataset_name: str, prompt: str | list[dict[str, str]],
+                  shown: dict[str, dict[str, Any]], verdict: str, model: str | None = None,
+                  sampling: dict[str, Any] | None = None) -> Path:
+    """Record one blind rating in ``datasets/NAME/ratings.jsonl``: which target (``None``: the base) was shown as
+    A and as B (``shown[letter] = {"target", "label", "text"}``), the verdict, the model and the sampling. A verdict
+    for A or B also appends the pair (:func:`save_preference`); a tie or "both bad" teaches no preference, so it is
+    only counted. Returns the dataset folder."""
+    if verdict not in VERDICTS:
+        raise LibraryError(f"verdict: expected one of {', '.join(VERDICTS)}, got {verdict!r}")
+    if set(shown) != {"A", "B"}:
+        raise LibraryError(f"shown: expected the sides A and B, got {sorted(shown)}")
+    if verdict in ("A", "B"):
+        other = "B" if verdict == "A" else "A"
+        path = save_preference(workspace, dataset_name, prompt, shown[verdict]["text"], shown[other]["text"])
+    else:
+        path = save_preference_folder(workspace, dataset_name) / "train.jsonl"
+    append_jsonl(path.parent / RATINGS_FILE, {
+        "time": time.time(), "prompt": prompt, "model": model, "sampling": sampling or {}, "verdict": verdict,
+        "shown": {k: {"target": v.get("target"), "label": v.get("label"), "text": v.get("text")}
+                  for k, v in shown.items()}})
+    return path.parent
+
+
+def save_preference_folder(workspace: Workspace, dataset_name: str) -> Path:
+    """``datasets/NAME`` for preference pairs (made if missing); a name outside the workspace is refused."""
+    name = check_name((dataset_name or "").strip(), "dataset name")
     folder = workspace.inside(workspace.datasets / name)
     if folder.parent != workspace.datasets.resolve():
         raise LibraryError(f"dataset name {dataset_name!r} resolves outside {workspace.datasets}")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train.jsonl"
-    append_jsonl(path, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return path
+    return folder
+
+
+def ratings(workspace: Workspace, dataset_name: str) -> list[dict[str, Any]]:
+    """The blind ratings recorded for ``datasets/NAME`` (none for a name not rated yet)."""
+    folder = workspace.datasets / (dataset_name or "").strip()
+    if not dataset_name or folder.parent != workspace.datasets:
+        return []
+    return read_jsonl_tail(folder / RATINGS_FILE)[0]
+
+
+def rating_tally(records: list[dict[str, Any]]) -> dict[str, int]:
+    """``{"pairs", "ties", "both_bad", "ratings"}``: pairs are what training gets; ties and "both bad" are left out."""
+    n = collections.Counter(r.get("verdict") for r in records)
+    return {"pairs": n["A"] + n["B"], "ties": n["tie"], "both_bad": n["both_bad"], "ratings": len(records)}
+
+
+def rated_checkpoint(records: list[dict[str, Any]]) -> str | None:
+    """The checkpoint a session rated: the non-base side shown most often, then the one chosen most often, then
+    the one rated last; ``None`` when only the base was shown."""
+    seen: collections.Counter[str] = collections.Counter()
+    won: collections.Counter[str] = collections.Counter()
+    last: dict[str, int] = {}
+    for i, r in enumerate(records):
+        for letter, side in (r.get("shown") or {}).items():
+            target = side.get("target") if isinstance(side, dict) else None
+            if target:
+                seen[target] += 1
+                won[target] += r.get("verdict") == letter
+                last[target] = i
+    return max(seen, key=lambda t: (seen[t], won[t], last[t], t)) if seen else None

@@ -1,7 +1,8 @@
 """Bundled sample datasets (a small sourdough-baking domain) and their installation into a workspace.
 
 ``configs/samples/cpt`` holds eight plain-text/Markdown documents for continued pre-training and
-``configs/samples/ift`` holds ``train.jsonl``/``valid.jsonl`` chat rows for instruction fine-tuning.
+``configs/samples/ift`` holds ``train.jsonl``/``valid.jsonl`` chat rows for instruction fine-tuning;
+``configs/samples/dpo`` the same prompts as preference pairs (the specific answer chosen over a vague one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from services.jobs import REPO_ROOT
 from services.workspace import staged
 
 SAMPLES_DIR = REPO_ROOT / "configs" / "samples"
-SAMPLE_DATASETS = {"cpt": "sample-cpt", "ift": "sample-ift"}
+SAMPLE_DATASETS = {"cpt": "sample-cpt", "ift": "sample-ift", "dpo": "sample-dpo"}
 
 
 def _install_one(src: Path, dst: Path) -> None:
@@ -32,9 +33,9 @@ def _install_one(src: Path, dst: Path) -> None:
 
 
 def install_samples(datasets_dir: Path) -> dict[str, Path]:
-    """Copy the sample CPT and IFT datasets into ``datasets_dir`` unless already there.
+    """Copy the sample CPT, IFT and DPO datasets into ``datasets_dir`` unless already there.
 
-    Returns ``{"cpt": datasets_dir/"sample-cpt", "ift": datasets_dir/"sample-ift"}``. Each copy is staged
+    Returns ``{"cpt": datasets_dir/"sample-cpt", "ift": …/"sample-ift", "dpo": …/"sample-dpo"}``. Each copy is staged
     in a temporary folder and renamed into place, so an interrupted install leaves nothing half-copied.
     Existing folders are left untouched.
     """

@@ -91,17 +91,22 @@ class BatchSampler:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def next(self) -> tuple[mx.array, mx.array]:
-        if self.perm is None or self.pos == len(self.perm):
-            self.perm = np.random.permutation(len(self.batches))
-            self.pos = 0
-        rows = [self.dataset[j] for j in self.batches[self.perm[self.pos]]]
-        self.pos += 1
+    def next(self) -> tuple[mx.array, ...]:
+        """The next batch (this rank's share of it; with ``with_total`` also the whole batch's trained tokens)."""
+        rows = [self.dataset[j] for j in self.batches[self.next_index()]]
         rank, size = self.shard
         batch = collate(rows[rank::size], self.max_seq_length)
         if self.with_total:
             return (*batch, mx.array(trained_tokens(rows, self.max_seq_length), mx.float32))
         return batch
+
+    def next_index(self) -> int:
+        """The next batch of the epoch's permutation (a new permutation when the epoch is through)."""
+        if self.perm is None or self.pos == len(self.perm):
+            self.perm = np.random.permutation(len(self.batches))
+            self.pos = 0
+        self.pos += 1
+        return int(self.perm[self.pos - 1])
 
     def state(self) -> dict[str, Any]:
         return {"perm": None if self.perm is None else self.perm.copy(), "pos": self.pos}

@@ -98,8 +98,11 @@ def read_jsonl_lenient(path: str | Path) -> tuple[list[tuple[int, dict]], list[s
 
 
 def row_format(row: dict, cfg: dict[str, Any] | None = None) -> str | None:
-    """``chat``, ``completions`` or ``text`` as mlx-lm detects it (same keys, same precedence)."""
+    """``chat``, ``completions`` or ``text`` as mlx-lm detects it (same keys, same precedence), or ``preference``
+    (``prompt``/``chosen``/``rejected``, for DPO and ORPO)."""
     cfg = cfg or {}
+    if "chosen" in row and "rejected" in row:
+        return "preference"
     if cfg.get("prompt_feature", "prompt") in row and cfg.get("completion_feature", "completion") in row:
         return "completions"
     if cfg.get("chat_feature", "messages") in row:
@@ -114,7 +117,11 @@ def check_row(row: dict, fmt: str, where: str, cfg: dict[str, Any] | None = None
     cfg = cfg or {}
     if row_format(row, cfg) != fmt:
         raise DataError(f"{where}: expected a {fmt} row like the first row of the file, got keys {sorted(row)}")
-    if fmt == "text":
+    if fmt == "preference":
+        from services.training.preference import check_pair_row  # it builds on this module
+
+        check_pair_row(row, where)
+    elif fmt == "text":
         text = row[cfg.get("text_feature", "text")]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: 'text' must be a non-empty string")
@@ -153,7 +160,7 @@ def read_rows(path: Path, cfg: dict[str, Any] | None = None) -> tuple[str, list[
     if fmt is None:
         raise DataError(
             f"{path}:{rows[0][0]}: unknown row format with keys {sorted(rows[0][1])}; "
-            "use {'messages': [...]}, {'prompt', 'completion'} or {'text'}"
+            "use {'messages': [...]}, {'prompt', 'completion'}, {'text'} or {'prompt', 'chosen', 'rejected'}"
         )
     out = []
     for n, row in rows:
@@ -377,25 +384,33 @@ def render_row(tokenizer: Any, row: dict, fmt: str, cfg: dict[str, Any], where: 
     return render_chat(tokenizer, messages, row.get("tools"), bool(cfg.get("mask_all_turns")), where)
 
 
+def split_rows(cfg: dict[str, Any], data: Path) -> tuple[str, dict[str, list[tuple[str, dict]]]]:
+    """The format and the checked ``(where, row)`` rows of each split of a jsonl dataset: the files of a folder,
+    or one file split by ``valid_fraction`` (seeded)."""
+    if data.is_dir():
+        files = split_files(data)
+        if "train" not in files:
+            raise DataError(f"{data}: a jsonl dataset folder needs train.jsonl (and optionally valid.jsonl, "
+                            "test.jsonl)")
+        parsed = {s: read_rows(p, cfg) for s, p in files.items()}
+        return parsed["train"][0], {s: rows for s, (_, rows) in parsed.items()}
+    fmt, rows = read_rows(data, cfg)
+    order = np.random.RandomState(cfg["seed"]).permutation(len(rows))
+    n_valid = round(len(rows) * cfg["valid_fraction"]) if len(rows) > 1 else 0
+    n_valid = min(n_valid, len(rows) - 1)
+    valid_idx = set(order[:n_valid].tolist())
+    return fmt, {"train": [r for i, r in enumerate(rows) if i not in valid_idx],
+                 "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
+
+
 def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequence[str] = SPLITS) -> Prepared:
     """Render every row with the chat template; split a single file by ``valid_fraction``.
 
     Every row is read and checked; only the ``splits`` asked for are rendered."""
-    if data.is_dir():
-        files = split_files(data)
-        if "train" not in files:
-            raise DataError(f"{data}: an IFT folder needs train.jsonl (and optionally valid.jsonl, test.jsonl)")
-        parsed = {s: read_rows(p, cfg) for s, p in files.items()}
-        fmt = parsed["train"][0]
-        rows_of = {s: rows for s, (_, rows) in parsed.items()}
-    else:
-        fmt, rows = read_rows(data, cfg)
-        order = np.random.RandomState(cfg["seed"]).permutation(len(rows))
-        n_valid = round(len(rows) * cfg["valid_fraction"]) if len(rows) > 1 else 0
-        n_valid = min(n_valid, len(rows) - 1)
-        valid_idx = set(order[:n_valid].tolist())
-        rows_of = {"train": [r for i, r in enumerate(rows) if i not in valid_idx],
-                   "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
+    fmt, rows_of = split_rows(cfg, data)
+    if fmt == "preference":
+        raise DataError(f"{data}: these are preference rows (prompt/chosen/rejected): train them with "
+                        "mode: dpo or orpo")
     if fmt == "text" and cfg.get("mask_prompt"):
         raise DataError(f"{data}: mask_prompt needs chat or completions rows, these are text rows")
     rendered = {s: [(where, render_row(tokenizer, row, fmt, cfg, where)) for where, row in rows_of.get(s, [])]
@@ -440,8 +455,13 @@ def prepare(cfg: dict[str, Any], tokenizer: Any, splits: Sequence[str] = SPLITS)
     data = Path(cfg["data"])
     if not data.exists():
         raise DataError(f"{data}: no such file or folder (field 'data')")
-    prep = prepare_cpt if cfg["mode"] == "cpt" else prepare_ift
-    prepared = prep(cfg, tokenizer, data, splits)
+    if cfg["mode"] in ("dpo", "orpo"):
+        from services.training.preference import prepare as prepare_pairs  # it builds on this module
+
+        prepared = prepare_pairs(cfg, tokenizer, data, splits)
+    else:
+        prep = prepare_cpt if cfg["mode"] == "cpt" else prepare_ift
+        prepared = prep(cfg, tokenizer, data, splits)
     if "train" in splits:
         check_trainable(prepared.train, prepared.valid, cfg["batch_size"], str(data))
         prepared.stats["steps_per_epoch"] = len(prepared.train) // cfg["batch_size"]

@@ -349,6 +349,22 @@ def resolve_adapter(manager: RunManager, ref: str) -> Path:
     return run_adapter(manager, run_id, iteration)
 
 
+def checkpoint_ref(manager: RunManager, adapter: str | Path | None) -> str | None:
+    """``RUN@ITER`` for an adapter folder of the workspace: a checkpoint, or a run's folder (its last checkpoint);
+    ``None`` for the base, a folder outside the runs or a run without checkpoints."""
+    if not adapter:
+        return None
+    p = Path(adapter)
+    run_id, it = (p.parent.parent.name, int(p.name)) if p.parent.name == "checkpoints" and p.name.isdigit() \
+        else (p.name, None)
+    try:
+        its = manager.folder(run_id).checkpoint_iterations()
+    except ConfigError:
+        return None
+    it = its[-1] if it is None and its else it
+    return f"{run_id}@{it}" if it in its else None
+
+
 def run_link(manager: RunManager, ref: str, iteration: str | int | None = None) -> tuple[Path | None, Path]:
     """(base model or None, adapter folder) that a link to ``RUN``/``RUN@N`` opens; ``iteration`` overrides N.
 

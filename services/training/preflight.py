@@ -10,7 +10,10 @@ from :mod:`services.library.checks`. Peak MLX memory is modelled as
     + B × T × vocab × 4 × LOGIT_COPIES                                    (logits, log-softmax, their gradient)
 
 with ``T`` the widest batch (``max_seq_length`` − 1 at most) and the constants calibrated on the tiny and the
-20M-parameter model (``bench/preflight_memory.py``). The probe is a three-iteration run through
+20M-parameter model (``bench/preflight_memory.py``). A DPO/ORPO sample is two sequences: the two-pass step holds
+one side's activations at a time (``B`` rows), the joint pass both (``2B``); the reference pass is a forward pass
+without gradient (below the peak) that adds time, once per step (adapters off) or once before training
+(precomputed). The probe is a three-iteration run through
 :class:`~services.training.manager.RunManager` in a throw-away workspace; it reports real tokens/s, MLX peak and RSS.
 """
 
@@ -29,6 +32,7 @@ import psutil
 
 from services.errors import ForgeError
 from services.library.models import tensor_shapes, text_config, weight_files
+from services.training import preference
 from services.training.folder import ACTIVE
 from services.workspace import Workspace, disk_free, files_stamp, read_json
 
@@ -179,18 +183,37 @@ def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, 
     else:
         samples = st["samples"] - st.get("untrainable", 0)  # a run leaves out those with nothing to train
         width, mean = min(1 + 32 * math.ceil(st["max"] / 32), seq_cap), min(st["mean"], seq_cap)
+    if "pairs" in st and st["pairs"]["pairs"]:  # a pair: both sides' tokens per sample
+        mean = st["pairs"]["tokens"] / st["pairs"]["pairs"]
     n_train = samples - (min(max(1, round(samples * held_out)), samples - 1) if held_out and samples > 1 else 0)
     return {"samples": n_train, "tokens": st["tokens"], "mean_length": mean, "max_length": st["max"],
             "seq": max(width - 1, 1), "bad_lines": len(check.bad), "truncated": st["truncated_samples"],
-            "format": check.label}
+            "format": check.label, "pairs": st.get("pairs")}
 
 
 # ----------------------------------------------------------------------------------------- the estimate
 
 
+def rows_per_batch(cfg: dict[str, Any], batch: int) -> int:
+    """Sequences whose activations a step holds at once: ``2 × batch`` for a DPO/ORPO joint pass (both sides),
+    else ``batch`` (the two-pass step holds one side at a time)."""
+    return 2 * batch if preference.is_preference(cfg) and not preference.two_pass(cfg) else batch
+
+
+def preference_facts(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """What a DPO/ORPO step does beyond an SFT step: two sequences per sample, its step kind, its reference and
+    the forward passes without gradient per pair (the value pass of the two-pass step, the reference pass)."""
+    if not preference.is_preference(cfg):
+        return None
+    ref = preference.reference_kind(cfg)
+    two = preference.two_pass(cfg)
+    return {"sequences_per_sample": 2, "step": "two-pass" if two else "joint", "reference": ref,
+            "extra_forwards": 2 * two + 2 * (ref == "adapters-off"), "reference_once": ref == "precomputed"}
+
+
 def _fits(facts: dict, batch: int, seq: int, cfg: dict, free: float) -> tuple[bool, float]:
-    p = peak_bytes(facts, batch, seq, cfg.get("optimizer", "adam"), bool(cfg.get("grad_checkpoint")),
-                   int(cfg.get("grad_accumulation_steps") or 1))["peak"]
+    p = peak_bytes(facts, rows_per_batch(cfg, batch), seq, cfg.get("optimizer", "adam"),
+                   bool(cfg.get("grad_checkpoint")), int(cfg.get("grad_accumulation_steps") or 1))["peak"]
     return p + RUNTIME_GB * GB <= free, p
 
 
@@ -244,14 +267,18 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
     facts = model_facts(cfg["model"], cfg)
     data = data_facts(cfg, tokenizer)
     batch = int(cfg["batch_size"])
-    parts = peak_bytes(facts, batch, data["seq"], cfg.get("optimizer", "adam"), bool(cfg.get("grad_checkpoint")),
-                       int(cfg.get("grad_accumulation_steps") or 1))
+    pref = preference_facts(cfg)
+    parts = peak_bytes(facts, rows_per_batch(cfg, batch), data["seq"], cfg.get("optimizer", "adam"),
+                       bool(cfg.get("grad_checkpoint")), int(cfg.get("grad_accumulation_steps") or 1))
     free = float(free_bytes if free_bytes is not None else psutil.virtual_memory().available)
     process = parts["peak"] + RUNTIME_GB * GB
     steps_per_epoch = data["samples"] // batch
     iters = math.ceil(cfg["epochs"] * steps_per_epoch) if cfg.get("epochs") else int(cfg["iters"])
     tps = tokens_per_second(facts, data["seq"], blas or installed_blas())
-    tokens_per_step = batch * data["mean_length"]
+    tokens_per_step = batch * data["mean_length"]  # a pair's mean length counts both sides
+    # a training pass (forward and backward) costs about three forward passes of the same tokens
+    work = 1.0 + (pref["extra_forwards"] / 2 / 3 if pref else 0.0)
+    once = data["samples"] * data["mean_length"] / 3 if pref and pref["reference_once"] else 0.0
     out = {
         "parameters": facts["params"], "trainable": facts["trainable"], "layers": facts["layers"],
         "trained_layers": facts["trained_layers"], "seq": data["seq"], "batch_size": batch,
@@ -259,7 +286,8 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
         "peak_gb": parts["peak"] / GB, "process_gb": process / GB, "free_gb": free / GB, "fits": process <= free,
         "samples": data["samples"], "steps_per_epoch": steps_per_epoch, "iters": iters,
         "tokens_per_step": tokens_per_step, "tokens_per_second": tps,
-        "seconds": iters * tokens_per_step / tps if tps else None, "data": data, "suggestion": None,
+        "seconds": (iters * tokens_per_step * work + once) / tps if tps else None, "data": data,
+        "suggestion": None, "preference": pref,
     }
     warnings = []
     if steps_per_epoch == 0:

@@ -23,6 +23,10 @@ METRICS: dict[str, str] = {
     "perplexity": "train", "val_perplexity": "val",
     "learning_rate": "train", "tokens_per_second": "train", "iterations_per_second": "train",
     "peak_memory_gb": "train", "rss_gb": "train",
+    # preference runs (services.training.preference_loss.REPORTED), on train reports and, prefixed, on validations
+    **{f"{prefix}{m}": kind for prefix, kind in (("", "train"), ("val_", "val"))
+       for m in ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",
+                 "logps_rejected")},
 }
 MAX_POINTS = 2000  # what a live chart or an exported dashboard keeps per series
 

@@ -14,7 +14,6 @@ import threading
 import time
 import types
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,11 @@ from services.errors import ForgeError
 from services.evaluation.during import checkpoint_evals
 from services.notify import notify, run_event
 from services.training import data as data_mod
+from services.training import preference
 from services.training.batching import BatchSampler, eval_batches, masked_loss
 from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
+from services.training.preference_loss import Objective, PairSampler
 from services.workspace import Workspace, read_json, write_atomic, write_json
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
@@ -150,6 +151,8 @@ class Trainer:
         if self.grad_accum is not None:
             pending = ranks["grad_accum"] if ranks else self.grad_accum
             mx.save_safetensors(str(tmp / "grad_accum.safetensors"), dict(tree_flatten(pending)))
+        if self.pref:
+            self.pref.save(tmp)
         name, keys, pos, has_gauss, cached = snap["np"]
         perm = snap["sampler"]["perm"]
         np.savez(tmp / "rng.npz", np_keys=keys, np_meta=np.array([pos, has_gauss], np.int64),
@@ -177,6 +180,8 @@ class Trainer:
         size = sum(f.stat().st_size for f in folder.checkpoint_dir(it).iterdir())
         entry = {"iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
                  "epoch": self._epoch(it), "trained_tokens": self.trained_tokens, "bytes": size, "time": time.time()}
+        if self.pref and val_loss is not None:
+            entry["val_accuracy"] = self.pref.last_val.get("val_preference_accuracy")
         with folder.lock():  # read-modify-write of run.json: an edit from the app waits, and is kept
             on_disk = set(folder.checkpoint_iterations())
             ckpts = [c for c in folder.info().get("checkpoints", []) if c["iteration"] != it]
@@ -186,7 +191,7 @@ class Trainer:
             ckpts.append(entry)
             ckpts.sort(key=lambda c: c["iteration"])
             scored = [c for c in ckpts if c["val_loss"] is not None]
-            best = min(scored, key=lambda c: (c["val_loss"], c["iteration"])) if scored else None
+            best = self._best(scored)
             keep = self.cfg.get("keep_checkpoints")
             if keep:
                 kept = {c["iteration"] for c in ckpts[-keep:]} | ({best["iteration"]} if best else set())
@@ -200,6 +205,14 @@ class Trainer:
         folder.log(f"checkpoint {it}" + (f" val {val_loss:.4f}" if val_loss is not None else ""))
         if best and best["iteration"] == it and val_loss is not None and folder.path.parent.name == "runs":
             notify(Workspace(folder.path.parent.parent.resolve()), run_event("best", folder.info()))
+
+    def _best(self, scored: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The best checkpoint: lowest validation loss, or (``preference.best: accuracy``) highest accuracy."""
+        if not scored:
+            return None
+        if self.pref and self.pref.pref["best"] == "accuracy":
+            return max(scored, key=lambda c: (c.get("val_accuracy") or 0.0, -c["val_loss"], -c["iteration"]))
+        return min(scored, key=lambda c: (c["val_loss"], c["iteration"]))
 
     def _entry_from_disk(self, it: int) -> dict[str, Any]:
         path = self.folder.checkpoint_dir(it)
@@ -225,6 +238,8 @@ class Trainer:
         self.n_tokens = mx.array(rng["n_tokens"])
         if self._saved_ranks(ckpt) > 1:  # each rank's own window so far
             self.losses, self.n_tokens = self.dist.own(self.losses), self.dist.own(self.n_tokens)
+        if self.pref:
+            self.pref.restore(ckpt)
         if not exact:  # a fork onto other data: same weights and optimizer, fresh data order
             return st["iteration"]
         pos, has_gauss = (int(x) for x in rng["np_meta"])
@@ -245,6 +260,10 @@ class Trainer:
     # -- evaluation and early stopping ------------------------------------------------------------
 
     def evaluate(self) -> float:
+        if self.pref:  # preference runs train in one process (config refuses them with distributed)
+            val = self.pref.evaluate()
+            self.model.train()
+            return val
         loss = self.dist.eval_loss(self.loss)
         batches = iterate_batches if self.compat else eval_batches
         val = evaluate(model=self.model, dataset=self.valid, batch_size=self.cfg["batch_size"],
@@ -266,7 +285,8 @@ class Trainer:
         self.val_at = (iteration, val)
         self.folder.append_metric({"type": "val", "step": step, "iteration": iteration,
                                    "epoch": self._epoch(iteration), "val_loss": val,
-                                   "val_perplexity": _ppl(val), "val_time": seconds})
+                                   "val_perplexity": _ppl(val), "val_time": seconds,
+                                   **(self.pref.last_val if self.pref else {})})
         if not math.isfinite(val):
             if iteration == 0:
                 raise TrainingFailed(f"validation loss of the untrained model is {val}: the base model's weights "
@@ -302,14 +322,14 @@ class Trainer:
         self.model, self.tokenizer = load(cfg["model"])
         maybe_set_recommended_wired_limit()
         self.train, self.valid, self.test, self.stats = load_datasets(cfg, self.tokenizer)
-        self.compat = cfg.get("mode") is None
-        self.loss = default_loss if self.compat else masked_loss
         self.steps_per_epoch = self.stats["steps_per_epoch"]
         self.iters = (math.ceil(cfg["epochs"] * self.steps_per_epoch) if cfg.get("epochs") else cfg["iters"])
         write_json(self.folder.stats_path, self.stats)
         for split in ("train", "valid"):
             n = (self.stats.get(split) or {}).get("left_out")
-            if n:
+            if n and preference.is_preference(cfg):
+                self.folder.log(f"{n} {split} pair(s) left out: " + "; ".join(self.stats[split]["left_out_examples"]))
+            elif n:
                 self.folder.log(f"{n} {split} sample(s) left out: no trained token within max_seq_length="
                                 f"{cfg['max_seq_length']} (e.g. {', '.join(self.stats[split]['left_out_examples'])})")
         mx.random.seed(cfg["seed"])
@@ -317,8 +337,13 @@ class Trainer:
         write_json(self.folder.path / "adapter_config.json", adapter_config(cfg, self.folder.path))
         self.opt = build_optimizer(cfg)
         self.dist = Group.for_config(cfg)
-        self.sampler = BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
-                                    **self.dist.sampler_options())
+        self.pref = (Objective(cfg, self.model, self.train, self.valid, self.folder.path)
+                     if preference.is_preference(cfg) else None)
+        self.compat = cfg.get("mode") is None or bool(self.pref and self.pref.compat)
+        self.loss = self.pref.loss if self.pref else default_loss if self.compat else masked_loss
+        self.sampler = (PairSampler(self.pref, cfg["batch_size"], cfg["max_seq_length"], self.pref.compat)
+                        if self.pref else BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
+                                                       **self.dist.sampler_options()))
         self.losses, self.n_tokens, self.steps, self.trained_tokens = 0, 0, 0, 0
         self.grad_accum = None
         self.last_train_loss, self.best_val, self.bad_evals = None, None, 0
@@ -328,6 +353,9 @@ class Trainer:
             parent = self.folder.info().get("parent") or {}
             start = self.restore(resume, exact=parent.get("same_data_order", True)) + 1
         self.evals, self.eval_stop = checkpoint_evals(self.folder, cfg, self.model, self.tokenizer), None
+        if self.pref:
+            self.pref.prepare_reference(resume, self.folder.path)
+            write_json(self.folder.stats_path, {**self.stats, "reference": self.pref.reference})
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         total = sum(v.size for _, v in tree_flatten(self.model.parameters()))
         self.folder.update(iters=self.iters, steps_per_epoch=self.steps_per_epoch,
@@ -339,13 +367,13 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.opt
         if cfg["grad_checkpoint"]:
             grad_checkpoint(model.layers[0])
-        loss_value_and_grad = nn.value_and_grad(model, self.dist.train_loss(self.loss))
+        loss_value_and_grad = (self.pref.value_and_grad(model) if self.pref
+                               else nn.value_and_grad(model, self.dist.train_loss(self.loss)))
         accum_steps = cfg["grad_accumulation_steps"]
         state = [model.state, opt.state, mx.random.state]
 
-        @partial(mx.compile, inputs=state, outputs=state)
         def step(batch, prev_grad, do_update):
-            (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+            (lvalue, toks, *extra), grad = loss_value_and_grad(model, *batch)  # extra: a preference run's sums
             if prev_grad is not None:
                 grad = tree_map(lambda x, y: x + y, grad, prev_grad)
             if do_update:
@@ -354,8 +382,10 @@ class Trainer:
                     grad = tree_map(lambda x: x / accum_steps, grad)
                 opt.update(model, grad)
                 grad = None
-            return lvalue, toks, grad
+            return lvalue, toks, extra, grad
 
+        if not (self.pref and self.pref.two_pass):  # the two-pass step evaluates between its passes
+            step = mx.compile(step, inputs=state, outputs=state)
         iters, has_val = self.iters, len(self.valid) > 0
         eval_every, report_every, save_every = cfg["steps_per_eval"], cfg["steps_per_report"], cfg["save_every"]
         model.train()
@@ -377,11 +407,13 @@ class Trainer:
                         self.save_checkpoint(it - 1, val, snap)
                     return Outcome("early-stopped", reason, it - 1)
                 tic = time.perf_counter()
-            lvalue, toks, self.grad_accum = step(batch, self.grad_accum, it % accum_steps == 0)
+            lvalue, toks, extra, self.grad_accum = step(batch, self.grad_accum, it % accum_steps == 0)
             self.losses += lvalue
             self.n_tokens += toks
             self.steps += 1
-            mx.eval(state, self.losses, self.n_tokens, self.grad_accum)
+            if self.pref:
+                self.pref.accumulate(extra[0])
+            mx.eval(state, self.losses, self.n_tokens, self.grad_accum, self.pref.sums if self.pref else None)
             train_time += time.perf_counter() - tic
             if not math.isfinite(lvalue.item()):
                 last = saved_at if saved_at >= 1 else None
@@ -435,11 +467,12 @@ class Trainer:
             "rss_gb": _rss_gb(), "eta_seconds": elapsed / done * (self.iters - it),
             **self.dist.per_rank(local_tokens / train_time if train_time else None, mx.get_peak_memory() / 1e9,
                                  _rss_gb()),
+            **(self.pref.train_report() if self.pref else {}),
         })
         self.losses, self.n_tokens, self.steps = 0, 0, 0
 
     def _test(self) -> None:
-        if not (self.cfg.get("test") and len(self.test)):
+        if self.pref or not (self.cfg.get("test") and len(self.test)):
             return
         batches = iterate_batches if self.compat else eval_batches
         state = np.random.get_state()
