@@ -224,6 +224,12 @@ def disk_free(path: str | os.PathLike) -> int:
         return 0
 
 
+def disk_low(path: str | os.PathLike, below: int = 1_000_000) -> bool:
+    """Whether under ``below`` bytes are free at ``path``: after a failed write (or a worker found dead), the disk
+    filled up."""
+    return disk_free(path) < below
+
+
 def disk_full_reason(path: str | os.PathLike) -> str:
     """What to tell a person whose workspace disk filled up."""
     return f"the workspace disk is full ({disk_free(path) / 1e6:.1f} MB free at {path}): free space and Resume"

@@ -140,18 +140,24 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
-def test_an_append_on_a_full_disk_leaves_no_partial_line(tiny_disk):
-    path = tiny_disk / "metrics.jsonl"
-    append_jsonl(path, {"type": "train", "step": 1})
-    filler = tiny_disk / "filler"
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` up with one file (returned), written until the disk says no."""
+    filler = disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:  # fill the disk
+    try:
         while True:
             os.write(fd, b"x" * 4096)
     except OSError:
         pass
     finally:
         os.close(fd)
+    return filler
+
+
+def test_an_append_on_a_full_disk_leaves_no_partial_line(tiny_disk):
+    path = tiny_disk / "metrics.jsonl"
+    append_jsonl(path, {"type": "train", "step": 1})
+    filler = fill(tiny_disk)
     size = path.stat().st_size
     with pytest.raises(OSError):
         append_jsonl(path, {"type": "train", "step": 2, "payload": "y" * 20000})
@@ -278,14 +284,7 @@ def test_a_disk_that_fills_up_mid_run_is_a_named_failure_and_resumes_exactly(tin
     deadline = time.time() + 120
     while len(folder.metrics()[0]) < 60 and time.time() < deadline:
         time.sleep(0.02)
-    fd = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"x" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fill(tiny_disk)
     info = full.wait(folder.id, timeout=120)
     assert info["status"] == "failed" and "the workspace disk is full" in info["reason"], info
     for line in folder.metrics_path.read_bytes().splitlines():

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import yaml
 
-from services.workspace import append_jsonl, read_json, read_jsonl_tail, write_atomic, write_json
+from services.workspace import Workspace, append_jsonl, read_json, read_jsonl_tail, write_atomic, write_json
 
 ACTIVE = ("queued", "running")
 WAITING = "waiting"  # in the training queue: starts when no run is active (RunManager.start_next)
@@ -145,6 +145,10 @@ class RunFolder:
 
     def exists(self) -> bool:
         return self.run_json.exists()
+
+    def workspace(self) -> Workspace | None:
+        """The workspace this run folder belongs to (``WS/runs/RUN``), or None for a folder outside one."""
+        return Workspace(self.path.parent.parent.resolve()) if self.path.parent.name == "runs" else None
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive across threads and processes: every read-modify-write of run.json and every decision to

@@ -41,7 +41,7 @@ from services.notify import notify, run_event
 from services.training import distributed
 from services.training import index as run_index
 from services.training.folder import ACTIVE, WAITING, RunFolder
-from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, read_json
+from services.workspace import Workspace, disk_full_reason, disk_low, is_disk_full, read_json
 
 log = logging.getLogger("forgellm")
 
@@ -51,7 +51,6 @@ FORK_FIXED = ("model", "fine_tune_type", "num_layers", "lora_parameters", "train
 DATA_KEYS = ("data", "mode", "batch_size", "max_seq_length", "seed", "valid_fraction", "packing", "mixture",
              "mask_all_turns", "mask_prompt")
 QUEUED_GRACE_SECONDS = 120
-DISK_LOW = 1_000_000  # bytes free below which a dead worker is taken to have filled the disk
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -387,7 +386,7 @@ class RunManager:
                 last = f"; resume from checkpoint {its[-1]}" if its else "; no checkpoint was written"
                 at = _last_iteration(folder)
                 reason = (f"{disk_full_reason(folder.path)}; the worker stopped at iteration {at}{last}"
-                          if disk_free(folder.path) < DISK_LOW else
+                          if disk_low(folder.path) else
                           f"the worker process ended unexpectedly (killed or out of memory) at iteration {at}{last}")
                 try:
                     info = folder.end_session("interrupted", reason, ended=folder.last_sign_of_life() or time.time())

@@ -37,7 +37,7 @@ from services.training.batching import BatchSampler, eval_batches, masked_loss
 from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
 from services.training.preference_loss import Objective, PairSampler
-from services.workspace import Workspace, read_json, write_atomic, write_json
+from services.workspace import read_json, write_atomic, write_json
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
               "adafactor": optim.Adafactor}
@@ -203,8 +203,9 @@ class Trainer:
         folder.append_metric({"type": "checkpoint", "step": it, "iteration": it, "val_loss": val_loss,
                               "best": bool(best and best["iteration"] == it)})
         folder.log(f"checkpoint {it}" + (f" val {val_loss:.4f}" if val_loss is not None else ""))
-        if best and best["iteration"] == it and val_loss is not None and folder.path.parent.name == "runs":
-            notify(Workspace(folder.path.parent.parent.resolve()), run_event("best", folder.info()))
+        ws = folder.workspace()
+        if best and best["iteration"] == it and val_loss is not None and ws is not None:
+            notify(ws, run_event("best", folder.info()))
 
     def _best(self, scored: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The best checkpoint: lowest validation loss, or (``preference.best: accuracy``) highest accuracy."""

@@ -26,11 +26,10 @@ from services.training import distributed
 from services.training.data import DataError
 from services.training.folder import RunFolder, checkpoint_problem
 from services.training.trainer import Outcome, Trainer, TrainingFailed
-from services.workspace import Workspace, disk_free, disk_full_reason, is_disk_full, write_atomic
+from services.workspace import disk_full_reason, disk_low, is_disk_full, write_atomic
 
 HEARTBEAT_SECONDS = 2.0
 NOTIFY_WAIT = 15.0  # seconds an ending worker gives its webhooks (retries included) before it exits
-DISK_LOW = 1_000_000  # bytes: less than this free after a failed write means the disk filled up
 
 
 class CheckpointDamaged(ForgeError, ValueError):
@@ -164,7 +163,7 @@ def _begin(folder: RunFolder, resume: str | None) -> None:
 
 def _reason(folder: RunFolder, error: BaseException, default: str | None = None) -> str:
     # MLX's own writers say "[save_safetensors] …" without an errno: judge those by the space left
-    if is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and disk_free(folder.path) < DISK_LOW):
+    if is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and disk_low(folder.path)):
         return disk_full_reason(folder.path)
     return default or str(error)
 
@@ -220,13 +219,14 @@ def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
 
 def _hand_over(folder: RunFolder) -> None:
     """Start the next run waiting in the workspace's training queue, if any."""
-    if folder.path.parent.name != "runs":  # not a workspace's run folder: no queue to serve
+    ws = folder.workspace()
+    if ws is None:  # not a workspace's run folder: no queue to serve
         return
     try:
         # imported only as the worker ends (and inside the try: code may have moved on disk since it started)
         from services.training.manager import RunManager  # noqa: PLC0415
 
-        manager = RunManager(Workspace(folder.path.parent.parent.resolve()))
+        manager = RunManager(ws)
         started = manager.start_next()
     except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
         with contextlib.suppress(OSError):  # the run folder itself may be gone (a probe's throw-away workspace)
@@ -240,10 +240,11 @@ def _hand_over(folder: RunFolder) -> None:
 
 def _tell(folder: RunFolder, kind: str, wait: float = 0.0) -> None:
     """Send a run event to the workspace's webhooks (a folder outside a workspace has none); never raises."""
-    if folder.path.parent.name != "runs":
+    ws = folder.workspace()
+    if ws is None:
         return
     try:
-        notify(Workspace(folder.path.parent.parent.resolve()), run_event(kind, folder.info()), wait=wait)
+        notify(ws, run_event(kind, folder.info()), wait=wait)
     except Exception:  # noqa: BLE001 (a notification must never fail a run)
         _log(folder, "could not send the notification: " + traceback.format_exc())
 
