@@ -182,7 +182,7 @@ def _log(folder: RunFolder, message: str) -> None:
 
 def _finish(folder: RunFolder, outcome: Outcome) -> None:
     """Record the outcome; on a full disk, with the space set aside at the start."""
-    if outcome.reason and "disk is full" in outcome.reason:
+    if disk_low(folder.path):  # asked of the disk, not read back out of the reason's wording
         folder.release_space()
     try:
         folder.end_session(outcome.status, outcome.reason)
