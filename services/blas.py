@@ -14,6 +14,9 @@ from pathlib import Path
 
 _active: str | None = None
 
+POLICY_ENV = "FORGELLM_THREADS"  # "off": leave MKL's threads and wait policy at their defaults (before/after benches)
+SHARE_ENV = "FORGELLM_MLX_PROCESSES"  # MLX processes meant to share this machine's cores (the ranks of one host)
+
 
 def _mkl_libs() -> tuple[Path, Path] | None:
     for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, os.environ.get("VIRTUAL_ENV", "")]):
@@ -26,8 +29,33 @@ def _mkl_libs() -> tuple[Path, Path] | None:
     return None
 
 
+def thread_policy(environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
+    """The thread and wait settings of this process's BLAS, from the cores and the MLX processes sharing them.
+
+    MKL's OpenMP threads spin for 200 ms after each call (``KMP_BLOCKTIME``): alone that saves a wake-up, but
+    beside another MLX process (a run and the Playground's model worker, a probe, a publish, the ranks of a
+    distributed run) the spinning threads hold the cores the other needs, and both crawl. So waiting threads
+    sleep at once, and ``FORGELLM_MLX_PROCESSES=N`` processes meant to run together (the ranks on one host)
+    take an even share of the cores each. What the user set explicitly is kept; ``FORGELLM_THREADS=off``
+    keeps every default.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(POLICY_ENV, "").lower() == "off":
+        return {}
+    out = {"KMP_BLOCKTIME": "0"}
+    try:
+        share = max(1, int(env.get(SHARE_ENV, "1")))
+    except ValueError:
+        share = 1
+    if share > 1:
+        threads = str(max(1, (cores or os.cpu_count() or 1) // share))
+        out |= {"MKL_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    return {k: v for k, v in out.items() if k not in env}
+
+
 def preload() -> str:
-    """Load MKL globally if it is installed and this is Linux x86-64; return the BLAS name now active."""
+    """Load MKL globally if it is installed and this is Linux x86-64 (with :func:`thread_policy` applied before
+    it reads its settings); return the BLAS name now active."""
     global _active
     if _active is not None:
         return _active
@@ -39,6 +67,7 @@ def preload() -> str:
             return _active
         libs = _mkl_libs()
         if libs:
+            os.environ.update(thread_policy())
             try:
                 for lib in libs:
                     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)

@@ -62,6 +62,7 @@ def test_hostfile_and_launch_command(tmp_path):
     cmd = distributed.launch_command(folder, cfg, sys.executable, tmp_path / "checkpoints" / "0000010")
     hostfile = json.loads((tmp_path / "hostfile.json").read_text())
     assert hostfile["backend"] == "ring" and [h["ips"] for h in hostfile["hosts"]] == [["127.0.0.1"]] * 2
+    assert "FORGELLM_MLX_PROCESSES=2" in hostfile["envs"]  # the two ranks share this host's cores
     assert cmd[0].endswith("mlx.launch") and cmd[cmd.index("--python") + 1] == sys.executable
     assert cmd[cmd.index("--") + 1:] == ["-m", "services.training.worker", str(tmp_path), "--resume",
                                          str(tmp_path / "checkpoints" / "0000010")]

@@ -17,6 +17,7 @@ process with the same global batch (to float rounding) whatever the ranks' token
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from services import __version__
+from services import __version__, blas
 from services.config import LOCAL_HOSTS, host_entry, world_size
 from services.errors import ForgeError
 from services.jobs import REPO_ROOT
@@ -420,11 +421,14 @@ def _port_free(port: int) -> bool:
 def write_hostfile(folder: RunFolder, cfg: dict[str, Any]) -> Path:
     """``RUN/hostfile.json`` in mlx.launch's format (backend, environment, hosts with their IPs)."""
     dist = cfg.get("distributed") or {}
-    envs = ["HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false", f"PYTHONPATH={REPO_ROOT}"]
-    envs += [f"{k}={os.environ[k]}" for k in ("MLX_DISABLE_COMPILE",) if k in os.environ]
+    ranks = hosts(cfg)
+    per_host = max(collections.Counter(h["ssh"] for h in ranks).values())  # the ranks sharing one host's cores
+    envs = ["HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false", f"PYTHONPATH={REPO_ROOT}",
+            f"{blas.SHARE_ENV}={per_host}"]
+    envs += [f"{k}={os.environ[k]}" for k in ("MLX_DISABLE_COMPILE", blas.POLICY_ENV) if k in os.environ]
     path = folder.path / "hostfile.json"
     write_json(path, {"backend": dist.get("backend") or "ring", "envs": envs,
-                      "hosts": [{"ssh": h["ssh"], "ips": h["ips"], "rdma": h.get("rdma", [])} for h in hosts(cfg)]})
+                      "hosts": [{"ssh": h["ssh"], "ips": h["ips"], "rdma": h.get("rdma", [])} for h in ranks]})
     return path
 
 
