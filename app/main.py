@@ -15,6 +15,7 @@ from nicegui import app, background_tasks, ui
 from app.composition import build_services
 from app.lan import add_gate, lan_qr, lan_urls, persisted_secret
 from pages.shell import make_root
+from services.notify import DesktopNotifier
 from services.settings import load_settings
 from services.system import is_loopback
 from services.workspace import Workspace
@@ -69,6 +70,7 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
         # stop when the window closes, not when its process ends: that process can hang on exit (pywebview's Qt
         # backend never answers an evaluate_js still pending at close, e.g. NiceGUI's own right after page load)
         app.native.on("closed", app.shutdown)
+        DesktopNotifier(services.events).start()  # run endings and new bests reach the desktop, window hidden or not
         if sys.platform.startswith("linux"):
             app.native.start_args["gui"] = "qt"  # the supported backend here (GTK would fail first, noisily)
             if os.geteuid() == 0 and "--no-sandbox" not in os.environ.get("QTWEBENGINE_CHROMIUM_FLAGS", ""):

@@ -8,12 +8,17 @@ checkpoint; the training queue is ``queue-empty``. Each is one plain dict (:func
   logs a failure; it never raises into training and never waits longer than ``timeout`` in all.
 - The app's :class:`RunEvents` sees the same transitions from the run folders (also for runs another process
   started) and keeps them as a list with a version counter that every open page polls for toasts.
+- In a native window, :class:`DesktopNotifier` also hands each of them to the desktop (Notification Center through
+  ``osascript`` on macOS, ``notify-send`` on Linux), so a run that ends while the window is hidden is seen.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -135,3 +140,51 @@ class RunEvents:
         with self._lock:
             missed = self.version - seen
             return self.version, self._events[-missed:] if 0 < missed <= len(self._events) else []
+
+
+def desktop_command(event: dict[str, Any], system: str = sys.platform) -> list[str] | None:
+    """The command that shows ``event`` as a desktop notification here, or None where there is none."""
+    text = event["text"]
+    if system == "darwin":  # AppleScript strings take JSON's quoting of " and \\
+        return ["osascript", "-e", f"display notification {json.dumps(text)} with title \"ForgeLLM\""]
+    if system.startswith("linux") and (exe := shutil.which("notify-send")):
+        return [exe, "--app-name=ForgeLLM", "ForgeLLM", text]
+    return None
+
+
+class DesktopNotifier:
+    """Follows :class:`RunEvents` on a daemon thread and shows each new event on the desktop (native mode)."""
+
+    def __init__(self, events: RunEvents, interval: float = 1.0, system: str = sys.platform):
+        self.events, self.interval, self.system = events, interval, system
+        self.seen = events.version
+        self.shown = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DesktopNotifier:
+        self._thread = threading.Thread(target=self._follow, name="desktop-notifier", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.seen, new = self.events.since(self.seen)
+            for event in new:
+                self.show(event)
+
+    def show(self, event: dict[str, Any]) -> bool:
+        """One notification; False (and a log line) when the desktop has no notifier or it failed."""
+        cmd = desktop_command(event, self.system)
+        if cmd is None:
+            return False
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=10, check=True, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("desktop notification not shown: %s", e)
+            return False
+        self.shown += 1
+        return True

@@ -14,7 +14,7 @@ from nicegui.testing import User
 
 from app.composition import build_services
 from pages.shell import make_root
-from services.notify import RunEvents, deliver, notify, run_event, webhook_request
+from services.notify import DesktopNotifier, RunEvents, deliver, desktop_command, notify, run_event, webhook_request
 from services.settings import SettingsError, Webhook, load_settings, set_webhooks
 from services.training.folder import RunFolder
 
@@ -118,6 +118,34 @@ def test_run_events_are_the_changes_between_two_looks():
     seen, new = events.since(0)
     assert seen == 2 and [e["event"] for e in new] == ["best", "failed"]
     assert events.since(seen) == (2, [])
+
+
+def test_the_desktop_command_of_each_platform():
+    event = run_event("failed", {"id": "r", "name": 'say "hi"', "status": "failed", "reason": "boom"})
+    mac = desktop_command(event, "darwin")
+    assert mac[:2] == ["osascript", "-e"] and json.dumps(event["text"]) in mac[2] and '\\"hi\\"' in mac[2]
+    assert desktop_command(event, "win32") is None
+
+
+def test_a_native_window_hands_each_new_event_to_the_desktop(tmp_path, monkeypatch):
+    shown = tmp_path / "shown.txt"
+    exe = tmp_path / "bin" / "notify-send"  # a real program in place of the desktop's, recording what it was asked
+    exe.parent.mkdir()
+    exe.write_text(f"#!/bin/sh\nprintf '%s|' \"$@\" >> {shown}\necho >> {shown}\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")
+    events = RunEvents()
+    events.observe([{"id": "a", "name": "demo", "status": "running", "best": None}])
+    notifier = DesktopNotifier(events, interval=0.05, system="linux").start()
+    try:
+        events.observe([{"id": "a", "name": "demo", "status": "completed", "iteration": 4, "best": None}])
+        deadline = time.monotonic() + 10
+        while notifier.shown < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        notifier.stop()
+    lines = shown.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("--app-name=ForgeLLM|ForgeLLM|demo completed")
 
 
 @pytest.fixture

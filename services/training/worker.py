@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _begin(folder, args.resume)
     except OSError as e:  # the disk may be full before the first step
-        _finish(folder, Outcome("failed", _reason(folder, e), 0))
+        _wait_for(_finish(folder, Outcome("failed", _reason(folder, e), 0)), NOTIFY_WAIT)
         return 1
     beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
     beat.start()
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.done.set()
         if outcome.status == "interrupted":
             watchdog.stop_others()
-    _finish(folder, outcome)
-    _hand_over(folder)
+    sending = _finish(folder, outcome)
+    sending += _hand_over(folder)  # the next run starts before the webhooks are waited for: a dead receiver
+    _wait_for(sending, NOTIFY_WAIT)  # delays only this worker's exit, never the queue
     return 0 if outcome.status != "failed" else 1
 
 
@@ -127,8 +128,10 @@ def _watch(folder: RunFolder, size: int, done: threading.Event) -> distributed.W
     def give_up(why: str) -> None:
         if done.wait(distributed.GRACE_SECONDS):  # the training thread saw it and reports it itself
             return
-        _finish(folder, Outcome("interrupted", distributed.interrupted_reason(folder, why), _iteration(folder)))
+        sending = _finish(folder, Outcome("interrupted", distributed.interrupted_reason(folder, why),
+                                          _iteration(folder)))
         watchdog.stop_others()
+        _wait_for(sending, NOTIFY_WAIT)
         os._exit(1)
 
     watchdog = distributed.Watchdog(folder, 0, size, give_up)
@@ -180,8 +183,8 @@ def _log(folder: RunFolder, message: str) -> None:
         folder.log(message)
 
 
-def _finish(folder: RunFolder, outcome: Outcome) -> None:
-    """Record the outcome; on a full disk, with the space set aside at the start."""
+def _finish(folder: RunFolder, outcome: Outcome) -> list[threading.Thread]:
+    """Record the outcome (on a full disk, with the space set aside at the start) and start telling it."""
     if disk_low(folder.path):  # asked of the disk, not read back out of the reason's wording
         folder.release_space()
     try:
@@ -195,7 +198,7 @@ def _finish(folder: RunFolder, outcome: Outcome) -> None:
         folder.end_session(outcome.status, disk_full_reason(folder.path))
     _log(folder, f"{outcome.status}: {outcome.reason}")
     folder.release_space()
-    _tell(folder, outcome.status, wait=NOTIFY_WAIT)
+    return _tell(folder, outcome.status)
 
 
 def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
@@ -217,11 +220,12 @@ def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
                             "intact: start the run again")
 
 
-def _hand_over(folder: RunFolder) -> None:
-    """Start the next run waiting in the workspace's training queue, if any."""
+def _hand_over(folder: RunFolder) -> list[threading.Thread]:
+    """Start the next run waiting in the workspace's training queue, if any (the webhooks told of an empty
+    queue are returned)."""
     ws = folder.workspace()
     if ws is None:  # not a workspace's run folder: no queue to serve
-        return
+        return []
     try:
         # imported only as the worker ends (and inside the try: code may have moved on disk since it started)
         from services.training.manager import RunManager  # noqa: PLC0415
@@ -231,22 +235,32 @@ def _hand_over(folder: RunFolder) -> None:
     except Exception:  # noqa: BLE001 (this run is finished either way; the app retries when it looks)
         with contextlib.suppress(OSError):  # the run folder itself may be gone (a probe's throw-away workspace)
             folder.log("could not start the next waiting run: " + traceback.format_exc())
-        return
+        return []
     if started:
         folder.log(f"started the next run in the queue: {started}")
     elif folder.info().get("from_queue") and not manager.waiting():
-        _tell(folder, "queue-empty", wait=NOTIFY_WAIT)
+        return _tell(folder, "queue-empty")
+    return []
 
 
-def _tell(folder: RunFolder, kind: str, wait: float = 0.0) -> None:
-    """Send a run event to the workspace's webhooks (a folder outside a workspace has none); never raises."""
+def _tell(folder: RunFolder, kind: str) -> list[threading.Thread]:
+    """Start sending a run event to the workspace's webhooks (a folder outside a workspace has none); never
+    raises. Returns the sending threads."""
     ws = folder.workspace()
     if ws is None:
-        return
+        return []
     try:
-        notify(ws, run_event(kind, folder.info()), wait=wait)
+        return notify(ws, run_event(kind, folder.info()))
     except Exception:  # noqa: BLE001 (a notification must never fail a run)
         _log(folder, "could not send the notification: " + traceback.format_exc())
+        return []
+
+
+def _wait_for(threads: list[threading.Thread], seconds: float) -> None:
+    """Give the webhooks up to ``seconds`` in all (retries included) before the process exits."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 if __name__ == "__main__":
