@@ -89,3 +89,17 @@ def test_a_worker_started_before_the_move_still_hands_the_queue_on(manager, tiny
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and f"started {b.id}" in out.stdout, out.stdout + out.stderr
     assert wait_status(manager, b.id, ("completed",))["status"] == "completed"
+
+
+def test_ended_workers_are_reaped_so_a_long_lived_app_keeps_no_zombies(manager, tiny_model, chat_data):
+    import psutil
+
+    runs = [manager.launch(base_config(tiny_model, chat_data, name="z1", iters=2))]
+    manager.wait(runs[0].id)
+    runs.append(manager.launch(base_config(tiny_model, chat_data, name="z2", iters=2)))
+    manager.wait(runs[1].id)
+    time.sleep(1.0)  # the workers exit a moment after their runs are recorded as ended
+    pids = {manager._procs[r.id].pid for r in runs if r.id in manager._procs}  # noqa: SLF001
+    manager.list()
+    zombies = [p.pid for p in psutil.Process().children() if p.pid in pids and p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == [] and not manager._procs  # noqa: SLF001

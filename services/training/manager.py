@@ -351,6 +351,14 @@ class RunManager:
 
     # -- discovery ------------------------------------------------------------------------------
 
+    def reap(self) -> int:
+        """Collect the exit status of every ended worker this process started; returns how many were reaped."""
+        with self._lock:
+            ended = [run_id for run_id, proc in self._procs.items() if proc.poll() is not None]
+            for run_id in ended:
+                del self._procs[run_id]
+        return len(ended)
+
     def is_alive(self, info: dict[str, Any]) -> bool:
         """Whether the run's worker process is still there (pid plus start time, so a reused pid is not it)."""
         proc = self._procs.get(info.get("id", ""))
@@ -422,7 +430,9 @@ class RunManager:
         return out
 
     def list(self) -> list[dict[str, Any]]:
-        """Every run in the workspace, newest first."""
+        """Every run in the workspace, newest first (and the workers this process started that have ended are
+        reaped, so a long-lived app keeps no zombie processes)."""
+        self.reap()
         out = []
         for path in self._run_paths():
             folder = RunFolder(path)
