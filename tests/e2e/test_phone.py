@@ -68,3 +68,21 @@ def test_the_playground_message_box_is_wide_enough_to_type_in(browser, base_url)
     box.fill("Hello there, how are you today?")
     shot(page, "phone-playground-typing")
     context.close()
+
+
+def test_a_message_is_sent_and_answered_on_a_phone(browser, base_url):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(**PHONE)
+    page = context.new_page()
+    page.goto(base_url + "/playground")
+    page.get_by_role("button", name="Load", exact=True).tap()
+    expect(page.get_by_text("ready", exact=True)).to_be_visible(timeout=60_000)
+    page.get_by_placeholder("Message (Ctrl+Enter sends)").fill("How do I feed my starter?")
+    page.get_by_role("button", name="Send", exact=True).tap()
+    answer = page.locator(".q-message").filter(has_text="generated tokens")
+    expect(answer).to_have_count(1, timeout=60_000)
+    assert answer.first.bounding_box()["width"] <= PHONE["viewport"]["width"]
+    assert overflow(page) <= 1, f"the chat is {overflow(page)} px wider than the phone"
+    shot(page, "phone-playground-answer")
+    context.close()
