@@ -117,13 +117,12 @@ FIELDS = {"max_tokens": ui.number, "choice": ui.input_chips, "json": ui.textarea
 
 
 async def pick_kind(user: User, i: int, j: int, kind: str) -> None:
-    """Choose the kind of check j of case i and wait for the editor to redraw that check."""
-    marker = f"case-check-{i}-{j}"
-    select = el(user, marker)
-    if select.value != kind:
-        set_value(user, marker, kind)
-        await wait_for(lambda: els(user, marker) and el(user, marker).id != select.id)
-    assert type(el(user, f"case-value-{i}-{j}")) is FIELDS.get(kind, ui.input)  # the kind's own argument field
+    """Choose the kind of check j of case i: its argument field becomes that kind's own, at once."""
+    set_value(user, f"case-check-{i}-{j}", kind)
+    field = el(user, f"case-value-{i}-{j}")
+    assert type(field) is FIELDS.get(kind, ui.input)
+    if kind not in FIELDS:
+        assert field.props["label"] == ("Pattern" if kind == "regex" else "Expected")
 
 
 async def open_editor(user: User, run_id: str) -> None:
@@ -172,6 +171,8 @@ async def test_a_case_gets_several_checks_of_every_kind_and_saves_them(user: Use
     await wait_for(lambda: (services.workspace.evals / "several.yaml").exists())
     suite = load_suite(services.workspace.evals / "several.yaml")
     assert [c.checks for c in suite.cases] == [[{"contains": "cat"}], ALL_KINDS]
+    user.find(marker="suite-try").click()  # the live try on the base model marks each case
+    await wait_for(lambda: els(user, "case-tried-0") and els(user, "case-tried-1"))
 
 
 async def test_a_saved_suite_round_trips_through_the_editor(user: User, services, trained):
@@ -275,6 +276,12 @@ async def test_the_playground_runs_a_suite_on_the_base_and_the_loaded_checkpoint
     await wait_for(lambda: el(user, "pg-eval-targets").value == [ckpt])  # what is loaded is picked
     assert el(user, "pg-eval-base").value is True
     set_value(user, "pg-eval-suite", short)
+    set_value(user, "pg-eval-base", False)
+    set_value(user, "pg-eval-targets", [])
+    user.find(marker="pg-eval-run").click()
+    await user.should_see("pick the base model and/or one or more checkpoints")  # nothing to run on: said so
+    set_value(user, "pg-eval-base", True)
+    set_value(user, "pg-eval-targets", [ckpt])
     user.find(marker="pg-eval-run").click()
     await wait_for(lambda: services.evals.state["state"] in ("done", "error", "cancelled"))
     state = services.evals.state

@@ -115,6 +115,10 @@ class EvalResults:
             case_grid_view(results.case_grid(self.records, self.suite.value))
 
 
+def _text_label(kind: str) -> str:
+    return "Pattern" if kind == "regex" else "Expected"
+
+
 def _new_case() -> dict[str, Any]:
     return {"id": None, "prompt": "", "system": "", "messages": None, "checks": [_new_check()]}
 
@@ -184,33 +188,43 @@ class SuiteEditor:
     def _check(self, i: int, j: int, row: dict[str, Any], check: dict[str, Any]) -> None:
         """One check: its kind and the argument field of that kind, and a remove button (not for the last one)."""
         with ui.row().classes("w-full items-start gap-2 no-wrap pl-4").mark(f"suite-check-{i}-{j}"):
-            ui.select(list(CHECKS), label="Check", value=check["kind"],
-                      on_change=lambda e, check=check: self.set_kind(check, e.value)) \
-                .props("dense outlined").classes("w-36").mark(f"case-check-{i}-{j}")
-            kind = check["kind"]
-            if kind in TEXT_CHECKS:
-                ui.input("Pattern" if kind == "regex" else "Expected").bind_value(check, "value") \
-                    .props("dense outlined").classes("grow").mark(f"case-value-{i}-{j}")
-            elif kind == "max_tokens":
-                ui.number("At most tokens", min=1, step=1, format="%.0f").bind_value(check, "value") \
-                    .props("dense outlined").classes("w-40").mark(f"case-value-{i}-{j}")
-            elif kind == "choice":
-                ui.input_chips("Answers (Enter after each)", new_value_mode="add-unique").bind_value(check, "value") \
-                    .props("dense outlined").classes("grow").mark(f"case-value-{i}-{j}")
-            else:
-                ui.textarea("JSON schema (blank: any valid JSON)").bind_value(check, "value") \
-                    .props("dense outlined autogrow").classes("grow font-mono").mark(f"case-value-{i}-{j}")
-            ui.button(icon="close", on_click=lambda i=i, j=j: self.remove_check(i, j)) \
+            kind = ui.select(list(CHECKS), label="Check", value=check["kind"]).props("dense outlined") \
+                .classes("w-36").mark(f"case-check-{i}-{j}")
+            box = ui.row().classes("grow gap-0 no-wrap")
+            with box:
+                field = [self._field(i, j, check)]  # the current one: a kind change may replace it
+            kind.on_value_change(lambda e: self.set_kind(check, e.value, box, field, i, j))
+            ui.button(icon="close", on_click=lambda: self.remove_check(i, j)) \
                 .props("flat round dense size=sm").mark(f"case-remove-check-{i}-{j}") \
                 .set_enabled(len(row["checks"]) > 1)
 
-    def set_kind(self, check: dict[str, Any], kind: str) -> None:
-        """Another kind for a check: a text stays when both kinds take a text, else the new kind's empty field."""
-        if kind == check["kind"]:
+    @staticmethod
+    def _field(i: int, j: int, check: dict[str, Any]) -> ui.element:
+        """The argument field of the check's kind, bound to ``check["value"]``."""
+        kind, marker = check["kind"], f"case-value-{i}-{j}"
+        if kind in TEXT_CHECKS:
+            return ui.input(_text_label(kind)).bind_value(check, "value").props("dense outlined") \
+                .classes("grow").mark(marker)
+        if kind == "max_tokens":
+            return ui.number("At most tokens", min=1, step=1, format="%.0f").bind_value(check, "value") \
+                .props("dense outlined").classes("w-40").mark(marker)
+        if kind == "choice":
+            return ui.input_chips("Answers (Enter after each)", new_value_mode="add-unique") \
+                .bind_value(check, "value").props("dense outlined").classes("grow").mark(marker)
+        return ui.textarea("JSON schema (blank: any valid JSON)").bind_value(check, "value") \
+            .props("dense outlined autogrow").classes("grow font-mono").mark(marker)
+
+    def set_kind(self, check: dict[str, Any], kind: str, box: ui.row, field: list[ui.element], i: int, j: int) -> None:
+        """Another kind for a check: a text field stays (relabelled) between kinds that take a text; any other
+        change redraws only this check's field, at once (typing elsewhere is never lost to a redraw)."""
+        old, check["kind"] = check["kind"], kind
+        if old in TEXT_CHECKS and kind in TEXT_CHECKS:
+            field[0].props(f'label="{_text_label(kind)}"')
             return
-        keep = kind in TEXT_CHECKS and check["kind"] in TEXT_CHECKS
-        check.update(kind=kind, value=check["value"] if keep else check_default(kind))
-        self.cases.refresh()
+        check["value"] = check_default(kind)
+        box.clear()
+        with box:
+            field[0] = self._field(i, j, check)
 
     def add(self) -> None:
         self.rows.append(_new_case())
