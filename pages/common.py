@@ -145,15 +145,16 @@ DIFF_CLASSES = {"same": "", "added": "bg-green-2 text-green-10", "removed": "bg-
 
 class EvalProgress:
     """The progress bar, the message and the Cancel button of the app's one evaluation job
-    (:class:`services.evaluation.service.Evaluations`), shown where ``owner`` started it."""
+    (:class:`services.evaluation.service.Evaluations`), shown where ``owner`` started it; markers
+    ``MARK-bar``, ``MARK-cancel``, ``MARK-progress``."""
 
-    def __init__(self, evals: Evaluations, owner: str) -> None:
+    def __init__(self, evals: Evaluations, owner: str, mark: str = "eval") -> None:
         self.owner = owner
         with ui.row().classes("w-full items-center gap-2 no-wrap"):
-            self.bar = ui.linear_progress(value=0, show_value=False).classes("grow").mark("eval-bar")
+            self.bar = ui.linear_progress(value=0, show_value=False).classes("grow").mark(f"{mark}-bar")
             self.cancel = ui.button("Cancel", icon="stop", on_click=evals.cancel).props("outline dense") \
-                .mark("eval-cancel")
-        self.message = ui.label("").classes("text-sm text-grey-7").mark("eval-progress")
+                .mark(f"{mark}-cancel")
+        self.message = ui.label("").classes("text-sm text-grey-7").mark(f"{mark}-progress")
         self.show(evals.state)
 
     def show(self, state: dict[str, Any]) -> None:

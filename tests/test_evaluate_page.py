@@ -173,6 +173,7 @@ async def test_a_case_gets_several_checks_of_every_kind_and_saves_them(user: Use
     assert [c.checks for c in suite.cases] == [[{"contains": "cat"}], ALL_KINDS]
     user.find(marker="suite-try").click()  # the live try on the base model marks each case
     await wait_for(lambda: els(user, "case-tried-0") and els(user, "case-tried-1"))
+    assert "done" in el(user, "try-progress").text
 
 
 async def test_a_saved_suite_round_trips_through_the_editor(user: User, services, trained):
@@ -243,6 +244,25 @@ async def test_a_long_eval_of_a_run_shows_progress_and_is_cancelled_without_reco
     await wait_for(lambda: not els(user, "eval-cancel") and not els(user, "eval-bar"))  # hidden once it ended
     assert "cancelled" in el(user, "eval-progress").text
     assert results.read(folder) == before  # a suite cut short is never recorded as the checkpoint's score
+
+
+async def test_a_long_try_on_the_base_model_shows_progress_and_is_cancelled(user: User, services, trained):
+    path = long_suite(services, "long-try", 300)
+    await open_editor(user, trained[1])
+    set_value(user, "suite-open", path)
+    await wait_for(lambda: els(user, "suite-case-299"))
+    user.find(marker="suite-try").click()
+    await wait_for(lambda: els(user, "try-progress") and "long-try case" in el(user, "try-progress").text)
+    assert els(user, "try-bar") and els(user, "try-cancel") and not els(user, "eval-cancel")  # shown where started
+    user.find(marker="try-cancel").click()
+    await wait_for(lambda: services.evals.state["state"] != "running")
+    state = services.evals.state
+    assert state["state"] == "cancelled", state["message"]
+    done = state["records"][0]["metrics"]["total"]
+    assert 0 < done < 300
+    await wait_for(lambda: els(user, f"case-tried-{done - 1}"))  # the verdicts of the cases done before it
+    assert not els(user, f"case-tried-{done}")
+    assert not els(user, "try-cancel")
 
 
 # ----------------------------------------------------------------------------------------- the Playground

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nicegui import events, run, ui
+from nicegui import events, ui
 
 from pages.common import EvalProgress, case_grid_view, line_chart, on_change
 from services.errors import ForgeError
@@ -132,8 +132,10 @@ class SuiteEditor:
     base model", open a saved suite, save into workspace/evals, import, export. Settings the editor has no field
     for (sampling, format, ids, chat messages) are kept as they are."""
 
-    def __init__(self, services: Services, base_model: str, on_saved: Any):
-        self.services, self.base_model, self.on_saved = services, base_model, on_saved
+    def __init__(self, services: Services, base_model: str, on_saved: Any, owner: str):
+        """``owner`` names the editor's "try" jobs in :attr:`Evaluations.state` (progress and cancel here)."""
+        self.services, self.base_model, self.on_saved, self.owner = services, base_model, on_saved, owner
+        self.trying = False
         self.rows: list[dict[str, Any]] = [_new_case()]
         self.extra: dict[str, Any] = {}
         self.tried: dict[str, dict[str, Any]] = {}
@@ -155,6 +157,7 @@ class SuiteEditor:
                 ui.button("Export", icon="download", on_click=self.export).props("flat dense").mark("suite-export")
                 ui.upload(label="Import suite", auto_upload=True, max_file_size=1_000_000, on_upload=self.upload) \
                     .props("accept=.yaml,.yml,.jsonl flat bordered dense").classes("w-56").mark("suite-import")
+            self.progress = EvalProgress(services.evals, owner, mark="try")
         self.refresh_saved()
 
     @ui.refreshable_method
@@ -296,16 +299,28 @@ class SuiteEditor:
         except ForgeError as e:
             ui.notify(str(e), type="negative", multi_line=True)
 
-    async def try_base(self) -> None:
+    def try_base(self) -> None:
+        """The cases on the base model alone, as the app's evaluation job (progress, cancel); nothing is recorded."""
         data = self.data()
         if data is None:
             return
-        ui.notify("Running the cases on the base model…")
+        evals = self.services.evals
         try:
-            recs = await run.io_bound(self.services.evals.try_on_base, self.base_model, from_dict(data))
+            evals.start(evals.on_model(self.base_model, [None]), [from_dict(data)], owner=self.owner)
         except ForgeError as e:
             ui.notify(str(e), type="negative", multi_line=True)
             return
+        self.trying = True
+
+    def show(self, state: dict[str, Any]) -> None:
+        """Follow the try: progress, then each case's verdict (those done before a cancel, too)."""
+        self.progress.show(state)
+        if not self.trying or state.get("owner") != self.owner or state["state"] == "running":
+            return
+        self.trying = False
+        if state["state"] == "error":
+            ui.notify(state["message"], type="negative", multi_line=True)
+        recs = state["records"]
         self.tried = {c["id"]: c for c in recs[0]["cases"]} if recs else {}
         self.cases.refresh()
 
@@ -347,12 +362,18 @@ class EvaluateTab:
         self.services, self.folder = services, folder
         self.card = RunEvalCard(services, run_id)
         self.results = EvalResults(folder)
-        SuiteEditor(services, base_model, on_saved=self.card.refresh_suites)
+        self.stamp: Any = None
+        self.editor = SuiteEditor(services, base_model, on_saved=self.card.refresh_suites, owner=f"{run_id}:try")
         on_change(self.version, self.update, 1.0)
 
     def version(self) -> tuple:
         return self.services.evals.version, files_stamp(results.evals_path(self.folder))
 
     def update(self) -> None:
-        self.card.show(self.services.evals.state)
-        self.results.show()
+        state = self.services.evals.state
+        self.card.show(state)
+        self.editor.show(state)
+        stamp = files_stamp(results.evals_path(self.folder))
+        if stamp != self.stamp:  # progress alone redraws no table or chart
+            self.stamp = stamp
+            self.results.show()

@@ -81,11 +81,6 @@ class Evaluations:
             results.append(target.folder, whole)
         return records
 
-    def try_on_base(self, model: str | os.PathLike, suite: Suite) -> list[dict[str, Any]]:
-        """The suite's cases on the base model alone (the editor's "try"); nothing is recorded."""
-        reply = self.models.evaluate(find_model(self.workspace, model), [None], [suite.to_dict()])
-        return reply["records"]
-
     # -- one job for the app ----------------------------------------------------------------------
 
     @property
