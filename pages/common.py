@@ -1,4 +1,5 @@
-"""What every page shares: status colours, labels, the page frame, number texts and the metric charts.
+"""What every page shares: status colours, labels, the page frame, number texts, the metric charts and the views
+of an evaluation (its progress and cancel, a case's output with pass/fail).
 
 Pages import only this module and :mod:`pages.shell` from ``pages``; a helper two pages need lives here.
 """
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
 from services.system import is_local_request
+
+if TYPE_CHECKING:
+    from services.evaluation.service import Evaluations
 
 STATUS_COLORS = {"waiting": "blue-grey", "queued": "grey", "running": "primary", "completed": "positive",
                  "stopped": "warning", "early-stopped": "teal", "failed": "negative", "interrupted": "orange"}
@@ -131,3 +135,68 @@ def is_local_client() -> bool:
     except RuntimeError:  # no request: nothing says where the browser is
         return False
     return is_local_request(request.client.host if request.client else None, request.headers.get("host"))
+
+
+# ----------------------------------------------------------------------------------------- evaluations
+
+OUTPUT_BOX = "whitespace-pre-wrap break-all font-mono max-h-40 overflow-auto"  # long outputs scroll, not stretch
+DIFF_CLASSES = {"same": "", "added": "bg-green-2 text-green-10", "removed": "bg-red-2 text-red-10 line-through"}
+
+
+class EvalProgress:
+    """The progress bar, the message and the Cancel button of the app's one evaluation job
+    (:class:`services.evaluation.service.Evaluations`), shown where ``owner`` started it; markers
+    ``MARK-bar``, ``MARK-cancel``, ``MARK-progress``."""
+
+    def __init__(self, evals: Evaluations, owner: str, mark: str = "eval") -> None:
+        self.owner = owner
+        with ui.row().classes("w-full items-center gap-2 no-wrap"):
+            self.bar = ui.linear_progress(value=0, show_value=False).classes("grow").mark(f"{mark}-bar")
+            self.cancel = ui.button("Cancel", icon="stop", on_click=evals.cancel).props("outline dense") \
+                .mark(f"{mark}-cancel")
+        self.message = ui.label("").classes("text-sm text-grey-7").mark(f"{mark}-progress")
+        self.show(evals.state)
+
+    def show(self, state: dict[str, Any]) -> None:
+        """Redraw from :attr:`Evaluations.state`; another page's job shows only as "busy"."""
+        mine = state.get("owner") == self.owner
+        running = mine and state["state"] == "running"
+        self.bar.set_visibility(running)
+        self.bar.value = state.get("fraction") or 0
+        self.cancel.set_visibility(running)
+        busy = state["state"] == "running" and not mine
+        self.message.set_text(f"{state['state']}: {state['message']}" if mine else
+                              "another evaluation is running; it must end first" if busy else "")
+
+
+def visible_text(text: str) -> str:
+    """Line breaks shown as ↵ (a model that answers with blank lines would otherwise look like no answer)."""
+    return text.replace("\n", "↵\n")
+
+
+def case_output(t: dict[str, Any]) -> None:
+    """One target's output of a case (an item of :func:`services.evaluation.results.case_grid`): its label, a
+    pass/fail badge, the output (or its word diff against the base) and why checks failed."""
+    with ui.column().classes("min-w-48 basis-0 grow gap-1").mark("eval-output"):
+        with ui.row().classes("items-center gap-1"):
+            ui.label(t["label"]).classes("text-xs text-grey-7")
+            ui.badge("pass" if t["passed"] else "fail", color="positive" if t["passed"] else "negative") \
+                .mark("eval-verdict")
+        if t["diff"] is None:
+            ui.label(visible_text(t["output"]) or "(empty)").classes(f"text-sm {OUTPUT_BOX}")
+        else:
+            with ui.element("div").classes(f"text-sm {OUTPUT_BOX}").mark("eval-diff"):
+                for op, text in t["diff"]:
+                    ui.label(visible_text(text) + " ").classes(f"inline {DIFF_CLASSES[op]}")
+        for why in t["why"]:
+            ui.label(why).classes("text-xs text-negative")
+
+
+def case_grid_view(grid: list[dict[str, Any]]) -> None:
+    """Each case of :func:`services.evaluation.results.case_grid` as a card: its outputs side by side."""
+    for row in grid:
+        with ui.card().classes("w-full").props("flat bordered").mark(f"eval-case-{row['id']}"):
+            ui.label(row["id"]).classes("text-sm font-semibold")
+            with ui.row().classes("w-full gap-2 no-wrap overflow-x-auto"):
+                for t in row["targets"]:
+                    case_output(t)

@@ -126,6 +126,33 @@ def test_a_run_learning_fixed_answers_moves_the_pass_rate_and_best_by_follows_th
                      "--suite", str(suite)]) == 0
 
 
+def test_keep_checkpoints_never_removes_the_checkpoint_best_by_the_eval_table(tmp_path, tiny_model):
+    """A suite that learning the answers makes fail ("forgets": the output must not hold the trained answer) is
+    best at the first checkpoint, while validation loss is best at the last: rotation to 1 kept checkpoint must
+    keep both the last and the eval table's best."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows * 8)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", rows)
+    suite = tmp_path / "forgets.yaml"
+    suite.write_text("name: forgets\nsampling: {max_tokens: 12}\ncases:\n" + "".join(
+        f"  - prompt: {json.dumps(q)}\n    checks: [{{not_contains: {json.dumps(a.split()[1])}}}]\n" for q, a in QA))
+    manager = RunManager(Workspace.resolve(tmp_path / "ws"))
+    cfg = base_config(tiny_model, tmp_path / "data", mode="ift", fine_tune_type="full", optimizer="adam",
+                      iters=60, save_every=15, steps_per_eval=15, learning_rate=4e-3, keep_checkpoints=1,
+                      eval={"suites": [str(suite)]}, best_by="eval:forgets")
+    folder = manager.launch(cfg)
+    info = manager.wait(folder.id, timeout=600)
+    assert info["status"] == "completed", info.get("reason")
+    records = results.read(folder)
+    print("\n".join(f"{r['label']:>28}  forgets {r['forgets']:.2f}" for r in results.table(records)))
+    top = results.best(records, "forgets")
+    assert top is not None and top["iteration"] < 60  # the case this test is about: not among the last kept
+    assert info["best"]["iteration"] == top["iteration"] and info["best"]["by"] == "eval:forgets"
+    assert folder.checkpoint_iterations() == [top["iteration"], 60]  # the eval best survived the rotation
+    assert [c["iteration"] for c in info["checkpoints"]] == [top["iteration"], 60]
+    assert (folder.checkpoint_dir(top["iteration"]) / "adapters.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------------------- in the model worker
 
 

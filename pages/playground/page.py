@@ -1,5 +1,6 @@
 """Playground page: load a model (optionally a run or checkpoint adapter), chat or continue text, compare
-checkpoints side by side (blind A/B preferences included) and measure perplexity on a dataset.
+checkpoints side by side (blind A/B preferences included), measure perplexity on a dataset and run an eval suite
+on the base and/or checkpoints.
 
 The model lives in the shared :class:`services.inference.service.ModelService` worker process; the panels only
 await its async APIs (or run its blocking ones in a thread), so the event loop never waits on the model. The
@@ -19,6 +20,7 @@ from nicegui import ui
 from pages.common import page_column
 from pages.playground.chat import ChatPanel
 from pages.playground.compare import ComparePanel
+from pages.playground.evaluate import EvalPanel
 from pages.playground.model_bar import ModelBar
 from pages.playground.perplexity import PerplexityPanel
 from pages.playground.selection import Selection
@@ -40,6 +42,7 @@ def playground_page(services: Services, run: str | None = None, iteration: str |
             chat_tab = ui.tab("Chat", icon="chat").mark("tab-chat")
             compare_tab = ui.tab("Compare", icon="compare_arrows").mark("tab-compare")
             ppl_tab = ui.tab("Perplexity", icon="functions").mark("tab-perplexity")
+            eval_tab = ui.tab("Evaluate", icon="fact_check").mark("tab-evaluate")
         with ui.tab_panels(tabs, value=chat_tab).classes("w-full").props("animated=false"):
             with ui.tab_panel(chat_tab).classes("px-1 pb-2 pt-2"):
                 chat = ChatPanel(services.models)
@@ -48,9 +51,13 @@ def playground_page(services: Services, run: str | None = None, iteration: str |
                 compare = ComparePanel(services, selection, on_done=bar.poll)
             with ui.tab_panel(ppl_tab).classes("px-1 pb-2 pt-2 gap-3"):
                 PerplexityPanel(services, selection, on_done=bar.poll)
+            with ui.tab_panel(eval_tab).classes("px-1 pb-2 pt-2 gap-3"):
+                evaluate = EvalPanel(services, selection)
     bar.on_status.append(chat.update_mode)
     bar.on_unload.append(chat.stop)
     bar.on_adapters.append(compare.refresh_targets)
+    bar.on_adapters.append(evaluate.refresh_targets)
+    bar.on_status.append(evaluate.on_status)
     bar.refresh_adapters(keep=services.models.status.get("adapter"))
     bar.poll()
     ui.timer(STATUS_TICK, bar.poll)

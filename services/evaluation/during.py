@@ -60,15 +60,22 @@ class CheckpointEvals:
             self._move_best(everything)
         return self._stop_reason(everything, iteration)
 
-    def _move_best(self, records: list[dict[str, Any]]) -> None:
-        top = results.best(records, self.plan.best_by)
+    def best(self, ckpts: list[dict[str, Any]], records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The entry of ``ckpts`` (run.json's checkpoints) that the eval table says is best by ``best_by``, with
+        ``by`` and ``score``; the trainer's rotation keeps it (``keep_checkpoints``)."""
+        present = {c["iteration"]: c for c in ckpts}
+        scored = [r for r in (results.read(self.folder) if records is None else records)
+                  if r.get("iteration") in present]
+        top = results.best(scored, self.plan.best_by) if self.plan.best_by else None
         if top is None:
-            return
+            return None
+        return {**present[top["iteration"]], "by": f"eval:{self.plan.best_by}", "score": top["score"]}
+
+    def _move_best(self, records: list[dict[str, Any]]) -> None:
         with self.folder.lock():
-            info = self.folder.info()
-            entry = next((c for c in info.get("checkpoints", []) if c["iteration"] == top["iteration"]), None)
-            if entry is not None:
-                self.folder.update(best={**entry, "by": f"eval:{self.plan.best_by}", "score": top["score"]})
+            top = self.best(self.folder.info().get("checkpoints", []), records)
+            if top is not None:
+                self.folder.update(best=top)
 
     def _stop_reason(self, records: list[dict[str, Any]], iteration: int) -> str | None:
         name = self.plan.stop_by

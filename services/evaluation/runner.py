@@ -39,9 +39,10 @@ def run_suite(engine: Engine, suite: Suite, cancel: Cancel, emit: Emit | None = 
         if emit is not None:
             emit({"type": "progress", "suite": suite.name, "case": len(cases), "cases": len(suite.cases)})
     metrics = summarize(suite, cases)
+    partial = {"partial": True} if len(cases) < len(suite.cases) else {}  # cancelled: shown, never recorded
     return {"name": suite.name, "kind": "suite", "metrics": metrics, "primary": "pass_rate",
             "score": metrics["pass_rate"], "higher_is_better": True, "min_pass_rate": suite.min_pass_rate,
-            "cases": cases, "seconds": time.perf_counter() - t0}
+            "cases": cases, "seconds": time.perf_counter() - t0, **partial}
 
 
 def evaluate_active(engine: Engine, suites: list[Suite], tasks: dict[str, Any] | None, cancel: Cancel,

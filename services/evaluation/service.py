@@ -41,7 +41,7 @@ class Evaluations:
         self.workspace, self.manager, self.models = workspace, manager, models
         self.version = 0
         self._lock = threading.Lock()
-        self._state: dict[str, Any] = {"state": "idle", "message": "", "fraction": 0.0, "run": None, "records": []}
+        self._state: dict[str, Any] = {"state": "idle", "message": "", "fraction": 0.0, "owner": None, "records": []}
         self._cancel: CancelHandle | None = None
 
     # -- what to evaluate -------------------------------------------------------------------------
@@ -60,23 +60,26 @@ class Evaluations:
             return Target(Path(folder.info()["model"]), base + adapters, folder)
         return Target(find_model(self.workspace, ref), [None])
 
+    def on_model(self, model: str | os.PathLike, adapters: list[str | None]) -> Target:
+        """A model and adapters picked by hand (the Playground's base and/or checkpoints); nothing is recorded."""
+        if not adapters:
+            raise EvalError("pick the base model and/or one or more checkpoints to evaluate")
+        return Target(find_model(self.workspace, model), list(adapters))
+
     # -- blocking ---------------------------------------------------------------------------------
 
-    def run(self, ref: str, suites: list[Suite], tasks: dict[str, Any] | None = None, *,
+    def run(self, ref: str | Target, suites: list[Suite], tasks: dict[str, Any] | None = None, *,
             on_message: Any = None, cancel: CancelHandle | None = None, record: bool = True) -> list[dict[str, Any]]:
-        """Evaluate ``ref``; a run's records are appended to its ``evals.jsonl`` (``record``). Returns the records."""
-        target = self.target(ref)
+        """Evaluate ``ref`` (see :meth:`target`, or a :class:`Target`); a run's complete records are appended to its
+        ``evals.jsonl`` (``record``; a suite cut short by a cancel is returned, never recorded). Returns them."""
+        target = ref if isinstance(ref, Target) else self.target(ref)
         reply = self.models.evaluate(target.model, target.adapters, [s.to_dict() for s in suites], tasks,
                                      on_message=on_message, cancel=cancel)
         records = reply["records"]
-        if record and target.folder is not None and records:
-            results.append(target.folder, records)
+        whole = [r for r in records if not r.get("partial")]
+        if record and target.folder is not None and whole:
+            results.append(target.folder, whole)
         return records
-
-    def try_on_base(self, model: str | os.PathLike, suite: Suite) -> list[dict[str, Any]]:
-        """The suite's cases on the base model alone (the editor's "try"); nothing is recorded."""
-        reply = self.models.evaluate(find_model(self.workspace, model), [None], [suite.to_dict()])
-        return reply["records"]
 
     # -- one job for the app ----------------------------------------------------------------------
 
@@ -90,24 +93,38 @@ class Evaluations:
             self._state.update(fields)
             self.version += 1
 
-    def start(self, ref: str, suites: list[Suite], tasks: dict[str, Any] | None = None) -> None:
-        """Evaluate ``ref`` in a thread; follow :attr:`state` (state, fraction, message, records)."""
+    def start(self, ref: str | Target, suites: list[Suite], tasks: dict[str, Any] | None = None, *,
+              owner: str | None = None) -> None:
+        """Evaluate ``ref`` (as :meth:`run`) in a thread; follow :attr:`state` (state, fraction, message, records
+        as each one ends, ``owner``: who started it, ``ref`` by default)."""
+        if not suites and not tasks:
+            raise EvalError("pick one or more suites to evaluate")
         with self._lock:
             if self._state["state"] == "running":
                 raise EvalError("an evaluation is running; cancel it or wait for it to end")
             self._cancel = CancelHandle()
-            self._state = {"state": "running", "message": "starting…", "fraction": 0.0, "run": ref, "records": []}
+            self._state = {"state": "running", "message": "starting…", "fraction": 0.0,
+                           "owner": owner if owner is not None else str(ref), "records": []}
             self.version += 1
             cancel = self._cancel
         threading.Thread(target=self._job, args=(ref, suites, tasks, cancel), daemon=True, name="evaluate").start()
 
-    def _job(self, ref: str, suites: list[Suite], tasks: dict[str, Any] | None, cancel: CancelHandle) -> None:
+    def _job(self, ref: str | Target, suites: list[Suite], tasks: dict[str, Any] | None, cancel: CancelHandle) -> None:
+        names = [s.name for s in suites]
+
         def on_message(msg: dict[str, Any]) -> None:
+            if msg.get("type") == "record":
+                with self._lock:
+                    self._state["records"] = [*self._state["records"], msg["record"]]
+                    self.version += 1
+                return
             if msg.get("type") != "progress":
                 return
-            done = (msg.get("target", 1) - 1) / max(msg.get("targets", 1), 1)
+            targets = max(msg.get("targets", 1), 1)
+            done = (msg.get("target", 1) - 1) / targets
             if msg.get("cases"):
-                done += msg["case"] / msg["cases"] / max(msg.get("targets", 1), 1) / max(len(suites), 1)
+                suite = names.index(msg["suite"]) if msg["suite"] in names else 0
+                done += (suite + msg["case"] / msg["cases"]) / targets / max(len(suites), 1)
             self._set(fraction=min(done, 1.0), message=f"target {msg.get('target')}/{msg.get('targets')}"
                       + (f" · {msg['suite']} case {msg['case']}/{msg['cases']}" if msg.get("cases") else ""))
 
@@ -120,6 +137,7 @@ class Evaluations:
                   message=f"{len(records)} result(s)" + (" (cancelled)" if cancel.cancelled else ""))
 
     def cancel(self) -> None:
+        """Cancel the running job: the case being generated ends, its suite's results so far are kept."""
         with self._lock:
             handle = self._cancel
         if handle is not None:

@@ -328,20 +328,38 @@ def parse_check(check: Any, where: str) -> dict[str, Any]:
     return {name: value}
 
 
-def check_from_text(name: str, text: str, where: str = "check") -> dict[str, Any]:
-    """A check typed into one text field (the app's editor): ``choice`` takes comma-separated answers,
-    ``max_tokens`` a number, ``json`` 'true' or a JSON schema; the others take the text as it is."""
-    value: Any = text
-    if name == "choice":
-        value = [v.strip() for v in text.split(",") if v.strip()]
-    elif name == "max_tokens":
-        value = int(text) if text.strip().isdigit() else text
+TEXT_CHECKS = ("exact", "contains", "not_contains", "regex")
+
+
+def check_default(name: str) -> Any:
+    """The empty argument of a check kind in the editor (see :func:`check_from_field`)."""
+    return 64 if name == "max_tokens" else [] if name == "choice" else ""
+
+
+def check_from_field(name: str, value: Any, where: str = "check") -> dict[str, Any]:
+    """A check from the app editor's argument field of its kind: a text (exact, contains, not_contains, regex),
+    a number (max_tokens), a list of answers (choice), or JSON schema text (json; blank: the output parses)."""
+    if name in TEXT_CHECKS and (not isinstance(value, str) or not value):
+        raise SuiteError(f"{where}: check {name} needs a text to look for")
+    if name == "max_tokens" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif name == "choice":
+        value = [str(v).strip() for v in value or [] if str(v).strip()]
     elif name == "json":
+        text = value.strip() if isinstance(value, str) else ""
         try:
-            value = True if text.strip() in ("", "true") else json.loads(text)
+            value = True if text in ("", "true") else json.loads(text)
         except json.JSONDecodeError as e:
             raise SuiteError(f"{where}: the JSON schema is not valid JSON ({e.msg})") from e
     return parse_check({name: value}, where)
+
+
+def check_field(check: dict[str, Any]) -> tuple[str, Any]:
+    """A check's kind and the editor's argument field value (the inverse of :func:`check_from_field`)."""
+    (name, value), = check.items()
+    if name == "json":
+        return name, "" if value is True else json.dumps(value, indent=2)
+    return name, list(value) if name == "choice" else value
 
 
 # ----------------------------------------------------------------------------------------- scoring

@@ -615,14 +615,16 @@ class ModelService:
         """Run eval suites (plain data, see :mod:`services.evaluation.suites`) and lm-eval tasks on ``model`` and
         each target (None: the base; else checkpoint/adapter folders of one LoRA layout), in this one worker.
 
-        Loads ``model`` first (kept if already loaded); adapters are swapped, never fused. ``on_message`` gets
-        each ``progress`` and ``record`` message. Returns ``{"records": [...], "cancelled": bool, ...}``.
+        Loads ``model`` first (kept, with its adapter, if already loaded: the worker puts that adapter back after
+        the evaluation); adapters are swapped, never fused. ``on_message`` gets each ``progress`` and ``record``
+        message. Returns ``{"records": [...], "cancelled": bool, ...}``.
         """
         try:
             resolved = [None if t is None else str(adapter_files(t)[0].parent) for t in targets]
         except RequestError as e:
             raise ModelError(f"evaluate: {e}") from None
-        self.load(model)
+        if self.status.get("model") != self._check_paths(model, None)[0]:
+            self.load(model)
         call = _Call(on_message=on_message)
         worker, rid = self._submit("evaluate", {"cmd": "evaluate", "targets": resolved, "suites": suites,
                                                 "tasks": tasks}, call)

@@ -190,8 +190,7 @@ class Trainer:
             ckpts += [self._entry_from_disk(i) for i in sorted(on_disk - known - {it})]
             ckpts.append(entry)
             ckpts.sort(key=lambda c: c["iteration"])
-            scored = [c for c in ckpts if c["val_loss"] is not None]
-            best = self._best(scored)
+            best = self._best(ckpts)  # rotation below never removes it
             keep = self.cfg.get("keep_checkpoints")
             if keep:
                 kept = {c["iteration"] for c in ckpts[-keep:]} | ({best["iteration"]} if best else set())
@@ -207,8 +206,12 @@ class Trainer:
         if best and best["iteration"] == it and val_loss is not None and ws is not None:
             notify(ws, run_event("best", folder.info()))
 
-    def _best(self, scored: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """The best checkpoint: lowest validation loss, or (``preference.best: accuracy``) highest accuracy."""
+    def _best(self, ckpts: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The best checkpoint by the run's ``best_by``: the eval table's best (``eval:SUITE``), else the lowest
+        validation loss, or (``preference.best: accuracy``) the highest accuracy."""
+        if self.evals is not None and self.evals.plan.best_by:
+            return self.evals.best(ckpts)
+        scored = [c for c in ckpts if c["val_loss"] is not None]
         if not scored:
             return None
         if self.pref and self.pref.pref["best"] == "accuracy":

@@ -1,5 +1,5 @@
-"""A person writes a 3-case suite in the app, runs it on a run's base and checkpoints, and reads the table and the
-outputs side by side."""
+"""A person writes a 3-case suite in the app (the first case with two checks), runs it on a run's base and
+checkpoints, reads the table and the outputs side by side, then runs it in the Playground on what is loaded."""
 
 from __future__ import annotations
 
@@ -33,13 +33,23 @@ def test_write_a_suite_run_it_on_the_checkpoints_and_compare_outputs(page: Page,
     editor.get_by_label("Suite name", exact=True).fill("e2e-three")
     editor.get_by_role("button", name="Add case").click()
     editor.get_by_role("button", name="Add case").click()
+    expect(editor.get_by_label("Prompt", exact=True)).to_have_count(3)  # redrawn before anything is typed
     cases = [("the cat eats", "contains", "the"), ("sourdough starter", "not_contains", "zebra"),
              ("flour and water", "max_tokens", "64")]
     for i, (prompt, check, value) in enumerate(cases):
-        editor.get_by_label("Prompt", exact=True).nth(i).fill(prompt)
-        editor.get_by_label("Check", exact=True).nth(i).click()
+        case = editor.locator(".q-card").nth(i)
+        case.get_by_label("Prompt", exact=True).fill(prompt)
+        case.get_by_label("Check", exact=True).first.click()
         page.get_by_role("option", name=check, exact=True).last.click()  # an earlier menu may still be closing
-        editor.get_by_label("Expected", exact=True).nth(i).fill(value)
+        field = "At most tokens" if check == "max_tokens" else "Expected"
+        expect(case.get_by_label(field, exact=True)).to_be_visible()  # each kind has its own argument field
+        case.get_by_label(field, exact=True).fill(value)
+    first = editor.locator(".q-card").first  # a second check on the first case
+    first.get_by_role("button", name="Add check").click()
+    expect(first.get_by_label("Check", exact=True)).to_have_count(2)
+    first.get_by_label("Check", exact=True).nth(1).click()
+    page.get_by_role("option", name="max_tokens", exact=True).last.click()
+    expect(first.get_by_label("At most tokens", exact=True)).to_have_value("64")
     editor.get_by_role("button", name="Try on the base model").click()
     expect(editor.locator(".q-badge").first).to_be_visible(timeout=60_000)
     shot(page, "evaluate-editor")
@@ -63,3 +73,16 @@ def test_write_a_suite_run_it_on_the_checkpoints_and_compare_outputs(page: Page,
     expect(page.locator(".nicegui-echart canvas").last).to_be_visible()
     first_case.scroll_into_view_if_needed()
     shot(page, "evaluate-results")
+
+    # the Playground runs the same suite on what it has loaded: the base and checkpoint 20
+    page.goto(f"/playground?run={run['id']}@20")
+    expect(page.get_by_text(f"+ {run['id']}@20").first).to_be_visible(timeout=60_000)
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator(".q-chip").filter(has_text=f"{run['id']} @ 20")).to_be_visible()
+    page.get_by_label("Suite", exact=True).click()
+    page.get_by_role("option", name="e2e-three").click()
+    page.get_by_role("button", name="Run suite").click()
+    rates = page.locator(".q-table").filter(has_text="pass rate")
+    expect(rates.get_by_role("row")).to_have_count(3, timeout=120_000)  # header + base + checkpoint 20
+    expect(page.locator(".q-card").filter(has_text="case-1").last.locator(".q-badge")).to_have_count(2)
+    shot(page, "playground-evaluate")
