@@ -178,7 +178,7 @@ async def test_a_case_gets_several_checks_of_every_kind_and_saves_them(user: Use
 
 async def test_a_saved_suite_round_trips_through_the_editor(user: User, services, trained):
     original = {"name": "round", "kind": "cases", "min_pass_rate": 0.5,
-                "sampling": {"max_tokens": 16, "temperature": 0.0}, "format": "chat",
+                "sampling": {"max_tokens": 16, "temperature": 0.0}, "format": "chat", "batch_size": 3,
                 "cases": [{"id": "first", "prompt": "the cat", "system": "Be brief.", "checks": ALL_KINDS[:3]},
                           {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "checks": ALL_KINDS[3:]},
                           {"id": "case-3", "prompt": "a dog", "checks": [{"contains": "dog"}]}]}
@@ -188,6 +188,7 @@ async def test_a_saved_suite_round_trips_through_the_editor(user: User, services
     set_value(user, "suite-open", str(path))
     await wait_for(lambda: els(user, "suite-case-2"))
     assert el(user, "suite-name").value == "round" and el(user, "case-system-0").value == "Be brief."
+    assert el(user, "suite-batch").value == 3 and load_suite(path).batch_size == 3
     assert els(user, "case-messages-1")  # chat messages are kept, not turned into a prompt
     user.find(marker="suite-save").click()
     await user.should_see("Saved")

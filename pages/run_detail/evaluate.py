@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from app.composition import Services
     from services.training.folder import RunFolder
 
-EDITOR_KEYS = {"name", "kind", "min_pass_rate", "cases"}  # the editor's own fields; other suite settings are kept
+# the editor's own fields; other suite settings are kept as they are
+EDITOR_KEYS = {"name", "kind", "min_pass_rate", "batch_size", "cases"}
 
 
 class RunEvalCard:
@@ -145,6 +146,10 @@ class SuiteEditor:
                 self.name = ui.input("Suite name", value="my-suite").props("dense outlined").mark("suite-name")
                 self.mpr = ui.number("Min pass rate", value=None, min=0, max=1, step=0.05) \
                     .props("dense outlined").classes("w-36").mark("suite-min-pass")
+                self.batch = ui.number("Cases at once", value=1, min=1, max=64, step=1, format="%.0f") \
+                    .props("dense outlined").classes("w-32").mark("suite-batch") \
+                    .tooltip("Greedy cases generated together (mlx-lm's batch_generate): several times faster, but a "
+                             "batch may flip a near-tie token, so an output can differ from the Playground's")
                 self.open_pick = ui.select({}, label="Open a saved suite", on_change=self.open_saved) \
                     .props("dense outlined").classes("min-w-48").mark("suite-open")
                 self.open_pick.on("popup-show", self.refresh_saved)
@@ -265,7 +270,8 @@ class SuiteEditor:
                 parse_case(case, f"case {i + 1} ({r['id']})", i)
                 cases.append(case)
             data = {**self.extra, "name": self.name.value or "suite", "cases": cases,
-                    **({"min_pass_rate": float(self.mpr.value)} if self.mpr.value is not None else {})}
+                    **({"min_pass_rate": float(self.mpr.value)} if self.mpr.value is not None else {}),
+                    **({"batch_size": int(self.batch.value)} if (self.batch.value or 1) > 1 else {})}
             from_dict(data, where=self.name.value or "suite")
         except ForgeError as e:
             ui.notify(str(e), type="negative", multi_line=True)
@@ -279,6 +285,7 @@ class SuiteEditor:
             return False
         self.name.value = suite.name
         self.mpr.value = suite.min_pass_rate
+        self.batch.value = suite.batch_size
         self.extra = {k: v for k, v in suite.to_dict().items() if k not in EDITOR_KEYS}
         self.rows = [{"id": c.id, "prompt": c.prompt or "", "system": c.system or "", "messages": c.messages,
                       "checks": [dict(zip(("kind", "value"), check_field(ch), strict=True)) for ch in c.checks]}
