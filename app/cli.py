@@ -140,20 +140,21 @@ def cmd_start(args: argparse.Namespace, manager: RunManager) -> int:
 
 def cmd_serve(args: argparse.Namespace, manager: RunManager) -> int:
     """Serve until Ctrl-C; the base URL (and on the LAN the API key) is printed first."""
-    from app.lan import api_guard, lan_token
+    from app.composition import build_serving
     from services.serving.server import ServingServer
     from services.settings import check_port, load_settings
 
     port = check_port(args.port, "--port") if args.port is not None else load_settings(manager.workspace).serving.port
-    server = ServingServer(manager, api_guard(manager.workspace))
-    server.port, server.lan = port, args.lan
-    for url in server.urls():
-        print(f"OpenAI-compatible endpoint: {url}", flush=True)
-    if args.lan:
-        print(f"API key for other devices: {lan_token(manager.workspace)}", flush=True)
-    print(f"  curl {server.base_url}/models", flush=True)
+    def ready(server: ServingServer) -> None:
+        for url in server.urls():
+            print(f"OpenAI-compatible endpoint: {url}", flush=True)
+        if server.api_key:
+            print(f"API key for other devices: {server.api_key}", flush=True)
+        print(f"try: curl {server.base_url}/models", flush=True)
+
+    server = build_serving(manager)
     try:
-        server.serve(port, args.lan)
+        server.serve(port, args.lan, ready)
     except KeyboardInterrupt:
         pass
     return 0

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.lan import api_guard
+from app.lan import api_guard, lan_token
 from services.evaluation.service import Evaluations
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
@@ -56,6 +56,13 @@ class Services:
         self.model_imports.close()
 
 
+def build_serving(manager: RunManager) -> ServingServer:
+    """The OpenAI-compatible endpoint over ``manager``'s workspace, behind :class:`app.lan.ApiGate` with the LAN
+    token (for the app and ``forgellm serve``)."""
+    ws = manager.workspace
+    return ServingServer(manager, api_guard(ws), lambda: lan_token(ws))
+
+
 def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path | None = None) -> Services:
     """The services of one app process on ``workspace``."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
@@ -64,4 +71,4 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     return Services(workspace=ws, manager=manager, watchers=watchers,
                     status=StatusBoard(manager, watchers, events=events), models=models,
                     configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws), events=events,
-                    evals=Evaluations(ws, manager, models), serving=ServingServer(manager, api_guard(ws)))
+                    evals=Evaluations(ws, manager, models), serving=build_serving(manager))

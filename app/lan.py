@@ -283,12 +283,12 @@ API_KEY_NEEDED = ("this endpoint is on the LAN: send the access token as the API
                   "TOKEN); it is in the workspace's .forgellm/token and on the Settings page")
 
 
-def api_guard(workspace: Workspace) -> Callable[[Callable, bool], Callable]:
-    """What :class:`services.serving.server.ServingServer` puts in front of the API: :class:`ApiGate`, with the
-    LAN token when serving on the LAN."""
+def api_guard(workspace: Workspace) -> Callable[[Callable, str | None], Callable]:
+    """What :class:`services.serving.server.ServingServer` puts in front of the API: :class:`ApiGate` over the
+    host names of this workspace's settings, with the LAN token when serving on the LAN."""
     from services.settings import load_settings  # noqa: PLC0415
 
-    def guard(api: Callable, lan: bool) -> Callable:
-        return ApiGate(api, HostNames(load_settings(workspace).allowed_hosts), lan_token(workspace) if lan else None)
+    def guard(api: Callable, token: str | None) -> Callable:
+        return ApiGate(api, HostNames(load_settings(workspace).allowed_hosts), token)
 
     return guard

@@ -19,8 +19,9 @@ import openai
 import pytest
 from conftest import base_config
 
-from app.lan import api_guard, lan_token
-from services.serving.server import ServeError, ServingServer
+from app.composition import build_services, build_serving
+from app.lan import lan_token
+from services.serving.server import ServeError
 from services.training.manager import RunManager
 from services.workspace import Workspace
 
@@ -50,7 +51,7 @@ def trained(tmp_path_factory, tiny_model, chat_data) -> tuple[RunManager, str]:
 @pytest.fixture(scope="module")
 def server(trained):
     manager, _ = trained
-    srv = ServingServer(manager, api_guard(manager.workspace))
+    srv = build_serving(manager)
     srv.start(free_port())
     yield srv
     srv.stop()
@@ -165,7 +166,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(client, server):
 def test_a_port_in_use_is_named(server, trained):
     manager, _ = trained
     with pytest.raises(ServeError, match=rf"port {server.port}: cannot listen"):
-        ServingServer(manager, api_guard(manager.workspace)).start(server.port)
+        build_serving(manager).start(server.port)
     with pytest.raises(ServeError, match="already serving"):
         server.start(server.port)
 
@@ -189,11 +190,12 @@ CLIENT = textwrap.dedent("""
 def test_on_the_lan_a_client_without_the_token_gets_401(trained, netns):
     manager, _ = trained
     ns, host_ip = netns
-    srv = ServingServer(manager, api_guard(manager.workspace))
+    srv = build_serving(manager)
     port = free_port()
     srv.start(port, lan=True)
     try:
         token = lan_token(manager.workspace)
+        assert srv.api_key == token
         assert f"http://{host_ip}:{port}/v1" in srv.urls()
         proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT,
                                f"http://{host_ip}:{port}/v1/models", "-", "wrong", token],
@@ -208,3 +210,44 @@ def test_on_the_lan_a_client_without_the_token_gets_401(trained, netns):
     assert wrong == 401
     assert right == 200 and "tiny" in [m["id"] for m in right_body["data"]]
     assert local.status_code == 200
+
+
+async def test_the_settings_page_starts_and_stops_serving_and_shows_the_url(trained):
+    from nicegui.testing import user_simulation
+    from uihelpers import el, set_value, wait_for
+
+    from pages.shell import make_root
+    from services.settings import Serving, load_settings
+
+    manager, run = trained
+    services = build_services(manager.workspace)
+    port = free_port()
+    try:
+        async with user_simulation(make_root(services)) as user:
+            await user.open("/settings")
+            await user.should_see("Not serving.")
+            set_value(user, "serve-port", 80)
+            user.find(marker="serve-toggle").click()
+            await user.should_see("port: 80: give a port number from 1024 to 65535")
+            assert not services.serving.running
+            set_value(user, "serve-port", port)
+            user.find(marker="serve-toggle").click()
+            url = f"http://127.0.0.1:{port}/v1"
+            await wait_for(lambda: services.serving.running, timeout=30)
+            await user.should_see(url, marker="serve-url")
+            await user.should_see(f"curl {url}/models")
+            await user.should_see("Stop serving")
+            assert not el(user, "serve-port").enabled  # the port of a running endpoint cannot be edited
+            user.find(marker="serve-url-copy").click()
+            await user.should_see("Copied")
+            assert load_settings(manager.workspace).serving == Serving(True, port, False)
+            listed = httpx.get(f"{url}/models", timeout=30).json()
+            assert f"{run}@10" in [m["id"] for m in listed["data"]]
+            user.find(marker="serve-toggle").click()
+            await wait_for(lambda: not services.serving.running, timeout=30)
+            await user.should_see("Not serving.")
+            assert load_settings(manager.workspace).serving == Serving(False, port, False)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{url}/models", timeout=5)
+    finally:
+        services.close()

@@ -31,7 +31,7 @@ from services.serving.pool import ModelPool
 from services.system import lan_addresses
 from services.training.manager import RunManager
 
-Guard = Callable[[ASGIApp, bool], ASGIApp]  # (the API, on the LAN?) -> the API behind the access gate
+Guard = Callable[[ASGIApp, "str | None"], ASGIApp]  # (the API, the LAN token or None) -> the API behind the gate
 LOOPBACK, ALL = "127.0.0.1", "0.0.0.0"
 
 
@@ -191,26 +191,30 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class ServingServer:
-    """Start and stop the endpoint; ``guard`` (from ``app``) puts the access gate in front of it."""
+    """Start and stop the endpoint; ``guard`` (from ``app``) puts the access gate in front of it, ``lan_token``
+    gives the LAN access token that clients on other devices send as their API key."""
 
-    def __init__(self, manager: RunManager, guard: Guard | None = None, max_bases: int = 2) -> None:
-        self.manager, self.guard, self.max_bases = manager, guard, max_bases
+    def __init__(self, manager: RunManager, guard: Guard | None = None, lan_token: Callable[[], str] | None = None,
+                 max_bases: int = 2) -> None:
+        self.manager, self.guard, self.lan_token, self.max_bases = manager, guard, lan_token, max_bases
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.pool: ModelPool | None = None
         self.port: int | None = None
         self.lan = False
+        self.api_key: str | None = None  # the bearer token clients on the LAN send (None: loopback only)
         self.version = 0  # grows on every start and stop
 
     def _prepare(self, port: int, lan: bool) -> tuple[uvicorn.Server, socket.socket]:
-        if lan and self.guard is None:
+        if lan and (self.guard is None or self.lan_token is None):
             raise ServeError("serving on the LAN needs the access gate (bearer token); start it from the app or "
                              "`forgellm serve --lan`")
         sock = _bind(ALL if lan else LOOPBACK, port)
         self.pool = ModelPool(self.max_bases)
         api = Api(self.manager, self.pool).app()
-        asgi = self.guard(api, lan) if self.guard is not None else api
+        self.api_key = self.lan_token() if lan else None
+        asgi = self.guard(api, self.api_key) if self.guard is not None else api
         config = uvicorn.Config(asgi, log_level="warning", lifespan="off", timeout_graceful_shutdown=5,
                                 access_log=False)
         self.port, self.lan = port, lan
@@ -235,10 +239,12 @@ class ServingServer:
             self.version += 1
             return self.base_url
 
-    def serve(self, port: int, lan: bool = False) -> None:
-        """Serve in this thread until Ctrl-C (``forgellm serve``)."""
+    def serve(self, port: int, lan: bool = False, ready: Callable[[ServingServer], None] | None = None) -> None:
+        """Serve in this thread until Ctrl-C (``forgellm serve``); ``ready`` is called once the port is bound."""
         server, sock = self._prepare(port, lan)
         self._server = server
+        if ready is not None:
+            ready(self)
         try:
             server.run(sockets=[sock])
         finally:
