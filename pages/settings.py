@@ -177,6 +177,8 @@ def settings_page(services: Services) -> None:
     with page_column():
         ui.label("Settings").classes("text-2xl font-semibold")
         NotificationsCard(services)
+        ui.label(f"Webhook formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}.") \
+            .classes("text-xs text-grey-7")
         ServingCard(services)
-        ui.label(f"Formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}. Stored in "
-                 f"{services.workspace.root / '.forgellm' / 'settings.json'}.").classes("text-xs text-grey-7")
+        ui.label(f"Settings are stored in {services.workspace.root / '.forgellm' / 'settings.json'}.") \
+            .classes("text-xs text-grey-7")

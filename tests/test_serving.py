@@ -171,6 +171,47 @@ def test_a_port_in_use_is_named(server, trained):
         server.start(server.port)
 
 
+def test_requests_for_two_checkpoints_at_once_take_turns_on_the_one_base(client, trained):
+    """A request never swaps the adapter under another one's generation: each gets its own checkpoint's text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, run = trained
+    names = [f"{run}@10", f"{run}@20", "tiny", f"{run}@10"]
+
+    def ask(name: str) -> str:
+        stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=16, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    alone = {name: ask(name) for name in set(names)}
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = list(pool.map(ask, names))
+    assert together == [alone[n] for n in names]
+    assert len(set(alone.values())) == 3
+
+
+def test_forgellm_serve_prints_the_url_and_serves_until_ctrl_c(trained):
+    import signal
+
+    manager, run = trained
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--workspace", str(manager.workspace.root), "serve",
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first == f"OpenAI-compatible endpoint: http://127.0.0.1:{port}/v1\n", (first, proc.stderr.read())
+        assert proc.stdout.readline() == f"try: curl http://127.0.0.1:{port}/v1/models\n"
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        assert f"{run}@20" in [m["id"] for m in listed["data"]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    bad = subprocess.run([sys.executable, "-m", "app.cli", "--workspace", str(manager.workspace.root), "serve",
+                          "--port", "80"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port: 80: give a port number from 1024 to 65535" in bad.stderr
+
+
 CLIENT = textwrap.dedent("""
     import json, sys, urllib.request, urllib.error
     url, out = sys.argv[1], []
