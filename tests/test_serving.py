@@ -190,6 +190,29 @@ def test_requests_for_two_checkpoints_at_once_take_turns_on_the_one_base(client,
     assert len(set(alone.values())) == 3
 
 
+async def test_the_pool_keeps_at_most_max_bases_resident(trained):
+    """A published model is a base of its own; past ``max_bases`` the least recently used idle base is unloaded."""
+    import psutil
+
+    from services.serving.catalog import find_served
+    from services.serving.pool import ModelPool
+
+    manager, run = trained
+    tiny, ckpt, pub = (find_served(manager, n) for n in ("tiny", f"{run}@10", "published/tiny-pub"))
+    assert ckpt.model == tiny.model and pub.model != tiny.model
+    pool = ModelPool(max_bases=1)
+    try:
+        first = (await pool.acquire(ckpt)).worker_pid
+        pool.release(ckpt)
+        await pool.acquire(pub)
+        pool.release(pub)
+        assert list(pool.resident()) == [str(pub.model)]
+        assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+    finally:
+        pool.close()
+    assert pool.resident() == {}
+
+
 def test_forgellm_serve_prints_the_url_and_serves_until_ctrl_c(trained):
     import signal
 
@@ -292,3 +315,30 @@ async def test_the_settings_page_starts_and_stops_serving_and_shows_the_url(trai
                 httpx.get(f"{url}/models", timeout=5)
     finally:
         services.close()
+
+
+def test_serving_settings_are_checked_and_kept_with_the_others(workspace):
+    from services.settings import (
+        Serving,
+        SettingsError,
+        Webhook,
+        load_settings,
+        set_serving,
+        set_webhooks,
+        settings_path,
+    )
+
+    assert load_settings(workspace).serving == Serving(False, 8090, False)
+    set_webhooks(workspace, [Webhook("https://ntfy.sh/runs", "ntfy")])
+    set_serving(workspace, True, 9001, True)
+    set_webhooks(workspace, [Webhook("https://ntfy.sh/other", "ntfy")])
+    settings = load_settings(workspace)
+    assert settings.serving == Serving(True, 9001, True) and settings.webhooks[0].url == "https://ntfy.sh/other"
+    with pytest.raises(SettingsError, match="port: 99999: give a port number from 1024 to 65535"):
+        set_serving(workspace, True, 99999, False)
+    path = settings_path(workspace)
+    for bad, where in (({"port": "x"}, "serving.port: 'x'"), ({"enabled": "yes"}, "serving.enabled: expected true"),
+                       ({"host": "0.0.0.0"}, "serving: unknown key(s) host"), ([], "serving: expected an object")):
+        path.write_text(json.dumps({"serving": bad}))
+        with pytest.raises(SettingsError, match=rf"settings.json: {where}".replace("(", r"\(").replace(")", r"\)")):
+            load_settings(workspace)

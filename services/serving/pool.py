@@ -39,7 +39,10 @@ class ModelPool:
         self._bases.move_to_end(key)
         await base.lock.acquire()
         try:
-            await asyncio.to_thread(self._evict, key)
+            idle = [k for k, b in self._bases.items() if k != key and not b.lock.locked()]
+            evicted = [self._bases.pop(k) for k in idle[:max(0, len(self._bases) - self.max_bases)]]
+            if evicted:
+                await asyncio.to_thread(lambda: [b.service.unload() for b in evicted])
             await asyncio.to_thread(base.service.load, served.model, served.adapter)
         except BaseException:
             base.lock.release()
@@ -51,11 +54,6 @@ class ModelPool:
         base = self._bases.get(str(served.model))
         if base is not None and base.lock.locked():
             base.lock.release()
-
-    def _evict(self, keep: str) -> None:
-        idle = [k for k, b in self._bases.items() if k != keep and not b.lock.locked()]
-        while len(self._bases) > self.max_bases and idle:
-            self._bases.pop(idle.pop(0)).service.unload()
 
     def resident(self) -> dict[str, dict[str, Any]]:
         """Base folder → its worker's status (adapter, memory with ``rss_gb``, pid) for each loaded base."""
