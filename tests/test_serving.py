@@ -313,6 +313,13 @@ async def test_the_settings_page_starts_and_stops_serving_and_shows_the_url(trai
             assert load_settings(manager.workspace).serving == Serving(False, port, False)
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"{url}/models", timeout=5)
+            el(user, "serve-lan").value = True
+            user.find(marker="serve-toggle").click()
+            await wait_for(lambda: services.serving.running, timeout=30)
+            await user.should_see(lan_token(manager.workspace), marker="serve-key")
+            assert load_settings(manager.workspace).serving == Serving(True, port, True)
+            user.find(marker="serve-toggle").click()
+            await wait_for(lambda: not services.serving.running, timeout=30)
     finally:
         services.close()
 
