@@ -13,18 +13,12 @@ and 4) is trained first. Usage: ``python bench/serving.py [--max-tokens 32]``; w
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import services  # noqa: F401 (loads MKL before anything imports MLX)
-
-os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+sys.path.insert(0, str(ROOT / "bench"))
 import argparse
 import json
 import shutil
@@ -35,6 +29,7 @@ import time
 
 import httpx
 import psutil
+from gen_throughput import RESULTS  # its header loads MKL and sets the MLX and Hub variables, as for every bench
 
 from app.composition import build_serving
 from services.library.gguf import ensure_demo_model
@@ -42,7 +37,6 @@ from services.library.samples import install_samples
 from services.training.manager import RunManager
 from services.workspace import Workspace
 
-RESULTS = ROOT / "bench" / "results"
 PROMPT = "Give me one tip for a rainy day."
 
 
