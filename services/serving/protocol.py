@@ -20,7 +20,7 @@ from services.inference.requests import RequestError, normalize_request
 SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
             "top_p": "top_p", "seed": "seed", "top_k": "top_k", "min_p": "min_p",
             "repetition_penalty": "repetition_penalty"}
-MAX_STOPS = 4  # as OpenAI's API
+MAX_STOPS = 32  # OpenAI allows 4; code assistants (Continue) send more, so a few more are taken
 
 
 class ApiError(ForgeError):
