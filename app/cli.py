@@ -138,6 +138,28 @@ def cmd_start(args: argparse.Namespace, manager: RunManager) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, manager: RunManager) -> int:
+    """Serve until Ctrl-C; the base URL (and on the LAN the API key) is printed first."""
+    from app.composition import build_serving
+    from services.serving.server import ServingServer
+    from services.settings import check_port, load_settings
+
+    port = check_port(args.port, "--port") if args.port is not None else load_settings(manager.workspace).serving.port
+    def ready(server: ServingServer) -> None:
+        for url in server.urls():
+            print(f"OpenAI-compatible endpoint: {url}", flush=True)
+        if server.api_key:
+            print(f"API key for other devices: {server.api_key}", flush=True)
+        print(f"try: curl {server.base_url}/models", flush=True)
+
+    server = build_serving(manager)
+    try:
+        server.serve(port, args.lan, ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 WORKSPACE_HELP = "workspace folder (default: $FORGELLM_WORKSPACE or ./workspace)"
 
 
@@ -186,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let browsers on other devices import datasets from this server folder (kept in "
                         ".forgellm/settings.json; repeatable)")
     a.set_defaults(func=cmd_start)
+    sv = sub.add_parser("serve", help="serve the workspace's models, run checkpoints (RUN@ITER, RUN = its best) and "
+                                      "published models on an OpenAI-compatible endpoint (/v1)")
+    sv.add_argument("--port", type=int, default=None, help="port (default: the Settings page's, else 8090)")
+    sv.add_argument("--lan", action="store_true", help="listen on the LAN too; other devices send the access "
+                                                       "token as the API key")
+    sv.set_defaults(func=cmd_serve)
     g = sub.add_parser("generate", help="generate text with a model, optionally with a run's adapter")
     _add_model_args(g)
     g.add_argument("--prompt", required=True, help="the prompt ('-' reads it from stdin)")

@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.lan import api_guard, lan_token
 from services.evaluation.service import Evaluations
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
 from services.notify import RunEvents
 from services.publishing.jobs import PublishJobs
+from services.serving.server import ServingServer
 from services.system import StatusBoard
 from services.training.manager import RunManager
 from services.training.watch import WatcherPool
@@ -39,15 +41,26 @@ class Services:
     model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
     events: RunEvents = field(default_factory=RunEvents)  # run endings and new best checkpoints, for toasts
     evals: Evaluations | None = None  # suites and lm-eval tasks in the model worker (build_services makes it)
+    serving: ServingServer | None = None  # the OpenAI-compatible endpoint, off until started (build_services makes it)
 
     def close(self) -> None:
-        """End every child job this app started: the model worker, publishes and model imports."""
+        """End every child job this app started: the endpoint's model workers, the model worker, publishes and
+        model imports."""
+        if self.serving is not None:
+            self.serving.stop()
         if self.evals is not None:
             self.evals.cancel()
         self.models.unload()
         if self.publisher_jobs is not None:
             self.publisher_jobs.stop()
         self.model_imports.close()
+
+
+def build_serving(manager: RunManager) -> ServingServer:
+    """The OpenAI-compatible endpoint over ``manager``'s workspace, behind :class:`app.lan.ApiGate` with the LAN
+    token (for the app and ``forgellm serve``)."""
+    ws = manager.workspace
+    return ServingServer(manager, api_guard(ws), lambda: lan_token(ws))
 
 
 def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path | None = None) -> Services:
@@ -58,4 +71,4 @@ def build_services(workspace: Workspace | str | os.PathLike, configs_dir: Path |
     return Services(workspace=ws, manager=manager, watchers=watchers,
                     status=StatusBoard(manager, watchers, events=events), models=models,
                     configs_dir=configs_dir or CONFIGS_DIR, publisher_jobs=PublishJobs(ws), events=events,
-                    evals=Evaluations(ws, manager, models))
+                    evals=Evaluations(ws, manager, models), serving=build_serving(manager))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import ipaddress
 import logging
 import os
 import secrets
@@ -22,9 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import segno
 from nicegui import app
-from starlette.responses import PlainTextResponse, RedirectResponse
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
 
-from services.system import host_name, is_local_request, is_loopback
+from services.system import host_name, is_local_request, is_loopback, lan_addresses
+from services.workspace import Workspace
 
 log = logging.getLogger("forgellm.lan")
 
@@ -225,13 +225,70 @@ def lan_qr(url: str) -> str:
 
 
 def lan_urls(port: int, token: str) -> list[str]:
-    import socket  # noqa: PLC0415
+    return [f"http://{a}:{port}/?token={token}" for a in lan_addresses()]
 
-    import psutil  # noqa: PLC0415
 
-    urls = []
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
-                urls.append(f"http://{a.address}:{port}/?token={token}")
-    return sorted(set(urls))
+def lan_token(workspace: Workspace) -> str:
+    """The LAN access token (``.forgellm/token``, made once): for the app's links and the API's bearer token."""
+    return persisted_secret(workspace.root / ".forgellm" / "token", nbytes=16)
+
+
+class ApiGate:
+    """The gate of the OpenAI-compatible endpoint (:mod:`services.serving`): ``Host`` and ``Origin`` as
+    :class:`Gate` checks them; with a ``token`` (on the LAN), a client that is not on this machine must send
+    ``Authorization: Bearer TOKEN`` (wrong tokens throttled per address and logged). Refusals are OpenAI-style
+    JSON errors."""
+
+    def __init__(self, app: Callable, hosts: HostNames, token: str | None = None,
+                 throttle: Throttle | None = None) -> None:
+        self.app, self.hosts, self.token = app, hosts, token
+        self.throttle = throttle or Throttle()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = _header(scope, b"host") or ""
+        if host_name(host) not in self.hosts:
+            return await self.refuse(scope, receive, send, 421, f"this endpoint does not answer to the host "
+                                     f"{host_name(host)!r}; the owner can add it to allowed_hosts", "host")
+        if not _origin_ok(_header(scope, b"origin"), host):
+            return await self.refuse(scope, receive, send, 403, "cross-origin request refused", "origin")
+        client = (scope.get("client") or ("", 0))[0]
+        if self.token is None or is_local_request(client, host):
+            return await self.app(scope, receive, send)
+        auth = _header(scope, b"authorization") or ""
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        wait = self.throttle.wait(client)
+        if wait > 0:
+            return await self.refuse(scope, receive, send, 429, f"too many wrong API keys; try again in {wait:.0f} s",
+                                     "rate_limited", {"retry-after": str(max(1, round(wait)))})
+        if not given or not secrets.compare_digest(given.encode(), self.token.encode()):
+            if given:
+                self.throttle.failed(client)
+            return await self.refuse(scope, receive, send, 401, API_KEY_NEEDED, "invalid_api_key")
+        self.throttle.succeeded(client)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    async def refuse(scope: dict, receive: Callable, send: Callable, status: int, text: str, code: str,
+                     headers: dict[str, str] | None = None) -> None:
+        from services.serving.protocol import error_body  # noqa: PLC0415
+
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
+        await JSONResponse(error_body(text, None, kind, code), status_code=status, headers=headers)(
+            scope, receive, send)
+
+
+API_KEY_NEEDED = ("this endpoint is on the LAN: send the access token as the API key (Authorization: Bearer "
+                  "TOKEN); it is in the workspace's .forgellm/token and on the Settings page")
+
+
+def api_guard(workspace: Workspace) -> Callable[[Callable, str | None], Callable]:
+    """What :class:`services.serving.server.ServingServer` puts in front of the API: :class:`ApiGate` over the
+    host names of this workspace's settings, with the LAN token when serving on the LAN."""
+    from services.settings import load_settings  # noqa: PLC0415
+
+    def guard(api: Callable, token: str | None) -> Callable:
+        return ApiGate(api, HostNames(load_settings(workspace).allowed_hosts), token)
+
+    return guard

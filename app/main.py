@@ -12,8 +12,8 @@ from pathlib import Path
 
 from nicegui import app, background_tasks, ui
 
-from app.composition import build_services
-from app.lan import add_gate, lan_qr, lan_urls, persisted_secret
+from app.composition import Services, build_services
+from app.lan import add_gate, lan_qr, lan_token, lan_urls, persisted_secret
 from pages.shell import make_root
 from services.notify import DesktopNotifier
 from services.settings import load_settings
@@ -39,6 +39,16 @@ async def probe_loop_lag(path: Path, interval: float = 0.01) -> None:
             samples.clear()
 
 
+def start_serving(services: Services, port: int, lan: bool) -> None:
+    """Start the OpenAI-compatible endpoint; a port in use is printed, the app goes on without it."""
+    from services.serving.server import ServeError  # noqa: PLC0415
+
+    try:
+        print(f"OpenAI-compatible endpoint: {services.serving.start(port, lan)}", flush=True)
+    except ServeError as e:
+        print(f"the OpenAI-compatible endpoint did not start: {e}", file=sys.stderr, flush=True)
+
+
 def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, port: int = 8080,
             native: bool = False, lan: bool = False, show: bool = True) -> None:
     """Build the services and serve the app (blocks). Loopback only unless ``lan`` (token-gated); every request's
@@ -56,7 +66,7 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
     host = host or "127.0.0.1"
     token = None
     if not is_loopback(host):  # anything reachable from other machines is token-gated
-        token = persisted_secret(state / "token", nbytes=16)
+        token = lan_token(services.workspace)
     add_gate(token, load_settings(services.workspace).allowed_hosts)  # Host and Origin are checked always
     if token:
         services.lan_urls = lan_urls(port, token) or [f"http://<this machine>:{port}/?token={token}"]
@@ -77,6 +87,9 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
                 # QtWebEngine refuses to run as root with its sandbox and then shows no window at all
                 os.environ["QTWEBENGINE_CHROMIUM_FLAGS"] = (
                     os.environ.get("QTWEBENGINE_CHROMIUM_FLAGS", "") + " --no-sandbox").strip()
+    serving = load_settings(services.workspace).serving
+    if serving.enabled:  # kept on in the Settings page: the endpoint starts with the app
+        app.on_startup(lambda: start_serving(services, serving.port, serving.lan))
     if os.environ.get(LAG_LOG_ENV):
         app.on_startup(lambda: background_tasks.create(probe_loop_lag(Path(os.environ[LAG_LOG_ENV]))))
     ui.run(make_root(services), host=host, port=port, reload=False, show=show, title="ForgeLLM",

@@ -1,7 +1,9 @@
-"""Settings page: where run events go (webhooks: generic JSON, ntfy, Slack, Discord), with a test message.
+"""Settings page: where run events go (webhooks: generic JSON, ntfy, Slack, Discord), with a test message, and
+the OpenAI-compatible endpoint for other tools (start/stop, port, LAN, the base URL to paste).
 
 The settings live in the workspace (``.forgellm/settings.json``, :mod:`services.settings`); a training worker
-reads them as it sends its events, so what is saved here applies to the runs that are training now too.
+reads them as it sends its events, so what is saved here applies to the runs that are training now too; an
+endpoint left on starts again with the app.
 """
 
 from __future__ import annotations
@@ -10,9 +12,20 @@ from typing import TYPE_CHECKING
 
 from nicegui import run, ui
 
-from pages.common import page_column
+from pages.common import on_change, page_column
+from services.errors import ForgeError
 from services.notify import deliver, run_event
-from services.settings import WEBHOOK_FORMATS, SettingsError, Webhook, check_webhook, load_settings, set_webhooks
+from services.settings import (
+    WEBHOOK_FORMATS,
+    Serving,
+    SettingsError,
+    Webhook,
+    check_port,
+    check_webhook,
+    load_settings,
+    set_serving,
+    set_webhooks,
+)
 
 if TYPE_CHECKING:
     from app.composition import Services
@@ -90,10 +103,82 @@ class NotificationsCard:
         ui.notify(f"Saved {len(hooks)} webhook(s)", type="positive")
 
 
+class ServingCard:
+    """The OpenAI-compatible endpoint: start/stop, its port, LAN access, and the base URL with a copy button."""
+
+    def __init__(self, services: Services):
+        self.ws, self.server = services.workspace, services.serving
+        try:
+            saved = load_settings(self.ws).serving
+        except SettingsError:  # the Notifications card shows the problem
+            saved = Serving()
+        running = self.server.running
+        with ui.card().classes("w-full max-w-4xl"):
+            ui.label("Serve to other tools").classes("text-lg font-semibold")
+            ui.label("An OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, streaming) on its "
+                     "own port, for Open WebUI, Continue or any OpenAI client. It serves every base model, every "
+                     "run checkpoint as RUN@ITER (RUN alone is its best checkpoint) and every published model; "
+                     "checkpoints of one base share one copy of it in memory.").classes("text-sm text-grey-7")
+            with ui.row().classes("items-center gap-4"):
+                self.port = ui.number("Port", value=self.server.port if running else saved.port, min=1024,
+                                      max=65535, step=1, format="%d").props("dense outlined").classes("w-32") \
+                    .mark("serve-port")
+                self.lan = ui.checkbox("Also on the LAN (other devices send the access token as the API key)",
+                                       value=self.server.lan if running else saved.lan).mark("serve-lan")
+                self.toggle = ui.button(on_click=self.switch).mark("serve-toggle")
+            self.details = ui.column().classes("w-full gap-1")
+        on_change(lambda: self.server.version, self.redraw, 1.0)
+
+    def redraw(self) -> None:
+        running = self.server.running
+        self.toggle.text = "Stop serving" if running else "Start serving"
+        self.toggle.props(f"icon={'stop' if running else 'play_arrow'} color={'negative' if running else 'primary'}")
+        self.port.enabled = self.lan.enabled = not running
+        self.details.clear()
+        with self.details:
+            if not running:
+                ui.label("Not serving.").classes("text-sm text-grey-7").mark("serve-state")
+                return
+            ui.label("Serving. Paste this base URL into Open WebUI (Admin settings → Connections → OpenAI API) or "
+                     "Continue (provider openai, apiBase):").classes("text-sm").mark("serve-state")
+            for url in self.server.urls():
+                self.copy_row(url, "serve-url")
+            if self.server.api_key:
+                ui.label("API key for other devices (this machine needs none):").classes("text-sm")
+                self.copy_row(self.server.api_key, "serve-key")
+            ui.label(f"Try it: curl {self.server.base_url}/models").classes("text-xs font-mono text-grey-7") \
+                .mark("serve-curl")
+
+    @staticmethod
+    def copy_row(text: str, marker: str) -> None:
+        with ui.row().classes("items-center gap-1"):
+            ui.label(text).classes("font-mono text-sm").mark(marker)
+            ui.button(icon="content_copy", on_click=lambda: (ui.clipboard.write(text), ui.notify("Copied"))) \
+                .props("flat round dense").tooltip("Copy").mark(f"{marker}-copy")
+
+    async def switch(self) -> None:
+        try:
+            port = check_port(int(self.port.value) if self.port.value is not None else None, "port")
+            if self.server.running:
+                await run.io_bound(self.server.stop)
+                set_serving(self.ws, False, port, bool(self.lan.value))
+                ui.notify("Stopped serving")
+            else:
+                url = await run.io_bound(self.server.start, port, bool(self.lan.value))
+                set_serving(self.ws, True, port, bool(self.lan.value))
+                ui.notify(f"Serving at {url}", type="positive")
+        except ForgeError as e:
+            ui.notify(str(e), type="negative", multi_line=True)
+        self.redraw()
+
+
 def settings_page(services: Services) -> None:
     """Build the Settings page for one client."""
     with page_column():
         ui.label("Settings").classes("text-2xl font-semibold")
         NotificationsCard(services)
-        ui.label(f"Formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}. Stored in "
-                 f"{services.workspace.root / '.forgellm' / 'settings.json'}.").classes("text-xs text-grey-7")
+        ui.label(f"Webhook formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}.") \
+            .classes("text-xs text-grey-7")
+        ServingCard(services)
+        ui.label(f"Settings are stored in {services.workspace.root / '.forgellm' / 'settings.json'}.") \
+            .classes("text-xs text-grey-7")

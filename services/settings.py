@@ -1,8 +1,10 @@
 """The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to, the
-server folders that browsers on other devices may import datasets from, and the webhooks run events go to.
+server folders that browsers on other devices may import datasets from, the webhooks run events go to, and the
+OpenAI-compatible endpoint (:mod:`services.serving`).
 
 ``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"],
-"webhooks": [{"url": "https://ntfy.sh/my-runs", "format": "ntfy"}]}``; every key optional. A bad file is a
+"webhooks": [{"url": "https://ntfy.sh/my-runs", "format": "ntfy"}],
+"serving": {"enabled": false, "port": 8090, "lan": false}}``; every key optional. A bad file is a
 :class:`SettingsError` naming the file and the field, never a silent default.
 """
 
@@ -16,8 +18,9 @@ from pathlib import Path
 from services.errors import ForgeError
 from services.workspace import Workspace, write_atomic
 
-KEYS = ("allowed_hosts", "import_roots", "webhooks")
+KEYS = ("allowed_hosts", "import_roots", "webhooks", "serving")
 WEBHOOK_FORMATS = ("json", "ntfy", "slack", "discord")
+SERVE_PORT = 8090  # the OpenAI-compatible endpoint's default port (the app's is 8080)
 
 
 class SettingsError(ForgeError):
@@ -33,10 +36,20 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """The OpenAI-compatible endpoint: started with the app (``enabled``), its port, and LAN access (token-gated)."""
+
+    enabled: bool = False
+    port: int = SERVE_PORT
+    lan: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     allowed_hosts: tuple[str, ...] = ()
     import_roots: tuple[Path, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
+    serving: Serving = Serving()
 
 
 def settings_path(ws: Workspace) -> Path:
@@ -75,7 +88,29 @@ def load_settings(ws: Workspace) -> Settings:
         if not root.is_absolute():
             raise SettingsError(f"{path}: import_roots[{i}]: {value!r} is not an absolute folder path")
         roots.append(root.resolve())
-    return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))))
+    return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))),
+                    _serving(path, data.get("serving", {})))
+
+
+def check_port(value: object, where: str = "port") -> int:
+    """A TCP port to listen on (1024-65535), or :class:`SettingsError` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= 65535:
+        raise SettingsError(f"{where}: {value!r}: give a port number from 1024 to 65535")
+    return value
+
+
+def _serving(path: Path, value: object) -> Serving:
+    if not isinstance(value, dict):
+        raise SettingsError(f"{path}: serving: expected an object like {{\"enabled\": false, \"port\": {SERVE_PORT}, "
+                            "\"lan\": false}")
+    unknown = sorted(set(value) - {"enabled", "port", "lan"})
+    if unknown:
+        raise SettingsError(f"{path}: serving: unknown key(s) {', '.join(unknown)}; known: enabled, port, lan")
+    for key in ("enabled", "lan"):
+        if not isinstance(value.get(key, False), bool):
+            raise SettingsError(f"{path}: serving.{key}: expected true or false, got {json.dumps(value[key])[:40]}")
+    return Serving(value.get("enabled", False), check_port(value.get("port", SERVE_PORT), f"{path}: serving.port"),
+                   value.get("lan", False))
 
 
 def check_webhook(url: str, fmt: str = "json", where: str = "webhook") -> Webhook:
@@ -95,9 +130,11 @@ def _webhooks(path: Path, value: object) -> list[Webhook]:
             for i, v in enumerate(value)]
 
 
-def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook]) -> Settings:
+def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook],
+           serving: Serving) -> Settings:
     data = {"allowed_hosts": hosts, "import_roots": roots,
-            "webhooks": [{"url": h.url, "format": h.format} for h in hooks]}
+            "webhooks": [{"url": h.url, "format": h.format} for h in hooks],
+            "serving": {"enabled": serving.enabled, "port": serving.port, "lan": serving.lan}}
     write_atomic(settings_path(ws), json.dumps(data, indent=2) + "\n")
     return load_settings(ws)
 
@@ -106,7 +143,14 @@ def set_webhooks(ws: Workspace, hooks: list[Webhook]) -> Settings:
     """Replace the webhooks (each checked); the other settings stay."""
     current = load_settings(ws)
     return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots],
-                  [check_webhook(h.url, h.format) for h in hooks])
+                  [check_webhook(h.url, h.format) for h in hooks], current.serving)
+
+
+def set_serving(ws: Workspace, enabled: bool, port: int, lan: bool) -> Settings:
+    """Keep the endpoint's settings (the port checked); the other settings stay."""
+    current = load_settings(ws)
+    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots], current.webhooks,
+                  Serving(bool(enabled), check_port(port), bool(lan)))
 
 
 def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: list[str | os.PathLike] = ()) -> Settings:
@@ -126,4 +170,4 @@ def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: lis
             raise SettingsError(f"import root {str(r)!r}: no such folder")
         if str(root) not in roots:
             roots.append(str(root))
-    return _write(ws, hosts, roots, current.webhooks)
+    return _write(ws, hosts, roots, current.webhooks, current.serving)

@@ -216,3 +216,13 @@ def is_local_request(client: str | None, host_header: str | None) -> bool:
     """Whether a request is from a browser on this machine: a loopback client that also asked for a loopback name
     (a foreign name resolved to 127.0.0.1, as in DNS rebinding, is not trusted)."""
     return is_loopback(client) and is_loopback(host_name(host_header))
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other devices may reach it at (not loopback), sorted."""
+    import socket  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,28 @@ def base_config(model: Path, data: Path, **over) -> dict:
     }
     cfg.update(over)
     return cfg
+
+
+@pytest.fixture
+def netns():
+    """A network namespace ``ns`` at 10.231.N.2 reaching this host at 10.231.N.1 over a veth pair (needs root and
+    iproute2): a client on the LAN for tests/test_lan.py and tests/test_serving.py."""
+    n = random.randint(1, 250)
+    name, host_if, ns_if = f"fltest{os.getpid()}", f"flh{os.getpid() % 100000}", f"fln{os.getpid() % 100000}"
+    host_ip, ns_ip = f"10.231.{n}.1", f"10.231.{n}.2"
+    cmds = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", name],
+        ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
+        ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
+    ]
+    try:
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True)
+        yield name, host_ip
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

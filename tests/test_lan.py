@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -39,30 +38,6 @@ CLIENT = textwrap.dedent("""
             out.append([0, type(e).__name__])
     print(json.dumps(out))
 """)
-
-
-@pytest.fixture
-def netns():
-    """A namespace ``ns`` at 10.231.N.2 reaching this host at 10.231.N.1 over a veth pair."""
-    n = random.randint(1, 250)
-    name, host_if, ns_if = f"fltest{os.getpid()}", f"flh{os.getpid() % 100000}", f"fln{os.getpid() % 100000}"
-    host_ip, ns_ip = f"10.231.{n}.1", f"10.231.{n}.2"
-    cmds = [
-        ["ip", "netns", "add", name],
-        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-        ["ip", "link", "set", ns_if, "netns", name],
-        ["ip", "addr", "add", f"{host_ip}/24", "dev", host_if],
-        ["ip", "link", "set", host_if, "up"],
-        ["ip", "netns", "exec", name, "ip", "addr", "add", f"{ns_ip}/24", "dev", ns_if],
-        ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
-    ]
-    try:
-        for c in cmds:
-            subprocess.run(c, check=True, capture_output=True)
-        yield name, host_ip
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def from_namespace(ns: str, url: str, *paths: str) -> list[list]:
