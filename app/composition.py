@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.lan import api_guard, lan_token
+from app.lan import LanAccess, api_guard, lan_token
 from services.evaluation.service import Evaluations
 from services.inference.service import ModelService
 from services.library.imports import ImportJobs
@@ -36,7 +36,7 @@ class Services:
     status: StatusBoard  # the status strip's active run, queue and machine
     models: ModelService = field(default_factory=ModelService)  # the Playground's model worker
     configs_dir: Path = CONFIGS_DIR
-    lan_urls: list[str] = field(default_factory=list)  # set when serving beyond loopback, token included
+    lan: LanAccess | None = None  # set when the app serves beyond loopback: the token, its links, rotation
     publisher_jobs: PublishJobs | None = None  # publishes in child processes (build_services makes it)
     model_imports: ImportJobs = field(default_factory=ImportJobs)  # model imports in child processes, one at a time
     events: RunEvents = field(default_factory=RunEvents)  # run endings and new best checkpoints, for toasts

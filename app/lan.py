@@ -156,11 +156,20 @@ class Gate:
       throttled per address (:class:`Throttle`) and logged.
     """
 
-    def __init__(self, app: Callable, hosts: HostNames, token: str | None = None,
+    def __init__(self, app: Callable, hosts: HostNames, token: str | LanAccess | None = None,
                  throttle: Throttle | None = None) -> None:
-        self.app, self.hosts, self.token = app, hosts, token
+        self.app, self.hosts, self.access = app, hosts, token
         self.throttle = throttle or Throttle()
-        self.mark = token_mark(token) if token else None
+
+    @property
+    def token(self) -> str | None:
+        """The token now (a :class:`LanAccess` is read on every request: a rotation applies at once)."""
+        return self.access.token if isinstance(self.access, LanAccess) else self.access
+
+    @property
+    def mark(self) -> str | None:
+        token = self.token
+        return token_mark(token) if token else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -205,7 +214,7 @@ class Gate:
 TOKEN_NEEDED = "401: open the link with ?token=… that `forgellm start --lan` printed"
 
 
-def add_gate(token: str | None, allowed_hosts: tuple[str, ...] = ()) -> None:
+def add_gate(token: str | LanAccess | None, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Put :class:`Gate` in front of every route of the app (before ``ui.run``, so it sits inside NiceGUI's
     session middleware); ``token`` None when serving loopback only (then only Host and Origin are checked)."""
     if not log.handlers:
@@ -230,7 +239,56 @@ def lan_urls(port: int, token: str) -> list[str]:
 
 def lan_token(workspace: Workspace) -> str:
     """The LAN access token (``.forgellm/token``, made once): for the app's links and the API's bearer token."""
-    return persisted_secret(workspace.root / ".forgellm" / "token", nbytes=16)
+    return persisted_secret(token_path(workspace), nbytes=16)
+
+
+def token_path(workspace: Workspace) -> Path:
+    return workspace.root / ".forgellm" / "token"
+
+
+class LanAccess:
+    """The app's LAN access while it serves beyond loopback: the token (read back when its file changes) and the
+    links that carry it; :meth:`rotate` replaces the token, which signs every other device out at once."""
+
+    def __init__(self, workspace: Workspace, port: int) -> None:
+        self.workspace, self.port = workspace, port
+        self._lock = threading.Lock()
+        self._token, self._stamp = lan_token(workspace), self._mtime()
+        self.version = 0  # grows with every rotation
+
+    def _mtime(self) -> int | None:
+        try:
+            return token_path(self.workspace).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    @property
+    def token(self) -> str:
+        stamp = self._mtime()
+        if stamp != self._stamp:  # rotated by another process of this workspace (or the file was replaced)
+            with self._lock:
+                self._token, self._stamp = lan_token(self.workspace), self._mtime()
+        return self._token
+
+    def rotate(self) -> str:
+        """A new token in place of the old one (mode 0600, replaced atomically); returns it."""
+        path = token_path(self.workspace)
+        value = secrets.token_urlsafe(16)
+        tmp = path.with_name(path.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        os.replace(tmp, path)
+        with self._lock:
+            self._token, self._stamp = value, self._mtime()
+            self.version += 1
+        log.info("LAN access token rotated: every other device must open the new link")
+        return value
+
+    def urls(self) -> list[str]:
+        """The links other devices open (one per address of this machine), the token included."""
+        token = self.token
+        return lan_urls(self.port, token) or [f"http://<this machine>:{self.port}/?token={token}"]
 
 
 class ApiGate:

@@ -13,7 +13,7 @@ from pathlib import Path
 from nicegui import app, background_tasks, ui
 
 from app.composition import Services, build_services
-from app.lan import add_gate, lan_qr, lan_token, lan_urls, persisted_secret
+from app.lan import LanAccess, add_gate, lan_qr, persisted_secret
 from pages.shell import make_root
 from services.notify import DesktopNotifier
 from services.settings import load_settings
@@ -64,16 +64,15 @@ def run_app(workspace: Workspace | str | os.PathLike, host: str | None = None, p
     if lan and host is None:
         host = "0.0.0.0"
     host = host or "127.0.0.1"
-    token = None
     if not is_loopback(host):  # anything reachable from other machines is token-gated
-        token = lan_token(services.workspace)
-    add_gate(token, load_settings(services.workspace).allowed_hosts)  # Host and Origin are checked always
-    if token:
-        services.lan_urls = lan_urls(port, token) or [f"http://<this machine>:{port}/?token={token}"]
+        services.lan = LanAccess(services.workspace, port)
+    add_gate(services.lan, load_settings(services.workspace).allowed_hosts)  # Host and Origin are checked always
+    if services.lan:
+        urls = services.lan.urls()
         print("ForgeLLM is reachable from the LAN; other devices need the access token once:", flush=True)
-        for url in services.lan_urls:
+        for url in urls:
             print(f"  {url}", flush=True)
-        print(lan_qr(services.lan_urls[0]), flush=True)
+        print(lan_qr(urls[0]), flush=True)
     if native:  # one line per page that connected back over its websocket (the window rendered the app)
         app.on_connect(lambda client: print(
             f"native window connected: {client.request.headers.get('user-agent', '?')}", flush=True))

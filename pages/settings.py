@@ -1,5 +1,6 @@
-"""Settings page: where run events go (webhooks: generic JSON, ntfy, Slack, Discord), with a test message, and
-the OpenAI-compatible endpoint for other tools (start/stop, port, LAN, the base URL to paste).
+"""Settings page: the workspace, LAN access (links, QR codes, token rotation), where run events go (webhooks:
+generic JSON, ntfy, Slack, Discord), with a test message, and the OpenAI-compatible endpoint for other tools
+(start/stop, port, LAN, the base URL to paste).
 
 The settings live in the workspace (``.forgellm/settings.json``, :mod:`services.settings`); a training worker
 reads them as it sends its events, so what is saved here applies to the runs that are training now too; an
@@ -8,11 +9,13 @@ endpoint left on starts again with the app.
 
 from __future__ import annotations
 
+import shutil
 from typing import TYPE_CHECKING
 
+import segno
 from nicegui import run, ui
 
-from pages.common import on_change, page_column
+from pages.common import is_local_client, on_change, page_column
 from services.errors import ForgeError
 from services.notify import deliver, run_event
 from services.settings import (
@@ -172,10 +175,85 @@ class ServingCard:
         self.redraw()
 
 
+class WorkspaceCard:
+    """Where everything lives: the workspace folder, what it holds and the free disk under it."""
+
+    def __init__(self, services: Services):
+        ws = services.workspace
+        counts = {name: sum(1 for p in folder.iterdir() if p.is_dir()) if folder.exists() else 0
+                  for name, folder in (("runs", ws.runs), ("models", ws.models), ("datasets", ws.datasets))}
+        free = shutil.disk_usage(ws.root).free
+        with ui.card().classes("w-full max-w-4xl"):
+            ui.label("Workspace").classes("text-lg font-semibold")
+            ui.label(str(ws.root)).classes("font-mono text-sm break-all").mark("workspace-path")
+            ui.label(", ".join(f"{n} {k}" for k, n in counts.items()) + f" · {free / 1e9:.1f} GB free on its disk") \
+                .classes("text-sm").mark("workspace-contents")
+            ui.label("Another workspace: start with `forgellm --workspace DIR start` (every run, model and dataset "
+                     "lives in its folder).").classes("text-xs text-grey-7")
+
+
+class LanCard:
+    """LAN access: whether other devices can reach this app, the links (with QR codes) that carry the access
+    token, and rotating the token (signs every other device out). Links and rotation only for this machine."""
+
+    def __init__(self, services: Services):
+        self.lan, self.server = services.lan, services.serving
+        with ui.card().classes("w-full max-w-4xl"):
+            ui.label("LAN access").classes("text-lg font-semibold")
+            self.body = ui.column().classes("w-full gap-1")
+        self.redraw()
+
+    def redraw(self) -> None:
+        self.body.clear()
+        with self.body:
+            if self.lan is None:
+                ui.label("Off: this app answers only on this machine. To use it from a phone or another computer "
+                         "on your network, start it with `forgellm start --lan` (other devices then need the access "
+                         "token once).").classes("text-sm").mark("lan-state")
+                return
+            if not is_local_client():
+                ui.label("On. The links and the token are shown on the machine that runs ForgeLLM.") \
+                    .classes("text-sm").mark("lan-state")
+                return
+            ui.label("On. Other devices open one of these links once (it carries the access token):") \
+                .classes("text-sm").mark("lan-state")
+            for url in self.lan.urls():
+                with ui.row().classes("items-center gap-3"):
+                    ui.image(segno.make(url, error="m").svg_data_uri(scale=3)).classes("w-28")
+                    ui.label(url).classes("font-mono text-sm break-all").mark("lan-url")
+            ui.button("Rotate the token", icon="autorenew", on_click=self.confirm).props("outline") \
+                .mark("lan-rotate")
+
+    def confirm(self) -> None:
+        with ui.dialog() as dialog, ui.card():
+            ui.label("Rotate the access token?").classes("text-lg font-semibold")
+            ui.label("Every other device (and API client on the LAN) is signed out and needs the new link or key.") \
+                .classes("text-sm")
+            async def rotate() -> None:
+                dialog.close()
+                await self.rotate()
+
+            with ui.row():
+                ui.button("Rotate", on_click=rotate).props("color=negative").mark("lan-rotate-confirm")
+                ui.button("Cancel", on_click=dialog.close).props("flat")
+        dialog.open()
+
+    async def rotate(self) -> None:
+        self.lan.rotate()
+        if self.server is not None and self.server.running and self.server.lan:  # its bearer key is the token
+            port = self.server.port
+            await run.io_bound(self.server.stop)
+            await run.io_bound(self.server.start, port, True)
+        ui.notify("New access token: other devices must open the new link", type="positive")
+        self.redraw()
+
+
 def settings_page(services: Services) -> None:
     """Build the Settings page for one client."""
     with page_column():
         ui.label("Settings").classes("text-2xl font-semibold")
+        WorkspaceCard(services)
+        LanCard(services)
         NotificationsCard(services)
         ui.label(f"Webhook formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}.") \
             .classes("text-xs text-grey-7")

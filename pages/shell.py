@@ -103,8 +103,8 @@ class Header:
                 ui.button(label, on_click=lambda p=path: ui.navigate.to(p)).props("flat color=white no-caps") \
                     .classes("max-sm:hidden").mark(f"nav-{label.lower()}")
             ui.space()
-            if services.lan_urls and is_local_client():
-                self.lan_button(services.lan_urls)
+            if services.lan and is_local_client():
+                self.lan_button(services.lan.urls())
             ThemeToggle()
 
     @staticmethod

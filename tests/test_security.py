@@ -304,3 +304,63 @@ async def test_datasets_page_offers_server_paths_only_to_this_machine(services, 
         if not field:
             await user.should_see("upload your file instead")
             await user.should_see(marker="dataset-upload")
+
+
+def test_rotating_the_lan_token_signs_every_other_device_out_at_once(workspace: Workspace):
+    """Settings → LAN access → Rotate: the gate reads the token of its LanAccess on every request."""
+    from app.lan import LanAccess, lan_token
+
+    access = LanAccess(workspace, 8080)
+    old = access.token
+    assert old == lan_token(workspace) and all(f"token={old}" in u for u in access.urls())
+    c = remote(gated(token=access))
+    assert c.get(f"/?token={old}", follow_redirects=False).status_code == 307 and c.get("/").text == "the app"
+    new = access.rotate()
+    assert new != old and lan_token(workspace) == new
+    assert (workspace.root / ".forgellm" / "token").stat().st_mode & 0o777 == 0o600
+    assert c.get("/").status_code == 401  # the signed-in session is out, without a restart
+    assert c.get(f"/?token={old}").status_code == 401
+    assert c.get(f"/?token={new}", follow_redirects=False).status_code == 307
+    (workspace.root / ".forgellm" / "token").write_text("from-another-process\n")  # e.g. a second app instance
+    assert access.token == "from-another-process"
+
+
+@pytest.mark.parametrize(("client", "base", "shown"), [
+    (("127.0.0.1", 5000), "http://localhost", True),  # a browser on this machine sees links and may rotate
+    (("10.213.0.2", 5000), "http://10.213.0.1:8080", False),  # another device sees neither
+])
+async def test_the_settings_lan_card_shows_links_and_rotates_only_for_this_machine(services, client, base, shown):
+    import httpx
+    from nicegui import core
+    from nicegui.testing import user_simulation
+    from uihelpers import els
+
+    from app.lan import LanAccess
+    from pages.shell import make_root
+
+    services.lan = LanAccess(services.workspace, 8080)
+    old = services.lan.token
+    async with user_simulation(make_root(services)) as user:
+        user.http_client = httpx.AsyncClient(transport=httpx.ASGITransport(core.app, client=client), base_url=base)
+        await user.open("/settings")
+        await user.should_see(marker="lan-state")
+        assert bool(els(user, "lan-rotate")) is shown
+        if shown:
+            assert any(old in el.text for el in els(user, "lan-url"))
+            user.find(marker="lan-rotate").click()
+            user.find(marker="lan-rotate-confirm").click()
+            await user.should_see("New access token")
+            assert services.lan.token != old
+            assert any(services.lan.token in el.text for el in els(user, "lan-url"))
+
+
+async def test_the_settings_page_says_lan_access_is_off_and_shows_the_workspace(services):
+    from nicegui.testing import user_simulation
+
+    from pages.shell import make_root
+
+    async with user_simulation(make_root(services)) as user:
+        await user.open("/settings")
+        await user.should_see("Off: this app answers only on this machine")
+        await user.should_see(str(services.workspace.root), marker="workspace-path")
+        await user.should_see(marker="workspace-contents")
