@@ -100,6 +100,26 @@ def _rename(path: Path, name: str) -> str:
     return f"{prefix}{table[base]}.{suffix}"
 
 
+def gguf_tensor_name(name: str) -> str:
+    """The llama.cpp name of an mlx-lm llama weight (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``);
+    the inverse of the import's renaming. Raises ``KeyError`` for a weight llama.cpp's llama has no tensor for."""
+    m = re.match(r"^(?:model\.layers\.(\d+)\.)?(.+)\.(weight|scales|biases)$", name)
+    if m is None:
+        raise KeyError(name)
+    layer, module, suffix = m.groups()
+    table = {v: k for k, v in (_BLOCK_NAMES if layer is not None else _GLOBAL_NAMES).items()}
+    if module not in table:
+        raise KeyError(name)
+    return f"{'' if layer is None else f'blk.{layer}.'}{table[module]}.{suffix}"
+
+
+def permute_qk(w: Any, n_head: int) -> Any:
+    """llama.cpp's q/k row order for interleaved RoPE (from the Hugging Face rotate-half order), as
+    convert_hf_to_gguf.py writes it; an import reads it back with ``rope_traditional: true`` instead of undoing it."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _quant_bits(path: Path, name: str, weight: mx.array, scales: mx.array) -> int:
     bits, rem = divmod(weight.shape[-1] * 32, scales.shape[-1] * GGUF_GROUP_SIZE)
     if rem or bits not in (2, 3, 4, 5, 6, 8):

@@ -110,6 +110,49 @@ def import_gguf_file(ws: Workspace, source: str | os.PathLike, name: str | None 
     return target
 
 
+# What quantized weights cost on MLX's CPU backend (issue 16): one forward pass of SmolLM2-135M over 4x128 tokens
+QUANTIZED_CPU_COST = ("on MLX's CPU backend quantized matmul is far slower than float: one forward pass of "
+                      "SmolLM2-135M over 4x128 tokens took 78 s with its Q4 weights against {float_s} with float "
+                      "weights")
+FLOAT_FORWARD_S = "about 1 s"
+
+
+def gguf_weight_types(path: str | os.PathLike) -> dict[str, int]:
+    """``{GGML type name: tensor count}`` of a GGUF file, read from its header (nothing is loaded)."""
+    from gguf import GGUFReader  # noqa: PLC0415 (numpy; memory-maps the file)
+
+    try:
+        reader = GGUFReader(str(Path(path).expanduser()))
+    except (ValueError, OSError) as e:
+        raise LibraryError(f"{path}: cannot read it as GGUF ({e})") from None
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def describe_weight_types(types: dict[str, int]) -> str:
+    """``Q4_1 × 120, F32 × 61`` for :func:`gguf_weight_types`."""
+    return ", ".join(f"{k} × {n}" for k, n in types.items())
+
+
+def quantized_gguf_warning(path: str | os.PathLike, device: str) -> str | None:
+    """What importing the GGUF ``path`` with its quantized weights costs on ``device`` (``cpu``, ``gpu (Metal)``,
+    ...) and the offer of float weights; None when its weights are float."""
+    types = gguf_weight_types(path)
+    quantized = {k: n for k, n in types.items() if k not in ("F32", "F16", "BF16", "F64")}
+    if not quantized:
+        return None
+    what = f"{Path(path).name} holds quantized weights ({describe_weight_types(types)}); imported as they are they " \
+           "stay quantized (QuantizedLinear)"
+    if device.startswith("cpu"):
+        return (f"{what}, and {QUANTIZED_CPU_COST.format(float_s=FLOAT_FORWARD_S)}, so every training step takes "
+                "minutes. Import float weights instead (--dequantize, 'Dequantize to float32'): float32, several "
+                "times larger on disk, at float speed.")
+    return (f"{what}; on {device} quantized matmul is fast, so they are fine for generation and LoRA; import "
+            "float weights (--dequantize) for full fine-tuning.")
+
+
 def hub_offline_reason(timeout: float = HUB_TIMEOUT) -> str | None:
     """Why the Hub cannot be reached (``HF_HUB_OFFLINE``, no DNS, no answer) within ``timeout`` s, or None.
 
