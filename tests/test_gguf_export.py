@@ -13,9 +13,9 @@ from pathlib import Path
 import gguf
 import mlx.core as mx
 import pytest
-from conftest import base_config
+import test_publisher
 from mlx_lm import load
-from nicegui.testing import User, user_simulation
+from nicegui.testing import user_simulation
 from uihelpers import el, from_this_machine, wait_for
 
 from app.cli import main as cli_main
@@ -23,31 +23,21 @@ from app.composition import build_services
 from pages.shell import make_root
 from services.library.gguf import ensure_demo_model, find_smollm2_gguf, import_gguf
 from services.library.imports import gguf_weight_types, quantized_gguf_warning
+from services.library.models import list_models
 from services.library.tiny_model import CHAT_TEMPLATE
 from services.publishing.gguf_export import gguf_tensors, gguf_vocab, judge_gguf, write_gguf
 from services.publishing.handoff import modelfile, ollama_template, stop_tokens
 from services.publishing.publish import parity_check, publish
 from services.publishing.rules import PublishError, check_options, gguf_type
-from services.training.manager import RunManager
 from services.workspace import Workspace
 
 PROMPTS = ("Once upon a time", "The capital of France is", "Write one sentence about the sea.")
+trained = test_publisher.trained  # the fixture: one LoRA IFT run with checkpoints 10 and 20
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def field(reader: gguf.GGUFReader, key: str):
     return reader.fields[key].contents()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, chat_data):
-    """One LoRA IFT run with checkpoints 10 and 20."""
-    ws = Workspace.resolve(tmp_path_factory.mktemp("gguf-publish") / "ws")
-    manager = RunManager(ws)
-    folder = manager.launch(base_config(tiny_model, chat_data, mode="ift", iters=20, save_every=10, steps_per_eval=10))
-    info = manager.wait(folder.id, timeout=300)
-    assert info["status"] == "completed", info.get("reason")
-    return ws, folder
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +216,23 @@ def test_importing_a_quantized_gguf_warns_what_it_costs_and_offers_float(q8_gguf
     assert "warning:" in err and "78 s" in err and "--dequantize" in err
     info = json.loads((ws / "models" / "q8" / "config.json").read_text())["quantization"]
     assert info["bits"] == 8
+    shown = {m["name"]: m["dtype"] for m in list_models(Workspace.resolve(ws), hub=False)}
+    assert shown["q8"] == "8-bit (group 32)"
     assert cli_main(["--workspace", str(ws), "import", str(q8_gguf), "--name", "q8f", "--dequantize"]) == 0
     assert "warning" not in capsys.readouterr().err
+    shown = {m["name"]: m["dtype"] for m in list_models(Workspace.resolve(ws), hub=False)}
+    assert shown["q8f"] == "float32"
+
+
+def test_the_models_page_says_which_layers_keep_other_bits(tiny_model, tmp_path):
+    folder = tmp_path / "ws" / "models" / "mixed"
+    shutil.copytree(tiny_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine",
+                           "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    shown = {m["name"]: m["dtype"] for m in list_models(Workspace.resolve(tmp_path / "ws"), hub=False)}
+    assert shown["mixed"] == "4-bit (group 32), some layers 8-bit"
 
 
 async def test_the_models_page_warns_about_a_quantized_gguf_and_offers_float(q8_gguf, tmp_path):

@@ -52,7 +52,7 @@ _PRE_LLAMA3 = ("llama-bpe", "llama3")
 SUPPORTED_PRE_TOKENIZERS = _PRE_GPT2 + _PRE_DIGITS + _PRE_LLAMA3
 
 # GGUF token types
-_CONTROL, _USER_DEFINED = 3, 4
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
 def _fail(path: Path, reason: str) -> ValueError:
@@ -229,9 +229,9 @@ def _build_tokenizer(path: Path, meta: dict[str, Any]):
     if len(types) != len(tokens):
         raise _fail(path, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     tok.add_tokens([AddedToken(t, special=True, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL])
+                    for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _USER_DEFINED])
+                    for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_USER_DEFINED])
 
     def token(key: str) -> str | None:
         token_id = _scalar(meta, f"tokenizer.ggml.{key}_token_id")

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load
 
-from services.library.gguf import _CONTROL, _USER_DEFINED, gguf_tensor_name, import_gguf, permute_qk
+from services.library.gguf import TOKEN_CONTROL, TOKEN_USER_DEFINED, gguf_tensor_name, import_gguf, permute_qk
 from services.publishing.rules import GGUF_TYPES, PublishError
 from services.workspace import read_json
 
@@ -91,7 +91,7 @@ def gguf_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     pre = _pre_tokenizer(folder, tj.get("pre_tokenizer"))
     ids: dict[int, tuple[str, int]] = {i: (t, _NORMAL) for t, i in model["vocab"].items()}
     for a in tj.get("added_tokens") or []:
-        ids[a["id"]] = (a["content"], _CONTROL if a.get("special") else _USER_DEFINED)
+        ids[a["id"]] = (a["content"], TOKEN_CONTROL if a.get("special") else TOKEN_USER_DEFINED)
     size = max(n_vocab, max(ids) + 1)
     tokens = [ids.get(i, (f"[PAD{i}]", _UNUSED))[0] for i in range(size)]
     types = [ids.get(i, ("", _UNUSED))[1] for i in range(size)]
