@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nicegui import events, run, ui
+from nicegui import background_tasks, events, run, ui
 
 from pages.common import entered, is_local_client
 from services.jobs import DONE, FAILED
@@ -209,16 +209,16 @@ class ImportCard:
         self.source.props["placeholder"] = SOURCE_HINTS[k]
         self.link.set_visibility(k == "folder")
         self.dequantize.set_visibility(k == "gguf")
-        self.update_warning()
+        background_tasks.create(self.update_warning(), name="gguf import warning")
 
-    def update_warning(self) -> None:
+    async def update_warning(self) -> None:
         """Say what a quantized GGUF's weights cost on this machine's MLX backend, and offer float weights."""
         text = None
         path = Path(str(self.source.value or "").strip()).expanduser()
         if self.kind.value == "gguf" and self.local and not self.dequantize.value and path.suffix.lower() == ".gguf" \
                 and path.is_file():
             try:
-                text = quantized_gguf_warning(path, mlx_device(self.services.workspace))
+                text = await run.io_bound(quantized_gguf_warning, path, mlx_device(self.services.workspace))
             except LibraryError as e:
                 text = str(e)
         self.quant_warning.set_text(text or "")

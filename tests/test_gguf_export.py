@@ -242,7 +242,8 @@ async def test_the_models_page_warns_about_a_quantized_gguf_and_offers_float(q8_
             await from_this_machine(user).open("/models")
             el(user, "import-kind").set_value("gguf")
             user.find(marker="import-source").type(str(q8_gguf))
-            warning = await wait_for(lambda: el(user, "import-quantized-warning").text)
+            await user.should_see(marker="import-quantized-warning", retries=100)
+            warning = el(user, "import-quantized-warning").text
             assert "78 s" in warning and "Q8_0" in warning
             await user.should_see(marker="import-use-float")
             user.find(marker="import-use-float").click()

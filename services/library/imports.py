@@ -117,17 +117,64 @@ QUANTIZED_CPU_COST = ("on MLX's CPU backend quantized matmul is far slower than 
 FLOAT_FORWARD_S = "about 1 s"
 
 
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # fixed-size value types
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
 def gguf_weight_types(path: str | os.PathLike) -> dict[str, int]:
-    """``{GGML type name: tensor count}`` of a GGUF file, read from its header (nothing is loaded)."""
-    from gguf import GGUFReader  # noqa: PLC0415 (numpy; memory-maps the file)
+    """``{GGML type name: tensor count}`` of a GGUF file, read from its header only (fast: the metadata values,
+    the vocabulary among them, are skipped, not parsed)."""
+    import struct
+
+    from gguf.constants import GGMLQuantizationType  # noqa: PLC0415
+
+    p = Path(path).expanduser()
+
+    def fail(why: str) -> LibraryError:
+        return LibraryError(f"{p}: cannot read it as GGUF ({why})")
 
     try:
-        reader = GGUFReader(str(Path(path).expanduser()))
-    except (ValueError, OSError) as e:
-        raise LibraryError(f"{path}: cannot read it as GGUF ({e})") from None
-    counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        with p.open("rb") as f:
+            def unpack(fmt: str) -> tuple:
+                data = f.read(struct.calcsize(fmt))
+                if len(data) != struct.calcsize(fmt):
+                    raise fail("the header is cut short")
+                return struct.unpack(fmt, data)
+
+            def skip(kind: int) -> None:
+                if kind == _GGUF_STRING:
+                    f.seek(unpack("<Q")[0], 1)
+                elif kind == _GGUF_ARRAY:
+                    elem, count = unpack("<IQ")
+                    if elem in _GGUF_SIZES:
+                        f.seek(_GGUF_SIZES[elem] * count, 1)
+                    else:
+                        for _ in range(count):
+                            skip(elem)
+                elif kind in _GGUF_SIZES:
+                    f.seek(_GGUF_SIZES[kind], 1)
+                else:
+                    raise fail(f"unknown metadata value type {kind}")
+
+            magic, version = f.read(4), unpack("<I")[0]
+            if magic != b"GGUF" or version < 2:
+                raise fail("not a GGUF v2/v3 file")
+            n_tensors, n_kv = unpack("<QQ")
+            for _ in range(n_kv):
+                f.seek(unpack("<Q")[0], 1)
+                skip(unpack("<I")[0])
+            counts: dict[str, int] = {}
+            for _ in range(n_tensors):
+                f.seek(unpack("<Q")[0], 1)
+                f.seek(8 * unpack("<I")[0], 1)
+                kind = unpack("<IQ")[0]
+                try:
+                    name = GGMLQuantizationType(kind).name
+                except ValueError:
+                    name = f"type {kind}"
+                counts[name] = counts.get(name, 0) + 1
+    except OSError as e:
+        raise fail(e.strerror or str(e)) from None
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
