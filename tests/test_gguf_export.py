@@ -288,7 +288,7 @@ def test_llama_cpp_tokenizes_like_the_tokenizer_and_continues_like_fp16_mlx(smol
         ids = list(tok.encode(prompt))
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids, prompt
         theirs = []
-        for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             theirs.append(int(t))
             if len(theirs) == 8:
                 break
