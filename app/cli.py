@@ -13,6 +13,8 @@ from typing import Any
 
 from services.config import ConfigError, load_yaml
 from services.errors import ForgeError
+from services.publishing.handoff import LMSTUDIO_DEFAULT
+from services.publishing.rules import GGUF_TYPES
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.training.manager import RunManager, parse_ref
 from services.units import clock
@@ -228,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--name", required=True, help="folder name under the workspace's published/")
     pb.add_argument("--quantize", type=int, choices=[4, 8], metavar="BITS", help="quantize to 4 or 8 bits")
     pb.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="quantization group size")
-    pb.add_argument("--gguf", action="store_true", help="also write GGUF (llama/mistral/mixtral, float only)")
+    pb.add_argument("--gguf", nargs="?", const="f16", choices=list(GGUF_TYPES), metavar="TYPE",
+                    help="also write GGUF for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile: f16 (the "
+                         "default) or q8_0 (llama/mistral, float weights)")
+    pb.add_argument("--lmstudio", metavar="DIR", nargs="?", const=LMSTUDIO_DEFAULT,
+                    help=f"with --gguf: place the GGUF in this LM Studio models folder (default {LMSTUDIO_DEFAULT})")
     pb.add_argument("--dequantize", action="store_true", help="write float weights from a quantized base model")
     pb.add_argument("--license", help="license for the model card (default: the base model's)")
     pb.add_argument("--overwrite", action="store_true", help="replace an existing published/NAME")
@@ -496,7 +502,8 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
 
     if getattr(args, "json", False):
         options = {"dequantize": args.dequantize, "quantize_bits": args.quantize, "group_size": args.group_size,
-                   "gguf": args.gguf, "license": args.license, "overwrite": args.overwrite}
+                   "gguf": args.gguf, "lmstudio": args.lmstudio, "license": args.license,
+                   "overwrite": args.overwrite}
         fields = worker.run(manager.workspace, args.run, args.name, options)
         return 2 if fields is None else 0 if fields["parity"]["passed"] else 3
     tty = sys.stdout.isatty()
@@ -508,6 +515,7 @@ def cmd_publish(args: argparse.Namespace, manager: RunManager) -> int:
         run_id, iteration = parse_ref(args.run)
         result = publish(manager.workspace, run_id, iteration, args.name, dequantize=args.dequantize,
                          quantize_bits=args.quantize, group_size=args.group_size, gguf=args.gguf,
+                         lmstudio=args.lmstudio,
                          license=args.license, overwrite=args.overwrite, progress=progress)
     except (PublishError, ConfigError) as e:
         print(("\n" if tty else "") + f"error: {e}", file=sys.stderr)
@@ -583,8 +591,9 @@ def cmd_models(args: argparse.Namespace, manager: RunManager) -> int:
 
 
 def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
-    from services.library.imports import import_model
+    from services.library.imports import import_model, quantized_gguf_warning, source_kind
     from services.library.models import LibraryError
+    from services.system import mlx_device
 
     tty = sys.stdout.isatty()
 
@@ -592,6 +601,10 @@ def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
         _progress_line(f"[{fraction:4.0%}] {phase}: {message}" if fraction is not None else f"{phase}: {message}", tty)
 
     try:
+        if source_kind(args.source) == "gguf" and not args.dequantize:
+            warning = quantized_gguf_warning(args.source, mlx_device(manager.workspace))
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
         path = import_model(manager.workspace, args.source, args.name, link=args.link, dequantize=args.dequantize,
                             revision=args.revision, progress=progress)
     except LibraryError as e:

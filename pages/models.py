@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nicegui import events, run, ui
+from nicegui import background_tasks, events, run, ui
 
 from pages.common import entered, is_local_client
 from services.jobs import DONE, FAILED
-from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob
+from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob, quantized_gguf_warning
 from services.library.models import LibraryError, check_deletable, delete_model, list_models
 from services.system import mlx_device, mlx_processes
 from services.units import human_bytes, human_count
@@ -184,12 +185,19 @@ class ImportCard:
                 self.dequantize = ui.switch("Dequantize to float32").mark("import-dequantize")
                 self.dequantize.tooltip("Write float32 weights: larger on disk, about 3x faster on the CPU backend")
                 self.start_btn = ui.button("Import", icon="download", on_click=self.start).mark("import-start")
+            with ui.row().classes("w-full items-center gap-3") as self.quant_row:
+                ui.icon("warning", color="warning")
+                self.quant_warning = ui.label("").classes("text-sm max-w-[56rem]").mark("import-quantized-warning")
+                ui.button("Import float weights", icon="speed", on_click=lambda: self.dequantize.set_value(True)) \
+                    .props("outline dense no-caps").mark("import-use-float")
             with ui.row().classes("w-full items-center gap-3") as self.progress_row:
                 self.bar = ui.linear_progress(value=0, show_value=False).classes("w-96").mark("import-progress")
                 self.message = ui.label("").classes("text-sm").mark("import-message")
                 self.cancel_btn = ui.button("Cancel", icon="close", on_click=self.cancel) \
                     .props("flat dense").mark("import-cancel")
         self.bar.bind_value_from(self.imports, "current", backward=lambda job: (job.fraction or 0) if job else 0)
+        self.source.on_value_change(self.update_warning)
+        self.dequantize.on_value_change(self.update_warning)
         self.update_kind()
         self.progress_row.set_visibility(False)
         self.poll()
@@ -201,6 +209,20 @@ class ImportCard:
         self.source.props["placeholder"] = SOURCE_HINTS[k]
         self.link.set_visibility(k == "folder")
         self.dequantize.set_visibility(k == "gguf")
+        background_tasks.create(self.update_warning(), name="gguf import warning")
+
+    async def update_warning(self) -> None:
+        """Say what a quantized GGUF's weights cost on this machine's MLX backend, and offer float weights."""
+        text = None
+        path = Path(str(self.source.value or "").strip()).expanduser()
+        if self.kind.value == "gguf" and self.local and not self.dequantize.value and path.suffix.lower() == ".gguf" \
+                and path.is_file():
+            try:
+                text = await run.io_bound(quantized_gguf_warning, path, mlx_device(self.services.workspace))
+            except LibraryError as e:
+                text = str(e)
+        self.quant_warning.set_text(text or "")
+        self.quant_row.set_visibility(bool(text))
 
     async def start(self) -> None:
         text = entered(self.source, "Enter a repo id, folder or GGUF file first")

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from nicegui import ui
 
-from pages.common import fmt_loss, page_column
+from pages.common import fmt_loss, is_local_client, page_column
+from services.publishing.handoff import LMSTUDIO_DEFAULT
 from services.publishing.rules import (
     GGUF_MODEL_TYPES,
+    GGUF_TYPES,
     GROUP_SIZES,
     PublishError,
     base_model,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 POLL_SECONDS = 0.5
 MARKDOWN_EXTRAS = ["fenced-code-blocks", "tables", "code-friendly"]
 QUANTIZE = {0: "none (float)", 4: "4-bit", 8: "8-bit"}
+GGUF_CHOICES = {"": "none", **{t: t for t in GGUF_TYPES}}
 PHASE_TEXT = {"starting": "Starting", "loading": "Loading", "fusing": "Fusing", "quantizing": "Quantizing",
               "saving": "Saving", "parity": "Parity check", "card": "Model card", "done": "Done"}
 CHECK_COLUMNS: list[dict[str, Any]] = [
@@ -197,10 +200,18 @@ class PublishForm:
                     .mark("publish-dequantize")
                 self.dequantize.tooltip("Write float weights from a quantized base model (needed to re-quantize "
                                         "or for GGUF)")
-                self.gguf = ui.checkbox("Also write GGUF", on_change=self.options_changed).mark("publish-gguf")
+                with ui.column().classes("gap-0"):
+                    ui.label("GGUF (llama.cpp, Ollama, LM Studio)").classes("text-xs text-grey-7")
+                    self.gguf = ui.toggle(GGUF_CHOICES, value="", on_change=self.options_changed) \
+                        .props("dense no-caps").mark("publish-gguf")
+                self.lmstudio = ui.input("LM Studio models folder (optional)", placeholder=LMSTUDIO_DEFAULT,
+                                         on_change=self.options_changed).props("dense outlined").classes("w-72") \
+                    .mark("publish-lmstudio")
+                self.lmstudio.tooltip("Place the GGUF there as forgellm/NAME, where LM Studio lists it")
+                self.lmstudio.set_visibility(is_local_client())  # a path on this machine: not from another one
             ui.label(f"Base model {self.base.name}: {model_type}"
                      + (", quantized" if base_quantized else ", float weights")
-                     + f". GGUF (for llama.cpp / Ollama) is written by mlx-lm only for {', '.join(GGUF_MODEL_TYPES)} "
+                     + f". GGUF (f16 or q8_0, with an Ollama Modelfile) is written for {', '.join(GGUF_MODEL_TYPES)} "
                      "models with float weights; quantize = none. Group size applies to 4/8-bit quantization.") \
                 .classes("text-xs text-grey-7").mark("publish-hint")
             self.options_error = ui.label("").classes("text-sm text-negative").mark("options-error")
@@ -214,7 +225,8 @@ class PublishForm:
     def options(self) -> dict[str, Any]:
         """The export options as :class:`~services.publishing.jobs.PublishJobs` takes them."""
         return {"dequantize": bool(self.dequantize.value), "quantize_bits": self.quantize.value or None,
-                "group_size": int(self.group.value), "gguf": bool(self.gguf.value),
+                "group_size": int(self.group.value), "gguf": self.gguf.value or None,
+                "lmstudio": (self.lmstudio.value or "").strip() or None,
                 "license": (self.license.value or "").strip() or None, "overwrite": bool(self.overwrite.value)}
 
     def options_problem(self) -> str | None:

@@ -12,7 +12,7 @@ import pytest
 from mlx_lm import load, stream_generate
 
 from services.library import gguf as gguf_import
-from services.library.gguf import ensure_demo_model, find_smollm2_gguf, import_gguf
+from services.library.gguf import ensure_demo_model, find_smollm2_gguf, import_gguf, permute_qk
 from services.library.tiny_model import build_tiny_model
 
 _BLOCK = {
@@ -20,12 +20,6 @@ _BLOCK = {
     "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "post_attention_layernorm": "ffn_norm",
 }
-
-
-def _permute(w: mx.array, n_head: int) -> mx.array:
-    """llama.cpp's q/k row permutation (HF rotate-half layout -> interleaved RoPE layout)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_llama_gguf(model_dir: Path, path: Path, **overrides) -> Path:
@@ -42,9 +36,9 @@ def write_llama_gguf(model_dir: Path, path: Path, **overrides) -> Path:
             _, _, layer, rest = name.split(".", 3)
             module = rest.rsplit(".", 1)[0]
             if module == "self_attn.q_proj":
-                w = _permute(w, cfg["num_attention_heads"])
+                w = permute_qk(w, cfg["num_attention_heads"])
             elif module == "self_attn.k_proj":
-                w = _permute(w, cfg["num_key_value_heads"])
+                w = permute_qk(w, cfg["num_key_value_heads"])
             tensors[f"blk.{layer}.{_BLOCK[module]}.weight"] = w
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     vocab = {t: i for t, i in tok["model"]["vocab"].items()}

@@ -120,7 +120,7 @@ async def test_a_bad_name_is_refused_inline_and_nothing_is_published(user: User,
 
     # a good name, but an option the base model cannot do: refused next to the form, nothing starts
     user.find(marker="publish-name").clear().type("fine-name")
-    user.find(marker="publish-gguf").click()
+    el(user, "publish-gguf").set_value("q8_0")
     el(user, "publish-quantize").set_value(4)
     await asyncio.sleep(0.1)
     assert "GGUF export needs float weights" in el(user, "options-error").text

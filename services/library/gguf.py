@@ -52,7 +52,7 @@ _PRE_LLAMA3 = ("llama-bpe", "llama3")
 SUPPORTED_PRE_TOKENIZERS = _PRE_GPT2 + _PRE_DIGITS + _PRE_LLAMA3
 
 # GGUF token types
-_CONTROL, _USER_DEFINED = 3, 4
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
 def _fail(path: Path, reason: str) -> ValueError:
@@ -98,6 +98,26 @@ def _rename(path: Path, name: str) -> str:
         raise _fail(path, f"tensor {name!r} is not part of a supported llama model")
     prefix = f"model.layers.{layer}." if layer is not None else ""
     return f"{prefix}{table[base]}.{suffix}"
+
+
+def gguf_tensor_name(name: str) -> str:
+    """The llama.cpp name of an mlx-lm llama weight (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``);
+    the inverse of the import's renaming. Raises ``KeyError`` for a weight llama.cpp's llama has no tensor for."""
+    m = re.match(r"^(?:model\.layers\.(\d+)\.)?(.+)\.(weight|scales|biases)$", name)
+    if m is None:
+        raise KeyError(name)
+    layer, module, suffix = m.groups()
+    table = {v: k for k, v in (_BLOCK_NAMES if layer is not None else _GLOBAL_NAMES).items()}
+    if module not in table:
+        raise KeyError(name)
+    return f"{'' if layer is None else f'blk.{layer}.'}{table[module]}.{suffix}"
+
+
+def permute_qk(w: Any, n_head: int) -> Any:
+    """llama.cpp's q/k row order for interleaved RoPE (from the Hugging Face rotate-half order), as
+    convert_hf_to_gguf.py writes it; an import reads it back with ``rope_traditional: true`` instead of undoing it."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _quant_bits(path: Path, name: str, weight: mx.array, scales: mx.array) -> int:
@@ -209,9 +229,9 @@ def _build_tokenizer(path: Path, meta: dict[str, Any]):
     if len(types) != len(tokens):
         raise _fail(path, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     tok.add_tokens([AddedToken(t, special=True, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL])
+                    for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types, strict=True) if ty == _USER_DEFINED])
+                    for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_USER_DEFINED])
 
     def token(key: str) -> str | None:
         token_id = _scalar(meta, f"tokenizer.ggml.{key}_token_id")

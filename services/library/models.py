@@ -195,6 +195,10 @@ def model_info(path: Path, key: str, source: str, label: str | None = None) -> d
     if isinstance(quant, dict) and (quant.get("bits") or quant.get("quant_method")):
         gs = quant.get("group_size")
         dtype = f"{quant.get('bits') or quant.get('quant_method')}-bit" + (f" (group {gs})" if gs else "")
+        other = sorted({int(v["bits"]) for v in quant.values()
+                        if isinstance(v, dict) and v.get("bits") and v["bits"] != quant.get("bits")})
+        if other:  # per-layer bits (a GGUF import keeps each tensor's own): say the others too
+            dtype += f", some layers {'/'.join(map(str, other))}-bit"
     elif dtype == "?":
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "?")
     arch = cfg.get("model_type") or (cfg.get("architectures") or ["?"])[0]

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from services.evaluation import results as evals
+from services.publishing.handoff import use_section
 from services.publishing.parity import parity_summary
 from services.publishing.rules import split_front_matter
 from services.training.folder import RunFolder, history
@@ -141,12 +142,8 @@ def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: 
     if not parity["passed"]:
         out += [f"> **Warning: the parity check failed.** {parity_summary(parity)}. This export may not behave "
                 "like the fine-tuned checkpoint.", ""]
-    prompt = (['messages = [{"role": "user", "content": "Hello!"}]',
-               "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)"]
-              if mode == "ift" else ['prompt = "Once upon a time"'])
-    out += ["## Use", "", "```python", "from mlx_lm import load, generate", "",
-            f'model, tokenizer = load("{name}")  # this folder, or its Hub repository', *prompt,
-            "print(generate(model, tokenizer, prompt=prompt, max_tokens=128))", "```", ""]
+    handoff = prov.get("handoff") or {}
+    out += use_section(name, handoff.get("folder") or str(dst), mode, handoff)
     out += ["## Checkpoint", "", f"Published: iteration **{src['iteration']}** — {src['reason']}.", ""]
     ckpts = info.get("checkpoints") or []
     if ckpts:
@@ -197,13 +194,7 @@ def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: 
                        for g in parity["greedy"]]), ""]
     if parity.get("note"):
         out += [f"Note: {parity['note']}.", ""]
-    gg = prov.get("gguf")
-    if gg:
-        status = ("round trip ok" if gg.get("ok") else "round trip FAILED" if "error" not in gg else gg["error"])
-        out += ["## GGUF", "", f"`{gg['file']}` ({gg['bytes'] / 1e6:.1f} MB, {gg.get('tensors')} tensors, written by "
-                f"mlx-lm): {status}; max \\|logit delta\\| {_num(gg.get('max_abs_logit_delta'), 6)}. "
-                f"{gg.get('method', '')}", ""]
-        out += [f"> {w}" for w in gg.get("warnings", [])] + [""]
+    out += gguf_section(prov.get("gguf"), parity.get("gguf"))
     if stats:
         rows = []
         for split in ("train", "valid"):
@@ -236,12 +227,28 @@ def model_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: 
     return _redact("\n".join(out))
 
 
+def gguf_section(written: dict[str, Any] | None, judged: dict[str, Any] | None) -> list[str]:
+    """The card's GGUF section: the file, its tokenizer as written, and how it compared (part of the badge)."""
+    if not written:
+        return []
+    tok = written.get("tokenizer") or {}
+    out = ["## GGUF", "", f"`{written['file']}` ({written['bytes'] / 1e6:.1f} MB, {written.get('type')}, "
+           f"{written.get('tensors')} tensors, written with {written.get('writer', 'the gguf library')}); "
+           f"tokenizer `{tok.get('model')}` / pre-tokenizer `{tok.get('pre')}`, {tok.get('tokens')} tokens, "
+           f"{tok.get('merges')} merges.", ""]
+    if judged and judged.get("relative_rms") is not None:
+        out += [f"Read back: relative RMS logit difference {judged['relative_rms']:.2e}, next-token agreement "
+                f"{judged['top1_agreement']:.1%}, max \\|logit delta\\| {_num(judged.get('max_abs_logit_delta'), 4)} "
+                f"({judged.get('method', '')}); the checks are in the parity table above.", ""]
+    return out
+
+
 def write_card(dst: Path, prov: dict[str, Any], parity: dict[str, Any], folder: RunFolder | None) -> None:
     """Write parity.json, forgellm.json, README.md and loss_curve.svg, readable like the model files."""
     write_json(dst / "parity.json", parity)
     write_json(dst / "forgellm.json", prov)
     write_atomic(dst / "README.md", model_card(dst, prov, parity, folder))
     mode = (dst / "config.json").stat().st_mode & 0o777 if (dst / "config.json").exists() else 0o644
-    for f in ("parity.json", "forgellm.json", "README.md", "loss_curve.svg"):
+    for f in ("parity.json", "forgellm.json", "README.md", "loss_curve.svg", "Modelfile"):
         if (dst / f).is_file():
             os.chmod(dst / f, mode)

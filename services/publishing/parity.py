@@ -258,6 +258,7 @@ class Export:
     dtype: str | None = None  # of the float weights before quantization; None: read from the folder's model
     quantization: dict[str, Any] | None = None
     bits_per_weight: float | None = None
+    gguf: Path | None = None  # a GGUF file next to it: judged too (its tokenizer and logits), part of the badge
 
 
 def run(base: Path, folder: RunFolder, iteration: int, checkpoint: Path, export: Callable[[Reference], Export], *,
@@ -292,5 +293,22 @@ def run(base: Path, folder: RunFolder, iteration: int, checkpoint: Path, export:
                      note=inputs.note, tokenizer_match=tok_match)
     if made.bits_per_weight is not None:
         parity["bits_per_weight"] = round(float(made.bits_per_weight), 3)
+    if made.gguf is not None:
+        report("parity", spans.published[1], f"reading {made.gguf.name} back and comparing its logits")
+        judge_gguf_into(parity, made.gguf, inputs, ref_m["logits"])
     parity["source"] = {"run": folder.id, "iteration": iteration}
     return parity, acfg
+
+
+def judge_gguf_into(parity: dict[str, Any], path: Path, inputs: ParityInputs, reference_logits: list) -> None:
+    """Add the checks of the GGUF ``path`` (:func:`~services.publishing.gguf_export.judge_gguf`) to ``parity``:
+    a GGUF whose tokenizer or logits do not match fails the badge."""
+    from services.publishing.gguf_export import judge_gguf
+
+    judged = judge_gguf(path, inputs.prompt_ids, reference_logits,
+                        lambda tok: prompt_ids(inputs.cfg, inputs.stats, tok))
+    parity["checks"] += judged.pop("checks")
+    parity["gguf"] = judged
+    parity["criteria"] += (f"; the GGUF ({judged['type']}) tokenizes the prompts the same and its logits stay "
+                           "within the tolerance of its type")
+    parity["passed"] = all(c["ok"] for c in parity["checks"])

@@ -44,12 +44,15 @@ from services.publishing import parity
 from services.publishing.card import base_model_info, write_card
 from services.publishing.fuse import float_dtype, fuse
 from services.publishing.gguf_export import export_gguf
+from services.publishing.handoff import lmstudio_target, ollama_name, place_in_lmstudio, write_modelfile
 from services.publishing.parity import Export, Progress, Reference, Spans, parity_summary
 from services.publishing.rules import (
     PublishError,
     base_model,
     check_options,
     choose_checkpoint,
+    gguf_type,
+    lmstudio_dir,
     published_path,
 )
 from services.training.folder import RunFolder
@@ -171,15 +174,13 @@ class _Build:
         report("saving", 0.55, f"writing the model to {self.target}")
         with contextlib.redirect_stdout(io.StringIO()):
             save(self.tmp, str(self.base), model, ref.tokenizer, config, donate_model=False)
-        if o["gguf"]:
-            report("saving", 0.62, "writing GGUF and reading it back")
-            self.gguf_path, check = export_gguf(self.tmp, model, config, ref.inputs)
-            self.warnings += check.get("warnings", [])
-            if not check.get("ok"):
-                self.warnings.append(check.get("error") or "the GGUF round trip does not reproduce the model's logits")
-            self.gguf_check = check
+        kind = gguf_type(o["gguf"])
+        if kind:
+            report("saving", 0.62, f"writing GGUF ({kind}) and an Ollama Modelfile")
+            self.gguf_path, self.gguf_check = export_gguf(self.tmp, model, config, kind, self.target.name)
+            write_modelfile(self.tmp, self.gguf_path.name)
         bpw = compute_bits_per_weight(model) if self.quantization else None
-        return Export(self.tmp, self.dtype, self.quantization, bpw)
+        return Export(self.tmp, self.dtype, self.quantization, bpw, gguf=self.gguf_path)
 
 
 def _environment() -> dict[str, str]:
@@ -219,7 +220,8 @@ def _install(tmp: Path, target: Path, overwrite: bool) -> None:
 
 def publish(workspace: Workspace, run_id: str, iteration: int | None = None, name: str | None = None, *,
             dequantize: bool = False, quantize_bits: int | None = None, group_size: int = 64, gguf: bool = False,
-            license: str | None = None, overwrite: bool = False, strict: bool = False,
+            lmstudio: str | os.PathLike | None = None, license: str | None = None, overwrite: bool = False,
+            strict: bool = False,
             parity_batches: int | None = None, progress: Progress | None = None) -> PublishResult:
     """Fuse checkpoint ``iteration`` (None: the best by validation loss, else the latest) of ``run_id`` into
     ``workspace/published/NAME``; check parity; write the model card. ``run_id`` may be ``RUN@ITER``.
@@ -234,8 +236,14 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
     target = published_path(workspace, name, overwrite=overwrite)  # type: ignore[arg-type]
     folder, iteration = _run_folder(workspace, run_id, iteration)
     base, base_cfg = _base_config(folder.config(), folder.id)
-    options = {"dequantize": dequantize, "quantize_bits": quantize_bits, "group_size": group_size, "gguf": gguf}
+    options = {"dequantize": dequantize, "quantize_bits": quantize_bits, "group_size": group_size,
+               "gguf": gguf_type(gguf), "lmstudio": str(lmstudio) if lmstudio else None}
     check_options(options, base, base_cfg)
+    lms = lmstudio_dir(lmstudio)
+    placed = lmstudio_target(lms, target.name, f"model-{options['gguf']}.gguf") if lms is not None else None
+    if placed is not None and not overwrite and placed.exists():
+        raise PublishError(f"{placed} already exists in the LM Studio models folder; choose another name or "
+                           "overwrite it")
     choice = choose_checkpoint(folder, iteration)
     it = choice.iteration
     try:
@@ -256,7 +264,11 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
                 "base_model": base_model_info(base, base_cfg), "dtype": build.dtype,
                 "quantization": build.quantization,
                 "options": {**options, "license": license, "parity_batches": parity_batches},
-                "gguf": build.gguf_check}
+                "gguf": build.gguf_check,
+                "handoff": {"folder": str(target), "gguf": build.gguf_path.name if build.gguf_path else None,
+                            "modelfile": build.gguf_path is not None, "ollama": ollama_name(target.name),
+                            "lmstudio": str(lmstudio_target(lms, target.name, build.gguf_path.name))
+                            if lms is not None and build.gguf_path else None}}
         write_card(tmp, prov, result, folder)
         if strict and not result["passed"]:
             raise PublishError(f"parity check failed, nothing published: {parity_summary(result)}")
@@ -266,6 +278,13 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if prov["handoff"]["lmstudio"]:
+        report("card", 0.97, f"placing the GGUF in LM Studio's models folder {lms}")
+        try:
+            place_in_lmstudio(target / build.gguf_path.name, lms, target.name, overwrite=overwrite)
+        except OSError as e:
+            build.warnings.append(f"the GGUF was not placed in LM Studio's folder {lms}: {e}; the card's command "
+                                  "imports it")
     size = disk_size(target)
     report("card", 1.0, f"published {target}")
     return PublishResult(name=target.name, path=target, run_id=folder.id, iteration=it, reason=choice.why,
@@ -294,8 +313,13 @@ def parity_check(workspace: Workspace, name: str, *, parity_batches: int | None 
     if parity_batches is None:
         parity_batches = prov["options"].get("parity_batches")
 
-    def published(ref: Reference) -> Export:  # already there: the folder and its quantization
-        return Export(dst, quantization=(read_json(dst / "config.json", {}) or {}).get("quantization"))
+    gguf_file = dst / (prov.get("gguf") or {}).get("file", "") if prov.get("gguf") else None
+    if gguf_file is not None and not gguf_file.is_file():
+        raise PublishError(f"{gguf_file} is gone; the parity check of a GGUF publish judges the GGUF")
+
+    def published(ref: Reference) -> Export:  # already there: the folder, its quantization and its GGUF
+        return Export(dst, quantization=(read_json(dst / "config.json", {}) or {}).get("quantization"),
+                      gguf=gguf_file)
 
     report("loading", 0.05, f"loading {base.name} + checkpoint {it}")
     result, _ = parity.run(base, folder, it, folder.checkpoint_dir(it), published, batches=parity_batches,

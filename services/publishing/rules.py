@@ -21,12 +21,13 @@ from services.workspace import suggest_name as workspace_name
 if TYPE_CHECKING:
     from services.training.folder import RunFolder
 
-GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+GGUF_MODEL_TYPES = ("llama", "mistral")  # written as llama.cpp's llama (services.publishing.gguf_export)
+GGUF_TYPES = ("f16", "q8_0")  # the GGUF tensor types a publish writes; the first is what gguf=True means
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 HUB_NAME_MAX = 96  # the longest Hugging Face repository name
 # the export options of a publish, as the form, the jobs and the worker pass them (keyword arguments of publish)
-OPTION_KEYS = ("dequantize", "quantize_bits", "group_size", "gguf", "license", "overwrite")
+OPTION_KEYS = ("dequantize", "quantize_bits", "group_size", "gguf", "lmstudio", "license", "overwrite")
 
 
 class PublishError(ForgeError, ValueError):
@@ -117,6 +118,28 @@ def base_model(cfg: Mapping[str, Any]) -> tuple[Path, dict[str, Any] | None]:
     return base, read_json(base / "config.json") if cfg.get("model") else None
 
 
+def gguf_type(value: Any) -> str | None:
+    """The GGUF type of the ``gguf`` option: None/False (no GGUF), True (the default, f16) or one of GGUF_TYPES."""
+    if value in (None, False, "", "none"):
+        return None
+    if value is True:
+        return GGUF_TYPES[0]
+    if value not in GGUF_TYPES:
+        raise PublishError(f"gguf {value!r}: choose one of {list(GGUF_TYPES)} (or none for no GGUF)")
+    return str(value)
+
+
+def lmstudio_dir(value: Any) -> Path | None:
+    """The LM Studio models folder of the ``lmstudio`` option (None: not asked); refuses a path that is a file."""
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise PublishError(f"LM Studio models folder {path} is a file, not a folder (LM Studio's is "
+                           "~/.lmstudio/models)")
+    return path
+
+
 def check_options(options: Mapping[str, Any], base: Path | None = None,
                   base_cfg: Mapping[str, Any] | None = None) -> None:
     """Raise :class:`PublishError` when the export ``options`` (keys :data:`OPTION_KEYS`) do not fit each other,
@@ -125,7 +148,7 @@ def check_options(options: Mapping[str, Any], base: Path | None = None,
     if unknown:
         raise PublishError(f"unknown option(s) {sorted(unknown)}; known: {list(OPTION_KEYS)}")
     quantize_bits, group_size = options.get("quantize_bits"), options.get("group_size", 64)
-    dequantize, gguf = bool(options.get("dequantize")), bool(options.get("gguf"))
+    dequantize, gguf = bool(options.get("dequantize")), gguf_type(options.get("gguf")) is not None
     if quantize_bits is not None and quantize_bits not in QUANT_BITS:
         raise PublishError(f"quantize_bits {quantize_bits!r}: choose one of {list(QUANT_BITS)} (or none for float)")
     if group_size not in GROUP_SIZES:
@@ -135,16 +158,19 @@ def check_options(options: Mapping[str, Any], base: Path | None = None,
     if quantize_bits is not None and base_quantized and not dequantize:
         raise PublishError(f"the base model {base} is already quantized; add dequantize (--dequantize) to "
                            f"re-quantize the fused weights at {quantize_bits} bits")
+    if lmstudio_dir(options.get("lmstudio")) is not None and not gguf:
+        raise PublishError("an LM Studio models folder needs a GGUF export (LM Studio loads GGUF on this "
+                           "platform): choose a GGUF type")
     if not gguf:
         return
     model_type = cfg.get("model_type")
     if known and model_type not in GGUF_MODEL_TYPES:
-        raise PublishError(f"GGUF export: mlx-lm writes GGUF only for {', '.join(GGUF_MODEL_TYPES)} models, and "
+        raise PublishError(f"GGUF export: ForgeLLM writes GGUF only for {', '.join(GGUF_MODEL_TYPES)} models, and "
                            f"the base model {base} is {model_type!r}. Publish without GGUF and convert the folder "
                            "with llama.cpp's convert_hf_to_gguf.py")
     if quantize_bits is not None:
-        raise PublishError("GGUF export needs float weights (mlx-lm cannot write quantized GGUF); drop "
-                           "quantize_bits, or publish the GGUF and the quantized model under two names")
+        raise PublishError("GGUF export needs float weights (it quantizes by its own GGUF type, q8_0); drop "
+                           "quantize_bits, or publish the GGUF and the MLX-quantized model under two names")
     if base_quantized and not dequantize:
         raise PublishError(f"GGUF export: the base model {base} is quantized; add dequantize (--dequantize) "
                            "so the fused weights are written as floats")

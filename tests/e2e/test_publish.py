@@ -1,4 +1,5 @@
-"""A person compares two runs, opens the better one and publishes its best checkpoint, then reads the model card."""
+"""A person compares two runs, opens the better one and publishes its best checkpoint (with a q8_0 GGUF), then reads
+the model card."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def test_compare_open_the_better_run_publish_its_best_checkpoint_and_read_the_ca
     expect(page.get_by_text(re.compile(r"give a plain folder name"))).to_be_visible()
     name.fill("sourdough-tiny")
     expect(page.get_by_text(re.compile(r"give a plain folder name"))).to_be_hidden()
+    page.get_by_role("button", name="q8_0", exact=True).click()  # a GGUF for llama.cpp / Ollama / LM Studio too
+    shot(page, "publish-form-gguf")
     page.get_by_role("button", name="Publish", exact=True).click()
 
     expect(page.get_by_text("PASS", exact=True)).to_be_visible(timeout=120_000)
@@ -76,6 +79,8 @@ def test_compare_open_the_better_run_publish_its_best_checkpoint_and_read_the_ca
     expect(page.get_by_role("heading", name="Parity check")).to_be_visible()
     expect(page.get_by_role("img", name="Loss curve")).to_be_visible()
     expect(page.get_by_text("PASS", exact=True)).to_be_visible()
+    expect(page.get_by_text("ollama create sourdough-tiny -f Modelfile")).to_be_visible()
+    expect(page.get_by_role("cell", name="GGUF logits")).to_be_visible()
     shot(page, "model-card")
 
     # from the card to a chat with the published model: the Playground loads it on its own
