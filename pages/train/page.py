@@ -216,6 +216,7 @@ class TrainPage:
         except (ConfigError, ConfigProblems) as e:
             ui.notify(f"Fix the config first: {e}", type="warning", multi_line=True)
             return
+        self.form.machines.checking()
         self.form.machines.show(await run.io_bound(preflight_hosts, prepared))
 
     def clone_run(self, run_id: str) -> None:
