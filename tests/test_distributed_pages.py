@@ -46,6 +46,9 @@ async def test_machines_card_processes_check_and_bad_input(ui_user: User, servic
     ui_user.find(marker="check-machines").click()
     await wait_for(lambda: checks(ui_user) == ["rank 0 · 127.0.0.1 · this machine · ready",
                                                "rank 1 · 127.0.0.1 · this machine · ready"])
+    set_value(ui_user, "field-name", "renamed")  # not what a check looks at: the lines stay
+    await ui_user.should_see("Config is valid.")
+    assert len(checks(ui_user)) == 2
 
     set_value(ui_user, "field-batch_size", 3)  # the global batch must split over the processes
     await ui_user.should_see("batch_size = 3: is the global batch and must divide by the 2 processes of distributed")
@@ -78,6 +81,7 @@ async def test_machines_card_hosts_each_checked_for_reachability(ui_user: User, 
 
     # bad input, named field by field: a host without an IP (ring needs one), one host only, both ways at once
     set_value(ui_user, "field-hosts", "mac-studio.local\n10.0.0.2")
+    await wait_for(lambda: checks(ui_user) == [])  # the lines were for other hosts: gone
     await ui_user.should_see("distributed.hosts.0 = 'mac-studio.local': the ring backend needs the host's IP address")
     assert "needs the host's IP address" in el(ui_user, "field-hosts").error
     set_value(ui_user, "field-hosts", "10.0.0.2")

@@ -196,11 +196,19 @@ class MachinesCard:
                 self.check = ui.button("Check machines", icon="lan", on_click=check).props("outline") \
                     .mark("check-machines")
             self.result = ui.column().classes("w-full gap-1").mark("machines")
+        self.checked: Any = None  # what the lines shown were checked for
 
-    def checking(self) -> None:
+    def checking(self, what: Any) -> None:
+        self.checked = what
         self.result.clear()
         with self.result:
             ui.label("checking every host…").classes("text-sm text-grey-7").mark("machine-check")
+
+    def forget_unless(self, what: Any) -> None:
+        """Clear the lines when the form no longer asks for what they were checked for."""
+        if self.checked is not None and what != self.checked:
+            self.checked = None
+            self.result.clear()
 
     def show(self, checks: list[dict[str, Any]]) -> None:
         """One line per host: ready, or each problem found (what to do about it)."""
