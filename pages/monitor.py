@@ -14,7 +14,7 @@ from nicegui import ui
 
 from pages.common import CHARTS, LIVE_SECONDS, PREFERENCE_CHARTS, STATUS_COLORS, checkpoint_marks, line_chart, on_change
 from services.config import ConfigError, world_size
-from services.training.distributed import rank_states
+from services.training.distributed import HEARTBEAT_SECONDS, rank_states
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import ending_note, resume_refusal
 from services.units import clock
@@ -100,12 +100,18 @@ class LiveView:
             self.log.push("\n".join(lines))
 
 
+RANK_COLORS = {"training": "positive", "starting": "grey", "silent": "warning", "dead": "negative", "ended": "grey"}
+
+
 class RanksTable:
-    """Each rank of a distributed run: host, pid, status, heartbeat age, tokens/s and memory (hidden otherwise)."""
+    """Each rank of a distributed run: host, pid, status, heartbeat age, tokens/s, MLX peak memory and the
+    process's resident memory (hidden for a one-process run)."""
 
     COLUMNS = [{"name": k, "label": label, "field": k, "align": "left"} for k, label in (
         ("rank", "Rank"), ("host", "Host"), ("pid", "pid"), ("status", "Status"), ("heartbeat", "Heartbeat"),
-        ("tokens_per_second", "Tokens/s"), ("peak_memory_gb", "Peak memory GB"))]
+        ("tokens_per_second", "Tokens/s"), ("peak_memory_gb", "MLX peak memory"), ("rss_gb", "Process memory"))]
+    SLOTS = {"body-cell-status": '<q-td :props="props"><q-badge :color="props.row.color" :label="props.value" />'
+                                 "</q-td>"}
 
     def __init__(self, watcher: RunWatcher) -> None:
         self.folder = watcher.folder
@@ -118,15 +124,28 @@ class RanksTable:
             ui.label(f"Ranks ({world_size(self.cfg)} processes)").classes("text-sm font-semibold text-grey-7")
             self.table = ui.table(columns=self.COLUMNS, rows=[], row_key="rank").props("dense flat bordered") \
                 .classes("w-full").mark("ranks")
+            for name, slot in self.SLOTS.items():
+                self.table.add_slot(name, slot)
         self.box.set_visibility(self.shown)
+        self.latest: dict[str, Any] = {}
+        self.active = False
+        if self.shown:  # heartbeats change between reports (a rank that dies stops the reports altogether)
+            ui.timer(HEARTBEAT_SECONDS, self.redraw)
 
     def show(self, latest: dict[str, Any], active: bool) -> None:
+        """Redraw with the run's latest report and whether it is active (then every heartbeat interval)."""
+        self.latest, self.active = latest, active
+        self.redraw()
+
+    def redraw(self) -> None:
         if not self.shown:
             return
-        rows = rank_states(self.folder, self.cfg, latest, active)
-        self.table.rows = [{**r, "heartbeat": f"{r['heartbeat_age']:.0f} s ago" if r["heartbeat_age"] is not None
+        rows = rank_states(self.folder, self.cfg, self.latest, self.active)
+        self.table.rows = [{**r, "color": RANK_COLORS.get(r["status"], "grey"), "pid": r["pid"] or "–",
+                            "heartbeat": f"{r['heartbeat_age']:.0f} s ago" if r["heartbeat_age"] is not None
                             else "–", "tokens_per_second": _fmt(r["tokens_per_second"], "tokens_per_second"),
-                            "peak_memory_gb": _fmt(r["peak_memory_gb"], "peak_memory_gb")} for r in rows]
+                            "peak_memory_gb": _fmt(r["peak_memory_gb"], "peak_memory_gb"),
+                            "rss_gb": _fmt(r["rss_gb"], "peak_memory_gb")} for r in rows]
         self.table.update()
 
 

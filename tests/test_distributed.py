@@ -135,7 +135,12 @@ def straight(tmp_path_factory, tiny_model, cpt_corpus):
     manager = RunManager(Workspace.resolve(tmp_path_factory.mktemp("ws-dist")))
     cfg = base_config(tiny_model, cpt_corpus, mode="cpt", max_seq_length=48, iters=60, steps_per_report=5,
                       steps_per_eval=20, save_every=10, **TWO)
-    return cfg, run_to_end(manager, cfg)
+    try:
+        yield cfg, run_to_end(manager, cfg)
+    finally:  # a run that outlived its wait (a busy machine) must not train on after the tests
+        for info in manager.active():
+            manager.stop(info["id"])
+            manager.wait(info["id"], timeout=60)
 
 
 def final_equal(folder: RunFolder, ref: RunFolder, it: int) -> None:

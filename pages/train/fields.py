@@ -74,6 +74,10 @@ class FieldMaker:
     def text(self, key: str, label: str) -> ui.input:
         return self._add(key, ui.input(label, on_change=self._changed).props("dense outlined").classes("w-56"))
 
+    def lines(self, key: str, label: str, placeholder: str = "") -> ui.textarea:
+        el = ui.textarea(label, placeholder=placeholder, on_change=self._changed)
+        return self._add(key, el.props("dense outlined autogrow").classes("w-96"))
+
 
 def card(title: str) -> ui.card:
     """A full-width card headed by ``title``."""
@@ -180,18 +184,43 @@ class EvaluationCard:
 
 
 class MachinesCard:
-    """Where the run trains: processes on this machine (hosts in YAML), with a check of every host."""
+    """Where the run trains: processes on this machine, or several hosts; "Check machines" checks each one
+    (reachable over ssh, same versions, model and data at the same paths) and shows a line per host."""
 
     def __init__(self, make: FieldMaker, check: Callable[[], Any]) -> None:
         with card("Machines"):
-            with ui.row().classes("w-full items-end gap-3"):
+            with ui.row().classes("w-full items-start gap-3"):
                 self.processes = make.number("processes", "Processes")
-                ui.button("Check machines", icon="lan", on_click=check).props("outline").mark("check-machines")
-            self.result = ui.label("").classes("text-sm whitespace-pre-line").mark("machines")
+                self.hosts = make.lines("hosts", "Hosts (rank 0 first)", "mac-studio.local 10.0.0.1\n10.0.0.2")
+                self.backend = make.toggle("backend", {"ring": "ring", "jaccl": "jaccl", "mpi": "mpi"})
+                self.check = ui.button("Check machines", icon="lan", on_click=check).props("outline") \
+                    .mark("check-machines")
+            self.result = ui.column().classes("w-full gap-1").mark("machines")
+        self.checked: Any = None  # what the lines shown were checked for
+
+    def checking(self, what: Any) -> None:
+        self.checked = what
+        self.result.clear()
+        with self.result:
+            ui.label("checking every host…").classes("text-sm text-grey-7").mark("machine-check")
+
+    def forget_unless(self, what: Any) -> None:
+        """Clear the lines when the form no longer asks for what they were checked for."""
+        if self.checked is not None and what != self.checked:
+            self.checked = None
+            self.result.clear()
 
     def show(self, checks: list[dict[str, Any]]) -> None:
-        self.result.set_text("\n".join(f"rank {c['rank']} · {c['host']} · " + (
-            "ready" if c["ok"] else "; ".join(c["problems"])) for c in checks))
+        """One line per host: ready, or each problem found (what to do about it)."""
+        self.result.clear()
+        with self.result:
+            for c in checks:
+                where = "this machine" if c["local"] else "over ssh"
+                text = f"rank {c['rank']} · {c['host']} · {where} · " + (
+                    "ready" if c["ok"] else "; ".join(c["problems"]))
+                with ui.row().classes("items-center gap-2 no-wrap"):
+                    ui.icon("check_circle" if c["ok"] else "error", color="positive" if c["ok"] else "negative")
+                    ui.label(text).classes("text-sm" + ("" if c["ok"] else " text-negative")).mark("machine-check")
 
 
 class TrainForm:

@@ -36,7 +36,8 @@ FORM_DEFAULTS: dict[str, Any] = {
     "grad_accumulation_steps": 1, "seed": 0, "packing": FORGE_DEFAULTS["packing"],
     "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
     "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
-    "keep_checkpoints": None, "train_embeddings": False, "processes": 1, "extra": {}, "extra_lora": {},
+    "keep_checkpoints": None, "train_embeddings": False, "processes": 1, "hosts": "", "backend": "ring",
+    "extra": {}, "extra_lora": {},
     **{k: preference.DEFAULTS[c] for k, c in PREFERENCE_FIELDS.items()},
 }
 
@@ -85,7 +86,10 @@ TIPS = {
     "overfit_threshold": "Stop when validation loss is this fraction above the best (0.2 = 20%); blank: off.",
     "grad_checkpoint": "Recompute activations in the backward pass: less memory, about 30% slower.",
     "processes": "Processes on this machine that train together (mx.distributed, ring over loopback); the batch "
-                 "size is the global batch and must divide by it. Several Macs: set distributed.hosts in YAML.",
+                 "size is the global batch and must divide by it. Several Macs: list them under Hosts instead.",
+    "hosts": "Several Macs, one per line, rank 0 (this one) first: its ssh name and its IP on the bridge or LAN "
+             "(\"mac-studio.local 10.0.0.1\"), or just the IP. Blank: this machine only.",
+    "backend": "How the hosts talk: ring (TCP over a Thunderbolt bridge or LAN), jaccl (Thunderbolt RDMA) or mpi.",
     "beta": "DPO: how far the model may move from its reference (typical 0.1; lower: further). "
             "ORPO: lambda, the weight of the odds-ratio term.",
     "loss_type": "DPO loss: sigmoid (the paper's), ipo (squared, length-normalised) or hinge.",
@@ -98,7 +102,7 @@ TIPS = {
 # Form fields that must hold a number (None = left blank → "required").
 REQUIRED_NUMBERS = ("batch_size", "learning_rate", "num_layers", "max_seq_length", "steps_per_report",
                     "steps_per_eval", "save_every", "val_batches", "grad_accumulation_steps", "seed",
-                    "valid_fraction", "warmup")
+                    "valid_fraction", "warmup", "processes")
 INTEGER_FIELDS = ("iters", "batch_size", "num_layers", "max_seq_length", "steps_per_report", "steps_per_eval",
                   "save_every", "val_batches", "grad_accumulation_steps", "seed", "warmup", "schedule_steps",
                   "rank", "patience", "keep_checkpoints", "processes")
@@ -111,11 +115,15 @@ ERROR_FIELDS = {
     "early_stopping.min_delta": "min_delta", "early_stopping.overfit_threshold": "overfit_threshold",
     "early_stopping": "early_stopping", "grad_accumulation_steps": "grad_accumulation_steps", "preference": "beta",
     **{f"preference.{c}": k for k, c in PREFERENCE_FIELDS.items()},
+    "distributed": "processes", "distributed.processes": "processes", "distributed.backend": "backend",
 }
 
 
 def form_field(error_field: str) -> str:
-    """The form field that shows a config error for ``error_field`` (``lora_parameters.rank`` → ``rank``)."""
+    """The form field that shows a config error for ``error_field`` (``lora_parameters.rank`` → ``rank``,
+    ``distributed.hosts.1`` → ``hosts``)."""
+    if error_field.startswith("distributed.hosts"):
+        return "hosts"
     return ERROR_FIELDS.get(error_field, error_field)
 
 
@@ -214,6 +222,7 @@ def visible_fields(form: dict[str, Any]) -> dict[str, bool]:
         "patience": stopping, "min_delta": stopping, "overfit_threshold": stopping,
         "beta": pref, "best_by": pref, "compat": pref, "loss_type": dpo,
         "label_smoothing": dpo and form.get("loss_type") == "sigmoid",
+        "backend": bool(str(form.get("hosts") or "").strip()),
     }
 
 
@@ -286,11 +295,41 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
     if f.get("fine_tune_type") == "full" and f.get("train_embeddings"):
         cfg["train_embeddings"] = True
     cfg["seed"] = f.get("seed")
-    if isinstance(f.get("processes"), int) and f["processes"] > 1:
-        cfg["distributed"] = {"processes": f["processes"]}
+    hosts = parse_hosts(f.get("hosts"))
+    # processes other than 1 go to validation as they are (0 or 2.5 is named there); blank is "required"
+    procs = {"processes": f["processes"]} if f.get("processes") not in (None, 1) else {}
+    if hosts:  # with processes as well, validation says to give one or the other
+        cfg["distributed"] = {**procs, "hosts": hosts, "backend": f.get("backend") or "ring"}
+    elif procs:
+        cfg["distributed"] = procs
     for k, v in (f.get("extra") or {}).items():
         cfg.setdefault(k, copy.deepcopy(v))
     return cfg
+
+
+def parse_hosts(text: Any) -> list[Any]:
+    """The Hosts field as ``distributed.hosts``: one host a line, ``NAME IP …`` (→ ``{ssh, ips}``) or a bare
+    name or IP (→ the string; validation says what a bare name lacks). Blank lines and commas are ignored."""
+    out: list[Any] = []
+    for line in str(text or "").splitlines():
+        words = line.replace(",", " ").split()
+        if words:
+            out.append(words[0] if len(words) == 1 else {"ssh": words[0], "ips": words[1:]})
+    return out
+
+
+def hosts_text(hosts: Any) -> str:
+    """``distributed.hosts`` as the Hosts field's text; "" when an entry is more than the field can hold."""
+    lines = []
+    for h in hosts if isinstance(hosts, list) else []:
+        if isinstance(h, dict) and set(h) <= {"ssh", "ips"} and isinstance(h.get("ssh"), str) \
+                and isinstance(h.get("ips"), list) and h["ips"] and all(isinstance(i, str) for i in h["ips"]):
+            lines.append(" ".join([h["ssh"], *h["ips"]]))
+        elif isinstance(h, str) and h.strip() and len(h.split()) == 1:
+            lines.append(h)
+        else:
+            return ""
+    return "\n".join(lines)
 
 
 def _form_preference(f: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -378,7 +417,10 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
                     overfit_threshold=es.get("overfit_threshold"))
     dist = cfg.get("distributed")
     if isinstance(dist, dict) and set(dist) <= {"processes", "backend"} and dist.get("backend", "ring") == "ring":
-        form["processes"] = cfg.pop("distributed").get("processes", 1)  # several hosts stay YAML (extra)
+        form["processes"] = cfg.pop("distributed").get("processes", 1)
+    elif isinstance(dist, dict) and set(dist) <= {"hosts", "backend"} and hosts_text(dist.get("hosts")):
+        form.update(hosts=hosts_text(cfg.pop("distributed")["hosts"]), backend=dist.get("backend", "ring"))
+    # anything else (a python path, rdma devices, a bad value) stays YAML (extra), for validation to judge
     form["extra"] = cfg
     return form
 

@@ -142,6 +142,7 @@ class TrainPage:
         form = self.form.read()
         cfg, errors = check_form(form, self.manager.prepare_config)
         self.form.show(visible_fields(form), errors)
+        self.form.machines.forget_unless(machines_of(cfg))
         self.actions.show(errors)
         self.preview.show(*lr_preview(form, cfg))
 
@@ -216,7 +217,10 @@ class TrainPage:
         except (ConfigError, ConfigProblems) as e:
             ui.notify(f"Fix the config first: {e}", type="warning", multi_line=True)
             return
-        self.form.machines.show(await run.io_bound(preflight_hosts, prepared))
+        self.form.machines.checking(machines_of(cfg))
+        checks = await run.io_bound(preflight_hosts, prepared)
+        if self.form.machines.checked == machines_of(cfg):  # the form did not change meanwhile
+            self.form.machines.show(checks)
 
     def clone_run(self, run_id: str) -> None:
         """Fill the form with a run's config (``/train?from=RUN``, the Runs page's "clone config")."""
@@ -229,6 +233,11 @@ class TrainPage:
         form["extra"] = without_defaults(form["extra"])  # the resolved config's untouched defaults stay implicit
         self.fill(form)
         ui.notify(f"Config of run {run_id} loaded")
+
+
+def machines_of(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """What a machines check depends on: the hosts or processes, and the model and data paths to find there."""
+    return cfg.get("distributed"), cfg.get("model"), cfg.get("data")
 
 
 def train_page(services: Services) -> None:

@@ -327,10 +327,11 @@ def interrupted_reason(folder: RunFolder, why: str) -> str:
 
 def rank_states(folder: RunFolder, cfg: dict[str, Any], last_train: dict[str, Any] | None,
                 active: bool) -> list[dict[str, Any]]:
-    """What the Monitor shows of each rank: host, pid, status (training | silent | ended), last heartbeat age,
-    and throughput and memory from the latest train report."""
-    figures = {r["rank"]: r for r in (last_train or {}).get("ranks", [])}
-    out, now = [], time.time()
+    """What the Monitor shows of each rank: host, pid, status, last heartbeat age, and throughput and memory
+    from the latest train report. Status: ``starting`` (no heartbeat yet), ``training``, ``dead`` (its process
+    on this host is gone), ``silent`` (no heartbeat for :data:`PEER_TIMEOUT`), or ``ended`` once the run is."""
+    figures = {r["rank"]: r for r in (last_train or {}).get("ranks") or []}  # none before the first report
+    out, now, here = [], time.time(), socket.gethostname()
     for r, host in enumerate(hosts(cfg)):
         beat = read_beat(heartbeat_path(folder, r))
         age = now - beat[0] if beat else None
@@ -338,6 +339,8 @@ def rank_states(folder: RunFolder, cfg: dict[str, Any], last_train: dict[str, An
             status = "ended"
         elif beat is None:
             status = "starting"
+        elif beat[2] == here and not _pid_alive(beat[1]):
+            status = "dead"
         else:
             status = "training" if age is not None and age <= PEER_TIMEOUT else "silent"
         out.append({"rank": r, "host": host["ssh"], "pid": beat[1] if beat else None, "status": status,
