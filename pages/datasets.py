@@ -31,6 +31,7 @@ from services.library.datasets import (
 )
 from services.library.models import LibraryError, list_models
 from services.training.data import DataError
+from services.training.prepared import PreparedCache
 from services.units import human_bytes
 
 if TYPE_CHECKING:
@@ -469,6 +470,45 @@ class StatsCard:
         self.chart.set_visibility(True)
 
 
+class CacheCard:
+    """The workspace's prepared-data cache: each entry with its data, model, settings and size, deletable."""
+
+    def __init__(self, services: Services) -> None:
+        self.cache, self.ws_root = PreparedCache.of(services.workspace), services.workspace.root
+        with ui.card().classes("w-full").mark("cache-card"):
+            with ui.row().classes("w-full items-center"):
+                card_title("Prepared data (cache)")
+                ui.space()
+                ui.button(icon="refresh", on_click=self.refresh).props("flat dense round").mark("cache-refresh")
+            self.total = ui.label("").classes("text-xs text-grey-7").mark("cache-total")
+            self.rows = ui.column().classes("w-full gap-1")
+        self.refresh()
+
+    def refresh(self) -> None:
+        entries = self.cache.entries()
+        self.total.set_text(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+                            f"{human_bytes(sum(e['bytes'] for e in entries))}: tokenized once, reused by every run "
+                            "on the same data, tokenizer and settings" if entries else
+                            "Nothing cached yet: a run prepares its data here once.")
+        self.rows.clear()
+        with self.rows:
+            for e in entries:
+                with ui.row().classes("w-full items-center gap-2 text-sm no-wrap").mark(f"cache-{e['key']}"):
+                    ui.label(f"{Path(e['data'] or '?').name} · {Path(e['model'] or '?').name} · {e['mode']} · "
+                             f"seq {e['max_seq_length']} · {e['tokens']:,} tokens").classes("grow truncate")
+                    ui.label(human_bytes(e["bytes"]) + ("" if e["complete"] else " (partial)")) \
+                        .classes("text-grey-7").mark("cache-size")
+                    ui.button(icon="delete", on_click=lambda key=e["key"]: self.delete(key)) \
+                        .props("flat dense round color=negative").mark("cache-delete")
+
+    def delete(self, key: str) -> None:
+        try:
+            self.cache.delete(key)
+        except (DataError, OSError) as e:
+            ui.notify(short(str(e), self.ws_root), type="negative")
+        self.refresh()
+
+
 class DatasetsPage:
     """The settings column on the left, what the opened dataset holds on the right."""
 
@@ -484,6 +524,7 @@ class DatasetsPage:
                 self.importer = DatasetImport(services, on_added=self.picker.refresh)
                 self.settings = TokenizerSettings(services)
                 self.split = SplitCard(self.current, on_added=self.picker.refresh)
+                self.cache = CacheCard(services)
             with ui.column().classes("grow gap-3 min-w-0"):
                 self.found = CheckCard(services, self.current, on_added=self.picker.refresh)
                 self.preview = PreviewCard(on_row=self.show_mask)

@@ -216,3 +216,26 @@ def test_the_ui_process_never_imports_mlx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+async def test_datasets_page_lists_prepared_data_with_its_size_and_deletes_it(ui_user: User, services, tiny_model,
+                                                                              cpt_corpus):
+    from mlx_lm.utils import load_tokenizer
+
+    from services.config import resolve
+    from services.training.prepared import PreparedCache
+
+    cache = PreparedCache.of(services.workspace)
+    await ui_user.open("/datasets")
+    await ui_user.should_see("Nothing cached yet")
+    cache.prepare(resolve({"model": str(tiny_model), "data": str(cpt_corpus), "mode": "cpt", "max_seq_length": 32}),
+                  load_tokenizer(tiny_model))
+    [entry] = cache.entries()
+    ui_user.find(marker="cache-refresh").click()
+    await wait_for(lambda: els(ui_user, f"cache-{entry['key']}"))
+    size = el(ui_user, "cache-size").text
+    assert size.endswith(("KB", "MB")) and "1 entry" in el(ui_user, "cache-total").text
+    ui_user.find(marker="cache-delete").click()
+    await wait_for(lambda: not els(ui_user, f"cache-{entry['key']}"))
+    assert cache.entries() == [] and not (cache.root / entry["key"]).exists()
+    await ui_user.should_see("Nothing cached yet")

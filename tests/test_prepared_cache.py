@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,63 @@ def test_stop_file_stops_a_worker_while_it_prepares(manager, tiny_model, corpus)
     assert info["status"] == "stopped" and "while preparing the data" in info["reason"], info
     assert info.get("preparing") is None and not folder.checkpoint_iterations()
     assert PreparedCache.of(manager.workspace).entries() == []
+
+
+def preparing_run(manager, name: str = "prep") -> RunFolder:
+    """A run folder whose worker (this very process, alive) is preparing its data."""
+    import psutil
+
+    folder = RunFolder(manager.workspace.runs / name)
+    folder.path.mkdir()
+    me = psutil.Process()
+    folder.update(id=name, name=name, mode="cpt", created=time.time(), status="running", pid=me.pid,
+                  pid_created=me.create_time(), iters=30,
+                  preparing={"documents": 1234, "total": 4883, "tokens": 5_600_000, "eta_seconds": 83.0})
+    return folder
+
+
+class Console:
+    """stdout for ``follow``: once the preparation line is printed, the run ends (as its worker would)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder, self.text = folder, ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, s: str) -> None:
+        self.text += s
+        if "preparing the data" in s:
+            self.folder.update(status="stopped", reason="stopped while preparing the data", preparing=None)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_cli_prints_the_preparation_progress(manager):
+    from app.cli import follow
+
+    folder = preparing_run(manager)
+    out = Console(folder)
+    assert follow(manager, folder, out)["status"] == "stopped"
+    assert "preparing the data: 1,234 / 4,883 documents · 5,600,000 tokens · ETA 0:01:23" in out.text
+
+
+async def test_the_monitor_shows_the_preparation_progress(manager, workspace):
+    from nicegui.testing import user_simulation
+    from uihelpers import el, wait_for
+
+    from app.composition import build_services
+    from pages.shell import make_root
+
+    services = build_services(workspace)
+    folder = preparing_run(services.manager)
+    try:
+        async with user_simulation(make_root(services)) as user:
+            await user.open(f"/monitor/{folder.id}")
+            await wait_for(lambda: "preparing the data" in el(user, "progress-text").text)
+            assert el(user, "progress-text").text.startswith("preparing the data: 1,234 / 4,883 documents")
+            folder.update(preparing=None, iteration=3)
+            await wait_for(lambda: el(user, "progress-text").text.startswith("iteration 3 / 30"))
+    finally:
+        services.model_imports.close()

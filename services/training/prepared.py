@@ -31,6 +31,7 @@ from services.errors import ForgeError
 from services.training import data as data_mod
 from services.training.data import Document, Prepared, Sample
 from services.training.folder import MANIFEST, checkpoint_problem, write_manifest
+from services.units import clock
 from services.workspace import Workspace, read_json, staged, write_json
 
 FORMAT = 1
@@ -42,6 +43,13 @@ KEY_SETTINGS = ("mode", "packing", "max_seq_length", "valid_fraction", "seed", "
                 "text_feature", "prompt_feature", "completion_feature", "chat_feature")
 
 Progress = Callable[[int, int, int], None]  # (documents done, documents in all, tokens so far); may raise
+
+
+def progress_line(preparing: dict[str, Any]) -> str:
+    """``preparing the data: 1,234 / 4,883 documents · 5,600,000 tokens · ETA 1:23`` (the Monitor and the CLI)."""
+    eta = preparing.get("eta_seconds")
+    return (f"preparing the data: {preparing['documents']:,} / {preparing['total']:,} documents · "
+            f"{preparing['tokens']:,} tokens · ETA {clock(eta)}")
 
 
 class PreparationStopped(ForgeError, RuntimeError):

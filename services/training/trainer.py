@@ -334,12 +334,16 @@ class Trainer:
         """Load model and data, build the optimizer, and restore ``resume`` if given; return the first iteration."""
         cfg = self.cfg
         np.random.seed(cfg["seed"])
+        tic = time.perf_counter()
         self.model, self.tokenizer = load(cfg["model"])
         maybe_set_recommended_wired_limit()
+        self.setup_seconds = {"model": round(time.perf_counter() - tic, 3)}
+        tic = time.perf_counter()
         ws = self.folder.workspace()
         cache = PreparedCache.of(ws) if ws is not None else None
         self.train, self.valid, self.test, self.stats = load_datasets(cfg, self.tokenizer, cache=cache,
                                                                       progress=PrepProgress(self.folder, self.stop))
+        self.setup_seconds["data"] = round(time.perf_counter() - tic, 3)
         if cache is not None and cache.last:
             self._log_cache(cache.last)
         self.steps_per_epoch = self.stats["steps_per_epoch"]
@@ -379,7 +383,7 @@ class Trainer:
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         total = sum(v.size for _, v in tree_flatten(self.model.parameters()))
         self.folder.update(iters=self.iters, steps_per_epoch=self.steps_per_epoch,
-                           dataset_fingerprint=self.stats.get("fingerprint"),
+                           dataset_fingerprint=self.stats.get("fingerprint"), setup_seconds=self.setup_seconds,
                            parameters={"trainable": int(trainable), "total": int(total)})
         return start
 
@@ -415,6 +419,7 @@ class Trainer:
         if self.evals and start == 1:
             self.evals.at(0)  # the untrained adapter is the base model
         snap = self._snapshot()
+        self.folder.update(loop_started=time.time())  # the time to the first step, for the Monitor and benches
         saved_at, train_time, wall0 = start - 1, 0.0, time.perf_counter()
         for it in range(start, iters + 1):
             batch = self.sampler.next()
