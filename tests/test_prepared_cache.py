@@ -282,3 +282,35 @@ async def test_the_monitor_shows_the_preparation_progress(manager, workspace):
             await wait_for(lambda: el(user, "progress-text").text.startswith("iteration 3 / 30"))
     finally:
         services.model_imports.close()
+
+
+def test_the_preflight_estimate_reads_the_prepared_data_when_it_is_cached(manager, tiny_model, cpt_corpus,
+                                                                          chat_data, tokenizer):
+    from services.training import preflight
+
+    for data, mode in ((cpt_corpus, "cpt"), (chat_data, "ift")):
+        cfg = manager.prepare_config(base_config(tiny_model, data, mode=mode, max_seq_length=64))
+        assert preflight.cached_data_facts(cfg, tokenizer, manager.workspace) is None  # nothing cached yet
+        prepared = PreparedCache.of(manager.workspace).prepare(cfg, tokenizer)
+        facts = preflight.cached_data_facts(cfg, tokenizer, manager.workspace)
+        assert facts["prepared"] and facts["samples"] == len(prepared.train)
+        est = preflight.estimate(cfg, tokenizer, free_bytes=64e9, workspace=manager.workspace.root)
+        assert est["data"]["prepared"] and est["steps_per_epoch"] == prepared.stats["steps_per_epoch"]
+        assert est["seq"] <= 63 and est["fits"]
+
+
+def test_the_parity_check_measures_the_cached_validation_data(tmp_path, tiny_model, cpt_corpus, tokenizer):
+    from mlx_lm.utils import load
+
+    from services.publishing.parity import ParityInputs, measure
+    from services.training.prepared import TokenArrays
+
+    cfg = resolve(base_config(tiny_model, cpt_corpus, mode="cpt", max_seq_length=32, valid_fraction=0.3))
+    cache = PreparedCache(tmp_path / "cache")
+    cache.prepare(cfg, tokenizer)
+    cached = ParityInputs.of(cfg, {}, tokenizer, None, cache)
+    assert cache.last["hit"] and isinstance(cached.valid, TokenArrays)
+    plain = ParityInputs.of(cfg, {}, tokenizer, None)
+    assert as_lists(cached.valid) == as_lists(plain.valid)
+    model, _ = load(str(tiny_model))
+    assert measure(model, tokenizer, cached)["loss"] == measure(model, tokenizer, plain)["loss"]

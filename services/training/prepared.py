@@ -372,6 +372,12 @@ class PreparedCache:
         self.last["seconds"] = time.perf_counter() - tic
         return data_mod.conclude(prepared, cfg, splits, fp)
 
+    def lookup(self, cfg: dict[str, Any], tokenizer: Any) -> Prepared | None:
+        """The verified entry of a config's data if one is there (nothing is built)."""
+        if not cacheable(cfg) or not Path(cfg["data"]).exists():
+            return None
+        return self.open(cache_key(cfg, tokenizer, data_mod.fingerprint(data_mod.data_paths(cfg))))
+
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, newest first: key, size in bytes, data, model, mode, seq length, tokens, created."""
         if not self.root.is_dir():
