@@ -108,14 +108,6 @@ class TokenArrays(Sequence):
         mask[0] = False
         return Sample(toks, mask)
 
-    def trained(self) -> np.ndarray:
-        """Trained tokens of each sample."""
-        if self.mask is None:
-            return np.maximum(self.lengths - 1, 0)
-        if not len(self.index):
-            return np.zeros(0, np.int64)
-        csum = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
-        return csum[self.index[:, 0] + self.index[:, 1]] - csum[self.index[:, 0]]
 
 
 class SplitWriter:
@@ -126,12 +118,14 @@ class SplitWriter:
         self.tokens = (folder / f"{name}.tokens").open("wb")
         self.mask = (folder / f"{name}.mask").open("wb") if with_mask else None
         self.index: list[np.ndarray] = []
+        self.trained: list[int] = []  # per sample added with a mask
         self.length = 0  # tokens written
         self.documents = 0
 
-    def add(self, tokens: Sequence[int], mask: Sequence[bool] | None = None) -> None:
+    def add(self, tokens: Sequence[int], mask: Sequence[bool]) -> None:
         """One sample of its own."""
         self.index.append(np.array([[self.length, len(tokens)]], np.int64))
+        self.trained.append(int(np.count_nonzero(mask)))
         self._write(tokens, mask)
 
     def stream(self, tokens: Sequence[int]) -> None:
@@ -252,8 +246,8 @@ def build_cpt(cfg: dict[str, Any], tokenizer: Any, data: Path, folder: Path, pro
     splits = {s: w.close() for s, w in writers.items()}
     stats: dict[str, Any] = {"format": "text", "mode": "cpt", "packing": packing}
     for s in ("train", "valid"):
-        arrays = open_split(folder, s, splits[s])
-        stats[s] = data_mod.split_stats(arrays.lengths, arrays.trained(), writers[s].documents)
+        lengths = open_split(folder, s, splits[s]).lengths
+        stats[s] = data_mod.split_stats(lengths, np.maximum(lengths - 1, 0), writers[s].documents)
     stats["train"]["corpus_tokens"] = corpus_tokens
     stats["valid_documents"] = valid_docs
     return {"splits": splits, "stats": stats}
@@ -266,7 +260,7 @@ def build_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, folder: Path, pro
     data_mod.check_ift_format(fmt, cfg, data)
     seq = cfg["max_seq_length"]
     meter = Meter(sum(len(r) for r in rows_of.values()), progress)
-    splits, left_out = {}, {}
+    splits, left_out, trained = {}, {}, {}
     for s in data_mod.SPLITS:
         w, left_out[s] = SplitWriter(folder, s, with_mask=True), []
         for where, row in rows_of.get(s, []):
@@ -276,14 +270,14 @@ def build_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, folder: Path, pro
             else:
                 left_out[s].append(where)
             meter.tick(1, len(x.tokens))
-        splits[s] = w.close()
+        splits[s], trained[s] = w.close(), w.trained
     if rows_of.get("train") and not splits["train"]["samples"]:
         raise data_mod.DataError(f"{data}: no training sample has a trained (assistant) token within "
                                  f"max_seq_length={seq}; the prompts are longer: raise max_seq_length")
     stats: dict[str, Any] = {"format": fmt, "mode": "ift", "mask_all_turns": bool(cfg.get("mask_all_turns"))}
     for s in ("train", "valid"):
         arrays = open_split(folder, s, splits[s])
-        stats[s] = data_mod.split_stats(arrays.lengths, arrays.trained(), len(arrays), max_len=seq)
+        stats[s] = data_mod.split_stats(arrays.lengths, trained[s], len(arrays), max_len=seq)
         if left_out[s]:
             stats[s]["left_out"] = len(left_out[s])
             stats[s]["left_out_examples"] = left_out[s][:5]
