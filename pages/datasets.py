@@ -494,10 +494,13 @@ class CacheCard:
         with self.rows:
             for e in entries:
                 with ui.row().classes("w-full items-center gap-2 text-sm no-wrap").mark(f"cache-{e['key']}"):
-                    ui.label(f"{Path(e['data'] or '?').name} · {Path(e['model'] or '?').name} · {e['mode']} · "
-                             f"seq {e['max_seq_length']} · {e['tokens']:,} tokens").classes("grow truncate")
+                    with ui.column().classes("grow gap-0 min-w-0"):
+                        ui.label(f"{Path(e['data'] or '?').name} · {Path(e['model'] or '?').name}") \
+                            .classes("truncate w-full")
+                        ui.label(f"{e['mode']} · seq {e['max_seq_length']} · {e['tokens']:,} tokens") \
+                            .classes("text-xs text-grey-7")
                     ui.label(human_bytes(e["bytes"]) + ("" if e["complete"] else " (partial)")) \
-                        .classes("text-grey-7").mark("cache-size")
+                        .classes("text-grey-7 whitespace-nowrap").mark("cache-size")
                     ui.button(icon="delete", on_click=lambda key=e["key"]: self.delete(key)) \
                         .props("flat dense round color=negative").mark("cache-delete")
 
