@@ -314,3 +314,29 @@ def test_the_parity_check_measures_the_cached_validation_data(tmp_path, tiny_mod
     assert as_lists(cached.valid) == as_lists(plain.valid)
     model, _ = load(str(tiny_model))
     assert measure(model, tokenizer, cached)["loss"] == measure(model, tokenizer, plain)["loss"]
+
+
+def test_a_validation_pass_reads_only_the_batches_it_evaluates(tmp_path, tiny_model, cpt_corpus, tokenizer):
+    from mlx_lm.tuner.trainer import evaluate
+    from mlx_lm.utils import load
+
+    from services.training.batching import eval_batches, masked_loss
+    from services.training.prepared import TokenArrays
+
+    class Counted(TokenArrays):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counted.reads += 1
+            return super().__getitem__(i)
+
+    cfg = resolve(base_config(tiny_model, cpt_corpus, mode="cpt", max_seq_length=8, valid_fraction=0.5))
+    valid = PreparedCache(tmp_path / "cache").prepare(cfg, tokenizer).valid
+    counted = Counted(valid.tokens, valid.index, valid.mask)
+    assert len(counted) > 100
+    model, _ = load(str(tiny_model))
+    for batches in (1, 3):
+        Counted.reads = 0
+        evaluate(model=model, dataset=counted, batch_size=2, num_batches=batches, max_seq_length=8, loss=masked_loss,
+                 iterate_batches=eval_batches)
+        assert Counted.reads == 2 * batches  # not the whole split, however large
