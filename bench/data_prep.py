@@ -102,7 +102,11 @@ backend = tok._tokenizer.backend_tokenizer
 t = time.perf_counter()
 n = sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
 s = time.perf_counter() - t
-print(json.dumps({"seconds": s, "tokens": n, "bytes": sum(len(x.encode()) for x in texts)}))
+t = time.perf_counter()
+n_fast = sum(len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False))
+fast = time.perf_counter() - t
+assert n_fast == n
+print(json.dumps({"seconds": s, "fast_seconds": fast, "tokens": n, "bytes": sum(len(x.encode()) for x in texts)}))
 '''
 
 COLD = HWM + '''
@@ -186,13 +190,15 @@ def main() -> int:
     out: dict = {"corpus": made, "load_before": load_avg()}
     out["limit"] = lim = child(LIMIT, str(model), str(corpus))
     print(f"limit  encode_batch: {lim['tokens'] / lim['seconds']:,.0f} tok/s ({lim['tokens']:,} tokens in "
-          f"{lim['seconds']:.1f} s)  load {load_avg()}")
+          f"{lim['seconds']:.1f} s); encode_batch_fast (no offsets, what ForgeLLM calls): "
+          f"{lim['tokens'] / lim['fast_seconds']:,.0f} tok/s  load {load_avg()}")
     cache_dir = ws / ".forgellm" / "cache" / "prepared"
     out["cold"] = cold = child(COLD, str(model), str(corpus), str(cache_dir))
-    ratio = (cold["tokens"] / cold["seconds"]) / (lim["tokens"] / lim["seconds"])
+    ratio = lim["seconds"] / cold["seconds"]  # the same text: every document of both splits is tokenized
     budget = 2 * (cold["arrays_bytes"] + cold["rss_after_tokenizer"])
-    print(f"cold   ForgeLLM:     {cold['tokens'] / cold['seconds']:,.0f} tok/s ({cold['seconds']:.1f} s) = "
-          f"{ratio:.2f}x the limit (target >= 0.8)  load {load_avg()}")
+    print(f"cold   ForgeLLM:     {lim['tokens'] / cold['seconds']:,.0f} tok/s ({cold['seconds']:.1f} s: read, "
+          f"split, tokenize, pack, write, checksum) = {ratio:.2f}x encode_batch (target >= 0.8), "
+          f"{lim['fast_seconds'] / cold['seconds']:.2f}x encode_batch_fast  load {load_avg()}")
     print(f"memory peak RSS {cold['peak_rss'] / 1e6:.0f} MB; token arrays {cold['arrays_bytes'] / 1e6:.0f} MB, "
           f"process with tokenizer {cold['rss_after_tokenizer'] / 1e6:.0f} MB: {cold['peak_rss'] / budget * 2:.2f}x "
           f"their sum (target <= 2)")
