@@ -340,3 +340,29 @@ def test_a_validation_pass_reads_only_the_batches_it_evaluates(tmp_path, tiny_mo
         evaluate(model=model, dataset=counted, batch_size=2, num_batches=batches, max_seq_length=8, loss=masked_loss,
                  iterate_batches=eval_batches)
         assert Counted.reads == 2 * batches  # not the whole split, however large
+
+
+def test_a_full_disk_leaves_the_data_uncached_but_prepared(tmp_path, tiny_model, corpus, tokenizer):
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        (disk / "cache").mkdir()
+        with open(disk / "filler", "wb") as f:  # the disk says no
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        cfg = resolve(base_config(tiny_model, corpus, mode="cpt", max_seq_length=32))
+        cache = PreparedCache(disk / "cache")
+        prepared = cache.prepare(cfg, tokenizer)
+        assert "the workspace disk is full" in cache.last["note"]
+        assert as_lists(prepared.train) == as_lists(data_mod.prepare(cfg, tokenizer).train)
+        assert cache.entries() == [] and not any((disk / "cache").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

@@ -32,7 +32,7 @@ from services.training import data as data_mod
 from services.training.data import Document, Prepared, Sample
 from services.training.folder import MANIFEST, checkpoint_problem, write_manifest
 from services.units import clock
-from services.workspace import Workspace, read_json, staged, write_json
+from services.workspace import Workspace, disk_full_reason, is_disk_full, read_json, staged, write_json
 
 FORMAT = 1
 ENTRY = "entry.json"
@@ -362,7 +362,13 @@ class PreparedCache:
         prepared = self.open(key)
         self.last["hit"] = prepared is not None
         if prepared is None:
-            prepared = self.build(key, cfg, tokenizer, progress)
+            try:
+                prepared = self.build(key, cfg, tokenizer, progress)
+            except OSError as e:  # the run still trains: on data prepared in memory, as before the cache
+                if not is_disk_full(e):
+                    raise
+                self.last["note"] = f"not cached, {disk_full_reason(self.root)}"
+                return data_mod.prepare(cfg, tokenizer, splits)
         self.last["seconds"] = time.perf_counter() - tic
         return data_mod.conclude(prepared, cfg, splits, fp)
 

@@ -323,6 +323,10 @@ class Trainer:
     def _log_cache(self, last: dict[str, Any]) -> None:
         if last.get("problem"):
             self.folder.log(f"prepared data {last['key']} was damaged ({last['problem']}): prepared again")
+        if last.get("note"):
+            self.folder.log(f"prepared data {last['key']}: {last['note']}; prepared in memory")
+            self.folder.update(preparing=None)
+            return
         self.folder.log(f"prepared data {last['key']}: {'cache hit' if last.get('hit') else 'prepared'} in "
                         f"{last.get('seconds', 0):.1f} s")
         self.folder.update(preparing=None, prepared={"key": last["key"], "hit": bool(last.get("hit")),
