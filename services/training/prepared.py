@@ -65,13 +65,18 @@ def cache_root(ws: Workspace) -> Path:
 
 
 def tokenizer_identity(tokenizer: Any, model: str | Path) -> str:
-    """SHA-256 over the model folder's tokenizer files and the chat template the tokenizer holds."""
+    """SHA-256 over the model folder's tokenizer files and the chat template the tokenizer holds (for a model
+    that is no local folder: over the serialized fast tokenizer, or at least the model's name)."""
     h = hashlib.sha256()
     folder = Path(model)
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            h.update(name.encode())
-            h.update((folder / name).read_bytes())
+    found = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    for name in found:
+        h.update(name.encode())
+        h.update((folder / name).read_bytes())
+    if not found:
+        backend = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else str(model)).encode())
+        h.update(f"{tokenizer.bos_token_id},{tokenizer.eos_token_id}".encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     return h.hexdigest()
 
