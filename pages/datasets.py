@@ -109,6 +109,17 @@ def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
     return rows
 
 
+def prepared_rows(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, value) rows of what runs prepared from the dataset (the cache's entries): what a run trains on."""
+    rows = []
+    for e in entries:
+        train, valid = e.get("train") or {}, e.get("valid") or {}
+        rows.append((f"Prepared ({e['mode']})", f"{train.get('sequences', 0):,} training sequences, "
+                     f"{train.get('trained_tokens', 0):,} trained tokens; {valid.get('sequences', 0):,} "
+                     f"validation sequences (cached, {human_bytes(e['bytes'])})"))
+    return rows
+
+
 def pair_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of a preference dataset's pair statistics (lengths are each pair's longer side)."""
     ps = st["pairs"]
@@ -432,8 +443,9 @@ class MaskCard:
 class StatsCard:
     """Token statistics of the opened dataset with the chosen tokenizer, and the length histogram."""
 
-    def __init__(self, settings: TokenizerSettings, current: Callable[[], Check]) -> None:
+    def __init__(self, services: Services, settings: TokenizerSettings, current: Callable[[], Check]) -> None:
         self.settings, self.current = settings, current
+        self.cache = PreparedCache.of(services.workspace)
         with ui.card().classes("w-full"):
             with ui.row().classes("w-full items-center"):
                 card_title("Token statistics")
@@ -461,8 +473,10 @@ class StatsCard:
         if check is not self.current():
             return
         self.grid.clear()
+        prepared = await run.io_bound(self.cache.entries_for, check.path, str(self.settings.model.value),
+                                      self.settings.seq_len())
         with self.grid:
-            for label, value in stats_text(result, check.fmt):
+            for label, value in stats_text(result, check.fmt) + prepared_rows(prepared):
                 ui.label(label).classes("text-grey-7")
                 ui.label(value)
         self.chart.options.clear()
@@ -532,7 +546,7 @@ class DatasetsPage:
                 self.found = CheckCard(services, self.current, on_added=self.picker.refresh)
                 self.preview = PreviewCard(on_row=self.show_mask)
                 self.mask = MaskCard(services, self.settings)
-                self.stats = StatsCard(self.settings, self.current)
+                self.stats = StatsCard(services, self.settings, self.current)
         self.show(None)
 
     def current(self) -> Check:

@@ -393,12 +393,23 @@ class PreparedCache:
                 continue
             meta = read_json(folder / ENTRY) if (folder / ENTRY).is_file() else {}
             splits = (meta or {}).get("splits") or {}
+            stats = (meta or {}).get("stats") or {}
             out.append({"key": folder.name, "bytes": _size(folder), "data": (meta or {}).get("data"),
+                        "train": stats.get("train"), "valid": stats.get("valid"),
                         "model": (meta or {}).get("model"), "mode": (meta or {}).get("mode"),
                         "max_seq_length": (meta or {}).get("max_seq_length"),
                         "tokens": sum(s.get("tokens", 0) for s in splits.values()),
                         "created": (meta or {}).get("created"), "complete": (folder / MANIFEST).is_file()})
         return sorted(out, key=lambda e: -(e["created"] or 0))
+
+    def entries_for(self, data: str | Path, model: str | Path, max_seq_length: int) -> list[dict[str, Any]]:
+        """The entries (of :meth:`entries`) prepared from ``data`` with ``model``'s tokenizer at ``max_seq_length``:
+        what a run on them trains on, without tokenizing anything."""
+        def same(a: Any, b: str | Path) -> bool:
+            return a is not None and Path(a).resolve() == Path(b).resolve()
+
+        return [e for e in self.entries() if e["complete"] and same(e["data"], data) and same(e["model"], model)
+                and e["max_seq_length"] == max_seq_length]
 
     def delete(self, key: str) -> None:
         """Remove entry ``key`` (a run that has it open keeps reading its mapped files until it ends)."""
