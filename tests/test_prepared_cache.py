@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import base_config, chat_row, sentence, write_jsonl
+from conftest import base_config, chat_row, mounted_tmpfs, sentence, write_jsonl
 
 from services.config import resolve
 from services.training import data as data_mod
@@ -343,15 +343,7 @@ def test_a_validation_pass_reads_only_the_batches_it_evaluates(tmp_path, tiny_mo
 
 
 def test_a_full_disk_leaves_the_data_uncached_but_prepared(tmp_path, tiny_model, corpus, tokenizer):
-    import subprocess
-
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
-        pytest.skip("this machine cannot mount a tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as disk:
         (disk / "cache").mkdir()
         with open(disk / "filler", "wb") as f:  # the disk says no
             with pytest.raises(OSError):
@@ -364,5 +356,3 @@ def test_a_full_disk_leaves_the_data_uncached_but_prepared(tmp_path, tiny_model,
         assert "the workspace disk is full" in cache.last["note"]
         assert as_lists(prepared.train) == as_lists(data_mod.prepare(cfg, tokenizer).train)
         assert cache.entries() == [] and not any((disk / "cache").iterdir())
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
