@@ -356,3 +356,17 @@ def test_a_full_disk_leaves_the_data_uncached_but_prepared(tmp_path, tiny_model,
         assert "the workspace disk is full" in cache.last["note"]
         assert as_lists(prepared.train) == as_lists(data_mod.prepare(cfg, tokenizer).train)
         assert cache.entries() == [] and not any((disk / "cache").iterdir())
+
+
+def test_the_folder_of_a_killed_build_is_swept_once_stale(tmp_path, tiny_model, corpus, tokenizer):
+    cache = PreparedCache(tmp_path / "cache")
+    killed, live = cache.root / ".abc.x1.tmp" / "data", cache.root / ".abc.x2.tmp" / "data"
+    for folder in (killed, live):
+        folder.mkdir(parents=True)
+        (folder / "train.tokens").write_bytes(b"\0" * 64)
+    old = time.time() - 2 * 86_400
+    for p in (killed / "train.tokens", killed, killed.parent):
+        os.utime(p, (old, old))
+    cache.prepare(resolve(base_config(tiny_model, corpus, mode="cpt", max_seq_length=32)), tokenizer)
+    assert not killed.parent.exists() and live.exists()  # a build still writing is left alone
+    assert [e["key"] for e in cache.entries()] == [cache.last["key"]]

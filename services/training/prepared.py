@@ -36,6 +36,7 @@ from services.workspace import Workspace, disk_full_reason, is_disk_full, read_j
 
 FORMAT = 1
 ENTRY = "entry.json"
+STALE_SECONDS = 86_400.0  # a build folder untouched this long belongs to a killed worker
 BATCH_CHARS = 4_000_000  # text per encode_batch call: enough for every core, little memory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -334,6 +335,7 @@ class PreparedCache:
     def build(self, key: str, cfg: dict[str, Any], tokenizer: Any, progress: Progress | None = None) -> Prepared:
         """Prepare the data into a new entry ``key`` and open it; a concurrent builder's entry wins the race."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.sweep()
         target = self.root / key
         data = Path(cfg["data"])
         build = build_cpt if cfg["mode"] == "cpt" else build_ift
@@ -376,6 +378,13 @@ class PreparedCache:
                 return data_mod.prepare(cfg, tokenizer, splits)
         self.last["seconds"] = time.perf_counter() - tic
         return data_mod.conclude(prepared, cfg, splits, fp)
+
+    def sweep(self, age: float = STALE_SECONDS) -> None:
+        """Remove the folders of builds that were killed (nothing written in them for ``age`` seconds)."""
+        for tmp in self.root.glob(".*.tmp"):
+            newest = max((f.stat().st_mtime for f in tmp.rglob("*")), default=tmp.stat().st_mtime)
+            if time.time() - newest > age:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def lookup(self, cfg: dict[str, Any], tokenizer: Any) -> Prepared | None:
         """The verified entry of a config's data if one is there (nothing is built)."""
