@@ -17,6 +17,7 @@ from services.publishing.handoff import LMSTUDIO_DEFAULT
 from services.publishing.rules import GGUF_TYPES
 from services.training.folder import ACTIVE, WAITING, RunFolder
 from services.training.manager import RunManager, parse_ref
+from services.training.prepared import progress_line
 from services.units import clock
 from services.workspace import Workspace, disk_full_reason, is_disk_full
 
@@ -30,7 +31,7 @@ def _bar(done: int, total: int, width: int = 28) -> str:
 
 def follow(manager: RunManager, folder: RunFolder, out=sys.stdout) -> dict:
     """Print a live progress line for a run until it ends; Ctrl-C asks the run to stop cleanly."""
-    offset, last_train, last_val = 0, {}, {}
+    offset, last_train, last_val, shown = 0, {}, {}, ""
     tty = out.isatty()
     try:
         while True:
@@ -45,15 +46,18 @@ def follow(manager: RunManager, folder: RunFolder, out=sys.stdout) -> dict:
             info = manager.get(folder.id)
             total = info.get("iters") or 0
             it = last_train.get("iteration", 0)
-            line = (f"{_bar(it, total)} {it}/{total or '?'}"
-                    f"  loss {last_train.get('train_loss', float('nan')):.4f}"
-                    f"  val {last_val.get('val_loss', float('nan')):.4f}"
-                    f"  {last_train.get('tokens_per_second') or 0:,.0f} tok/s"
-                    f"  ETA {clock(last_train.get('eta_seconds'))}")
+            preparing = info.get("preparing") if info.get("status") in ACTIVE else None
+            line = progress_line(preparing) if preparing else (
+                f"{_bar(it, total)} {it}/{total or '?'}"
+                f"  loss {last_train.get('train_loss', float('nan')):.4f}"
+                f"  val {last_val.get('val_loss', float('nan')):.4f}"
+                f"  {last_train.get('tokens_per_second') or 0:,.0f} tok/s"
+                f"  ETA {clock(last_train.get('eta_seconds'))}")
             if tty:
                 print("\r" + line[: shutil.get_terminal_size().columns - 1], end="", file=out, flush=True)
-            elif records and any(r["type"] == "train" for r in records):
+            elif (preparing and line != shown) or any(r["type"] == "train" for r in records):
                 print(line, file=out, flush=True)
+            shown = line
             if info.get("status") not in ACTIVE:
                 if tty:
                     print(file=out)

@@ -31,6 +31,7 @@ from services.library.datasets import (
 )
 from services.library.models import LibraryError, list_models
 from services.training.data import DataError
+from services.training.prepared import PreparedCache
 from services.units import human_bytes
 
 if TYPE_CHECKING:
@@ -105,6 +106,17 @@ def stats_text(st: dict[str, Any], fmt: str) -> list[tuple[str, str]]:
     rows.append(("Duplicates", f"{st['duplicates']:,} exact duplicate samples"))
     if st["errors"]:
         rows.append(("Not renderable", f"{len(st['errors'])}: {st['errors'][0]}"))
+    return rows
+
+
+def prepared_rows(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, value) rows of what runs prepared from the dataset (the cache's entries): what a run trains on."""
+    rows = []
+    for e in entries:
+        train, valid = e.get("train") or {}, e.get("valid") or {}
+        rows.append((f"Prepared ({e['mode']})", f"{train.get('sequences', 0):,} training sequences, "
+                     f"{train.get('trained_tokens', 0):,} trained tokens; {valid.get('sequences', 0):,} "
+                     f"validation sequences (cached, {human_bytes(e['bytes'])})"))
     return rows
 
 
@@ -431,8 +443,9 @@ class MaskCard:
 class StatsCard:
     """Token statistics of the opened dataset with the chosen tokenizer, and the length histogram."""
 
-    def __init__(self, settings: TokenizerSettings, current: Callable[[], Check]) -> None:
+    def __init__(self, services: Services, settings: TokenizerSettings, current: Callable[[], Check]) -> None:
         self.settings, self.current = settings, current
+        self.cache = PreparedCache.of(services.workspace)
         with ui.card().classes("w-full"):
             with ui.row().classes("w-full items-center"):
                 card_title("Token statistics")
@@ -460,13 +473,57 @@ class StatsCard:
         if check is not self.current():
             return
         self.grid.clear()
+        prepared = await run.io_bound(self.cache.entries_for, check.path, str(self.settings.model.value),
+                                      self.settings.seq_len())
         with self.grid:
-            for label, value in stats_text(result, check.fmt):
+            for label, value in stats_text(result, check.fmt) + prepared_rows(prepared):
                 ui.label(label).classes("text-grey-7")
                 ui.label(value)
         self.chart.options.clear()
         self.chart.options.update(histogram_options(result))
         self.chart.set_visibility(True)
+
+
+class CacheCard:
+    """The workspace's prepared-data cache: each entry with its data, model, settings and size, deletable."""
+
+    def __init__(self, services: Services) -> None:
+        self.cache, self.ws_root = PreparedCache.of(services.workspace), services.workspace.root
+        with ui.card().classes("w-full").mark("cache-card"):
+            with ui.row().classes("w-full items-center"):
+                card_title("Prepared data (cache)")
+                ui.space()
+                ui.button(icon="refresh", on_click=self.refresh).props("flat dense round").mark("cache-refresh")
+            self.total = ui.label("").classes("text-xs text-grey-7").mark("cache-total")
+            self.rows = ui.column().classes("w-full gap-1")
+        self.refresh()
+
+    def refresh(self) -> None:
+        entries = self.cache.entries()
+        self.total.set_text(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+                            f"{human_bytes(sum(e['bytes'] for e in entries))}: tokenized once, reused by every run "
+                            "on the same data, tokenizer and settings" if entries else
+                            "Nothing cached yet: a run prepares its data here once.")
+        self.rows.clear()
+        with self.rows:
+            for e in entries:
+                with ui.row().classes("w-full items-center gap-2 text-sm no-wrap").mark(f"cache-{e['key']}"):
+                    with ui.column().classes("grow gap-0 min-w-0"):
+                        ui.label(f"{Path(e['data'] or '?').name} · {Path(e['model'] or '?').name}") \
+                            .classes("truncate w-full")
+                        ui.label(f"{e['mode']} · seq {e['max_seq_length']} · {e['tokens']:,} tokens") \
+                            .classes("text-xs text-grey-7")
+                    ui.label(human_bytes(e["bytes"]) + ("" if e["complete"] else " (partial)")) \
+                        .classes("text-grey-7 whitespace-nowrap").mark("cache-size")
+                    ui.button(icon="delete", on_click=lambda key=e["key"]: self.delete(key)) \
+                        .props("flat dense round color=negative").mark("cache-delete")
+
+    def delete(self, key: str) -> None:
+        try:
+            self.cache.delete(key)
+        except (DataError, OSError) as e:
+            ui.notify(short(str(e), self.ws_root), type="negative")
+        self.refresh()
 
 
 class DatasetsPage:
@@ -484,11 +541,12 @@ class DatasetsPage:
                 self.importer = DatasetImport(services, on_added=self.picker.refresh)
                 self.settings = TokenizerSettings(services)
                 self.split = SplitCard(self.current, on_added=self.picker.refresh)
+                self.cache = CacheCard(services)
             with ui.column().classes("grow gap-3 min-w-0"):
                 self.found = CheckCard(services, self.current, on_added=self.picker.refresh)
                 self.preview = PreviewCard(on_row=self.show_mask)
                 self.mask = MaskCard(services, self.settings)
-                self.stats = StatsCard(self.settings, self.current)
+                self.stats = StatsCard(services, self.settings, self.current)
         self.show(None)
 
     def current(self) -> Check:

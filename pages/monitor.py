@@ -17,6 +17,7 @@ from services.config import ConfigError, world_size
 from services.training.distributed import HEARTBEAT_SECONDS, rank_states
 from services.training.folder import ACTIVE, WAITING
 from services.training.index import ending_note, resume_refusal
+from services.training.prepared import progress_line
 from services.units import clock
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ def card_texts(latest: dict[str, Any]) -> dict[str, str]:
 
 
 def progress_text(latest: dict[str, Any]) -> str:
+    if latest.get("preparing"):
+        return progress_line(latest["preparing"])
     it, total = latest.get("iteration") or 0, latest.get("iters")
     parts = [f"iteration {it} / {total or '?'}"]
     if latest.get("epoch") is not None:

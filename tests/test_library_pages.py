@@ -216,3 +216,35 @@ def test_the_ui_process_never_imports_mlx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+async def test_datasets_page_lists_prepared_data_with_its_size_and_deletes_it(ui_user: User, services, tiny_model,
+                                                                              cpt_corpus):
+    from mlx_lm.utils import load_tokenizer
+
+    from services.config import resolve
+    from services.training.prepared import PreparedCache
+
+    model = shutil.copytree(tiny_model, services.workspace.models / "tiny")
+    shutil.copytree(cpt_corpus, services.workspace.datasets / "corpus")
+    cache = PreparedCache.of(services.workspace)
+    await ui_user.open("/datasets")
+    await ui_user.should_see("Nothing cached yet")
+    prepared = cache.prepare(resolve({"model": str(model), "data": str(services.workspace.datasets / "corpus"),
+                                      "mode": "cpt", "max_seq_length": 32}), load_tokenizer(model))
+    [entry] = cache.entries()
+    ui_user.find(marker="cache-refresh").click()
+    await wait_for(lambda: els(ui_user, f"cache-{entry['key']}"))
+    size = el(ui_user, "cache-size").text
+    assert size.endswith(("KB", "MB")) and "1 entry" in el(ui_user, "cache-total").text
+    # the statistics of the dataset say what a run prepared from it (read off the entry)
+    el(ui_user, "dataset-select").set_value("corpus")
+    el(ui_user, "max-seq").set_value(32)
+    await wait_for(lambda: el(ui_user, "stats-run").enabled)
+    ui_user.find(marker="stats-run").click()
+    await ui_user.should_see("Prepared (cpt)")
+    await ui_user.should_see(f"{len(prepared.train):,} training sequences")
+    ui_user.find(marker="cache-delete").click()
+    await wait_for(lambda: not els(ui_user, f"cache-{entry['key']}"))
+    assert cache.entries() == [] and not (cache.root / entry["key"]).exists()
+    await ui_user.should_see("Nothing cached yet")

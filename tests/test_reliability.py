@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import base_config
+from conftest import base_config, mounted_tmpfs
 
 from services.training.folder import RunFolder, checkpoint_problem, history
 from services.workspace import append_jsonl, read_jsonl_tail
@@ -130,14 +130,8 @@ def test_a_torn_line_is_closed_before_the_next_record_and_reported(tmp_path, cap
 @pytest.fixture
 def tiny_disk(tmp_path):
     """An 8 MB tmpfs (root only)."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("this machine cannot mount a tmpfs")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    with mounted_tmpfs(tmp_path / "disk", "8m") as mnt:
+        yield mnt
 
 
 def fill(disk: Path) -> Path:

@@ -30,6 +30,7 @@ from services.publishing.fuse import apply_checkpoint, float_dtype, free_memory
 from services.training.batching import eval_batches, masked_loss
 from services.training.data import DataError, chat_tokens
 from services.training.folder import RunFolder
+from services.training.prepared import PreparedCache
 from services.workspace import read_json
 
 PARITY_PROMPTS = ("Once upon a time", "The capital of France is", "Write one sentence about the sea.")
@@ -60,13 +61,15 @@ class ParityInputs:
     note: str | None = None
 
     @classmethod
-    def of(cls, cfg: dict[str, Any], stats: dict[str, Any], tokenizer: Any, batches: int | None) -> ParityInputs:
-        """The run's validation data (``batches`` of it; None: the run's ``val_batches``) and the prompts."""
+    def of(cls, cfg: dict[str, Any], stats: dict[str, Any], tokenizer: Any, batches: int | None,
+           cache: PreparedCache | None = None) -> ParityInputs:
+        """The run's validation data (``batches`` of it; None: the run's ``val_batches``; from the prepared-data
+        ``cache`` when given) and the prompts."""
         from services.training.trainer import load_datasets
 
         note = None
         try:
-            _, valid, _, _ = load_datasets(cfg, tokenizer, splits=("valid",))
+            _, valid, _, _ = load_datasets(cfg, tokenizer, splits=("valid",), cache=cache)
         except (DataError, FileNotFoundError, ValueError) as e:
             valid, note = [], f"validation data unavailable ({e}); loss not compared"
         if not len(valid) and note is None:
@@ -270,7 +273,9 @@ def run(base: Path, folder: RunFolder, iteration: int, checkpoint: Path, export:
     The reference model is released before the published one is loaded: only one is in memory at a time."""
     with contextlib.redirect_stdout(io.StringIO()):
         model, tokenizer, config = load(str(base), return_config=True)
-    inputs = ParityInputs.of(folder.config(), read_json(folder.stats_path, {}) or {}, tokenizer, batches)
+    ws = folder.workspace()
+    inputs = ParityInputs.of(folder.config(), read_json(folder.stats_path, {}) or {}, tokenizer, batches,
+                             PreparedCache.of(ws) if ws is not None else None)
     base_m = measure(model, tokenizer, inputs, measuring(report, *spans.base, "the base model"))
     report("loading", spans.base[1], f"applying checkpoint {iteration}")
     acfg = apply_checkpoint(model, checkpoint)

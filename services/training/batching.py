@@ -21,9 +21,11 @@ PAD_TO = 32
 
 
 def sorted_indices(dataset: Any) -> list[int]:
-    """mlx-lm's order: ``CacheDataset.itemlen`` (constant, so identity); ForgeLLM samples by token length."""
+    """mlx-lm's order: ``CacheDataset.itemlen`` (constant, so identity); ForgeLLM samples by token length (stable)."""
     if isinstance(dataset, CacheDataset):
         return sorted(range(len(dataset)), key=dataset.itemlen)
+    if hasattr(dataset, "lengths"):  # memory-mapped samples: the same stable order without touching them
+        return np.argsort(np.asarray(dataset.lengths), kind="stable").tolist()
     return sorted(range(len(dataset)), key=lambda i: len(dataset[i].tokens))
 
 

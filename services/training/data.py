@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ class Sample:
 
     @property
     def trained(self) -> int:
-        return sum(self.mask)
+        return int(np.count_nonzero(self.mask))
 
 
 @dataclass
@@ -176,34 +177,41 @@ def split_files(data: Path) -> dict[str, Path]:
 
 def read_documents(path: str | Path) -> list[Document]:
     """CPT documents from a file or a folder of ``.txt``/``.md`` files and ``.jsonl`` with a ``text`` field."""
+    docs = list(iter_documents(path))
+    if not docs:
+        raise DataError(f"{path}: no documents found (.txt, .md, or .jsonl rows with a 'text' field)")
+    return docs
+
+
+def document_files(path: str | Path) -> list[Path]:
+    """The files :func:`iter_documents` reads, in its order."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CPT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    else:
-        if path.suffix.lower() not in CPT_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type; use .txt, .md or .jsonl with a 'text' field")
-        files = [path]
-    docs: list[Document] = []
-    for f in files:
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CPT_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.suffix.lower() not in CPT_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type; use .txt, .md or .jsonl with a 'text' field")
+    return [path]
+
+
+def iter_documents(path: str | Path) -> Iterator[Document]:
+    """The non-blank documents of :func:`read_documents` one at a time (one file in memory at once)."""
+    for f in document_files(path):
         if f.suffix.lower() == ".jsonl":
             for n, row in read_jsonl(f):
                 if not isinstance(row.get("text"), str):
                     raise DataError(f"{f}:{n}: a CPT jsonl row needs a string 'text' field, got keys {sorted(row)}")
                 if row["text"].strip():
-                    docs.append(Document(f"{f}:{n}", row["text"]))
+                    yield Document(f"{f}:{n}", row["text"])
         else:
             try:
                 text = f.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:
                 raise DataError(f"{f}: not UTF-8 text ({e.reason})") from None
             if text.strip():
-                docs.append(Document(str(f), text))
-    if not docs:
-        raise DataError(f"{path}: no documents found (.txt, .md, or .jsonl rows with a 'text' field)")
-    return docs
+                yield Document(str(f), text)
 
 
 def fingerprint(paths: Iterable[Path]) -> str:
@@ -224,6 +232,23 @@ def fingerprint(paths: Iterable[Path]) -> str:
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a text without special tokens: what training packs and the statistics count."""
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """:func:`encode_text` of each text, in one call to the fast tokenizer's ``encode_batch`` on all cores
+    (the same ids; a slow tokenizer encodes one text at a time)."""
+    backend = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "backend_tokenizer", None)
+    if backend is None:
+        return [encode_text(tokenizer, t) for t in texts]
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # workers turn it off for forks; this process forks no tokenizer
+    try:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def pack(token_docs: Sequence[list[int]], seq_len: int, bos: int, eos: int) -> list[Sample]:
@@ -250,12 +275,16 @@ def window(stream: list[int], seq_len: int) -> list[Sample]:
     return out
 
 
+def valid_indices(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of ``n`` documents a CPT corpus holds out for validation (seeded; at least one, never all)."""
+    if fraction <= 0 or n < 2:
+        return set()
+    order = np.random.RandomState(seed).permutation(n)
+    return set(order[: min(max(1, round(n * fraction)), n - 1)].tolist())
+
+
 def _split_docs(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    if fraction <= 0 or len(docs) < 2:
-        return docs, []
-    order = np.random.RandomState(seed).permutation(len(docs))
-    n_valid = min(max(1, round(len(docs) * fraction)), len(docs) - 1)
-    valid_idx = set(order[:n_valid].tolist())
+    valid_idx = valid_indices(len(docs), fraction, seed)
     train = [d for i, d in enumerate(docs) if i not in valid_idx]
     valid = [d for i, d in enumerate(docs) if i in valid_idx]
     return train, valid
@@ -403,16 +432,21 @@ def split_rows(cfg: dict[str, Any], data: Path) -> tuple[str, dict[str, list[tup
                  "valid": [r for i, r in enumerate(rows) if i in valid_idx]}
 
 
-def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequence[str] = SPLITS) -> Prepared:
-    """Render every row with the chat template; split a single file by ``valid_fraction``.
-
-    Every row is read and checked; only the ``splits`` asked for are rendered."""
-    fmt, rows_of = split_rows(cfg, data)
+def check_ift_format(fmt: str, cfg: dict[str, Any], data: Path) -> None:
+    """Refuse rows an IFT run cannot train on: preference pairs, or text rows with ``mask_prompt``."""
     if fmt == "preference":
         raise DataError(f"{data}: these are preference rows (prompt/chosen/rejected): train them with "
                         "mode: dpo or orpo")
     if fmt == "text" and cfg.get("mask_prompt"):
         raise DataError(f"{data}: mask_prompt needs chat or completions rows, these are text rows")
+
+
+def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequence[str] = SPLITS) -> Prepared:
+    """Render every row with the chat template; split a single file by ``valid_fraction``.
+
+    Every row is read and checked; only the ``splits`` asked for are rendered."""
+    fmt, rows_of = split_rows(cfg, data)
+    check_ift_format(fmt, cfg, data)
     rendered = {s: [(where, render_row(tokenizer, row, fmt, cfg, where)) for where, row in rows_of.get(s, [])]
                 if s in splits else [] for s in SPLITS}
     # A sample whose trained tokens all lie past max_seq_length teaches nothing, and a batch of only such
@@ -433,18 +467,24 @@ def prepare_ift(cfg: dict[str, Any], tokenizer: Any, data: Path, splits: Sequenc
 
 
 def _split_stats(samples: list[Sample], documents: int, max_len: int | None = None) -> dict[str, Any]:
-    lengths = [len(s.tokens) for s in samples]
+    return split_stats([len(s.tokens) for s in samples], [s.trained for s in samples], documents, max_len)
+
+
+def split_stats(lengths: Sequence[int] | np.ndarray, trained: Sequence[int] | np.ndarray, documents: int,
+                max_len: int | None = None) -> dict[str, Any]:
+    """A split's statistics from its samples' token lengths and trained-token counts."""
+    lengths = np.asarray(lengths, np.int64)
     st: dict[str, Any] = {
         "documents": documents,
-        "sequences": len(samples),
-        "tokens": sum(lengths),
-        "trained_tokens": sum(s.trained for s in samples),
-        "max_length": max(lengths, default=0),
-        "mean_length": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+        "sequences": len(lengths),
+        "tokens": int(lengths.sum()),
+        "trained_tokens": int(np.asarray(trained, np.int64).sum()),
+        "max_length": int(lengths.max(initial=0)),
+        "mean_length": round(int(lengths.sum()) / len(lengths), 1) if len(lengths) else 0,
     }
     if max_len is not None:
-        st["truncated_samples"] = sum(n > max_len for n in lengths)
-        st["truncated_tokens"] = sum(max(n - max_len, 0) for n in lengths)
+        st["truncated_samples"] = int((lengths > max_len).sum())
+        st["truncated_tokens"] = int(np.maximum(lengths - max_len, 0).sum())
     return st
 
 
@@ -462,10 +502,20 @@ def prepare(cfg: dict[str, Any], tokenizer: Any, splits: Sequence[str] = SPLITS)
     else:
         prep = prepare_cpt if cfg["mode"] == "cpt" else prepare_ift
         prepared = prep(cfg, tokenizer, data, splits)
+    return conclude(prepared, cfg, splits)
+
+
+def data_paths(cfg: dict[str, Any]) -> list[Path]:
+    """The data a config trains on: ``data`` and a mixture's replay corpus."""
+    return [Path(cfg["data"])] + ([Path(cfg["mixture"]["data"])] if cfg.get("mixture") else [])
+
+
+def conclude(prepared: Prepared, cfg: dict[str, Any], splits: Sequence[str], fp: str | None = None) -> Prepared:
+    """Check that the prepared data can train and add its steps per epoch and the data's fingerprint."""
     if "train" in splits:
-        check_trainable(prepared.train, prepared.valid, cfg["batch_size"], str(data))
+        check_trainable(prepared.train, prepared.valid, cfg["batch_size"], str(cfg["data"]))
         prepared.stats["steps_per_epoch"] = len(prepared.train) // cfg["batch_size"]
-    prepared.stats["fingerprint"] = fingerprint([data] + ([Path(cfg["mixture"]["data"])] if cfg.get("mixture") else []))
+    prepared.stats["fingerprint"] = fp or fingerprint(data_paths(cfg))
     return prepared
 
 

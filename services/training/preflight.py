@@ -191,6 +191,30 @@ def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, 
             "format": check.label, "pairs": st.get("pairs")}
 
 
+def cached_data_facts(cfg: dict[str, Any], tokenizer: Any | None, ws: Workspace) -> dict[str, Any] | None:
+    """:func:`data_facts` read off the run's prepared data when the workspace's cache has it (exact, and no
+    tokenizing); None when it has not."""
+    import numpy as np  # noqa: PLC0415
+
+    from services.library.checks import load_tokenizer  # noqa: PLC0415
+    from services.training.batching import padded_width  # noqa: PLC0415 (MLX only when the cache has it)
+    from services.training.prepared import PreparedCache, cacheable  # noqa: PLC0415
+
+    if not cacheable(cfg):
+        return None
+    prepared = PreparedCache.of(ws).lookup(cfg, tokenizer or load_tokenizer(str(cfg["model"])))
+    if prepared is None or not len(prepared.train):
+        return None
+    seq_cap = int(cfg["max_seq_length"])
+    lengths = np.asarray(prepared.train.lengths)
+    st = prepared.stats
+    return {"samples": len(lengths), "tokens": st["train"]["tokens"] + st["valid"]["tokens"],
+            "mean_length": float(np.minimum(lengths, seq_cap).mean()), "max_length": int(lengths.max()),
+            "seq": max(padded_width([int(lengths.max())], seq_cap) - 1, 1), "bad_lines": 0,
+            "truncated": st["train"].get("truncated_samples", 0), "format": st["format"], "pairs": None,
+            "prepared": True}
+
+
 # ----------------------------------------------------------------------------------------- the estimate
 
 
@@ -265,7 +289,8 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
     from services.system import installed_blas  # noqa: PLC0415
 
     facts = model_facts(cfg["model"], cfg)
-    data = data_facts(cfg, tokenizer)
+    data = cached_data_facts(cfg, tokenizer, Workspace(Path(workspace))) if workspace else None
+    data = data or data_facts(cfg, tokenizer)
     batch = int(cfg["batch_size"])
     pref = preference_facts(cfg)
     parts = peak_bytes(facts, rows_per_batch(cfg, batch), data["seq"], cfg.get("optimizer", "adam"),

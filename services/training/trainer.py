@@ -37,6 +37,7 @@ from services.training.batching import BatchSampler, eval_batches, masked_loss
 from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
 from services.training.preference_loss import Objective, PairSampler
+from services.training.prepared import PreparationStopped, PreparedCache, Progress, cacheable
 from services.workspace import read_json, write_atomic, write_json
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
@@ -57,10 +58,12 @@ class Outcome:
 # ----------------------------------------------------------------------------------------- set-up
 
 
-def load_datasets(cfg: dict[str, Any], tokenizer: Any,
-                  splits: tuple[str, ...] = data_mod.SPLITS) -> tuple[Any, Any, Any, dict[str, Any]]:
+def load_datasets(cfg: dict[str, Any], tokenizer: Any, splits: tuple[str, ...] = data_mod.SPLITS,
+                  cache: PreparedCache | None = None, progress: Progress | None = None
+                  ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Train/valid/test datasets and their stats. Plain mlx-lm configs use mlx-lm's own datasets (which
-    tokenize lazily); ForgeLLM modes tokenize only ``splits``."""
+    tokenize lazily); CPT and IFT come memory-mapped from the ``cache`` (built on a miss, ``progress`` hearing of
+    it), and without one tokenize only ``splits``."""
     if cfg.get("mode") is None:
         folder = Path(cfg["data"])
         if not folder.is_dir():
@@ -82,7 +85,10 @@ def load_datasets(cfg: dict[str, Any], tokenizer: Any,
                  "steps_per_epoch": len(sets["train"]) // cfg["batch_size"],
                  "fingerprint": data_mod.fingerprint([folder])}
         return sets["train"], sets["valid"], sets["test"], stats
-    prepared = data_mod.prepare(cfg, tokenizer, splits)
+    if cache is not None and cacheable(cfg):
+        prepared = cache.prepare(cfg, tokenizer, splits, progress)
+    else:
+        prepared = data_mod.prepare(cfg, tokenizer, splits)
     return prepared.train, prepared.valid, prepared.test, prepared.stats
 
 
@@ -317,15 +323,36 @@ class Trainer:
     def _epoch(self, iteration: int) -> float:
         return round(iteration / max(self.steps_per_epoch, 1), 4)
 
+    def _log_cache(self, last: dict[str, Any]) -> None:
+        if last.get("problem"):
+            self.folder.log(f"prepared data {last['key']} was damaged ({last['problem']}): prepared again")
+        if last.get("note"):
+            self.folder.log(f"prepared data {last['key']}: {last['note']}; prepared in memory")
+            self.folder.update(preparing=None)
+            return
+        self.folder.log(f"prepared data {last['key']}: {'cache hit' if last.get('hit') else 'prepared'} in "
+                        f"{last.get('seconds', 0):.1f} s")
+        self.folder.update(preparing=None, prepared={"key": last["key"], "hit": bool(last.get("hit")),
+                                                     "seconds": round(last.get("seconds", 0), 2)})
+
     # -- main -------------------------------------------------------------------------------------
 
     def setup(self, resume: Path | None = None) -> int:
         """Load model and data, build the optimizer, and restore ``resume`` if given; return the first iteration."""
         cfg = self.cfg
         np.random.seed(cfg["seed"])
+        tic = time.perf_counter()
         self.model, self.tokenizer = load(cfg["model"])
         maybe_set_recommended_wired_limit()
-        self.train, self.valid, self.test, self.stats = load_datasets(cfg, self.tokenizer)
+        self.setup_seconds = {"model": round(time.perf_counter() - tic, 3)}
+        tic = time.perf_counter()
+        ws = self.folder.workspace()
+        cache = PreparedCache.of(ws) if ws is not None else None
+        self.train, self.valid, self.test, self.stats = load_datasets(cfg, self.tokenizer, cache=cache,
+                                                                      progress=PrepProgress(self.folder, self.stop))
+        self.setup_seconds["data"] = round(time.perf_counter() - tic, 3)
+        if cache is not None and cache.last:
+            self._log_cache(cache.last)
         self.steps_per_epoch = self.stats["steps_per_epoch"]
         self.iters = (math.ceil(cfg["epochs"] * self.steps_per_epoch) if cfg.get("epochs") else cfg["iters"])
         write_json(self.folder.stats_path, self.stats)
@@ -363,7 +390,7 @@ class Trainer:
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         total = sum(v.size for _, v in tree_flatten(self.model.parameters()))
         self.folder.update(iters=self.iters, steps_per_epoch=self.steps_per_epoch,
-                           dataset_fingerprint=self.stats.get("fingerprint"),
+                           dataset_fingerprint=self.stats.get("fingerprint"), setup_seconds=self.setup_seconds,
                            parameters={"trainable": int(trainable), "total": int(total)})
         return start
 
@@ -399,6 +426,7 @@ class Trainer:
         if self.evals and start == 1:
             self.evals.at(0)  # the untrained adapter is the base model
         snap = self._snapshot()
+        self.folder.update(loop_started=time.time())  # the time to the first step, for the Monitor and benches
         saved_at, train_time, wall0 = start - 1, 0.0, time.perf_counter()
         for it in range(start, iters + 1):
             batch = self.sampler.next()
@@ -486,6 +514,29 @@ class Trainer:
         np.random.set_state(state)
         self.folder.append_metric({"type": "test", "step": self.iters, "iteration": self.iters, "test_loss": loss,
                                    "test_perplexity": _ppl(loss)})
+
+
+class PrepProgress:
+    """Data preparation's progress into ``run.json`` (``preparing``: documents, tokens, ETA) at most once a
+    second; ``stop`` set (or the run's stop file, looked at as often) ends the preparation with
+    :class:`PreparationStopped`."""
+
+    def __init__(self, folder: RunFolder, stop: threading.Event, every: float = 1.0):
+        self.folder, self.stop, self.every = folder, stop, every
+        self.t0 = time.monotonic()
+        self.last: float | None = None
+
+    def __call__(self, documents: int, total: int, tokens: int) -> None:
+        now = time.monotonic()
+        due = self.last is None or now - self.last >= self.every or documents >= total
+        if self.stop.is_set() or (due and self.folder.stop_path.exists()):
+            raise PreparationStopped(f"stopped while preparing the data ({documents} of {total} documents)")
+        if not due:
+            return
+        self.last = now
+        rate = documents / (now - self.t0) if now > self.t0 else 0.0
+        self.folder.update(preparing={"documents": documents, "total": total, "tokens": tokens,
+                                      "eta_seconds": (total - documents) / rate if rate else None})
 
 
 def _ppl(loss: float) -> float | None:

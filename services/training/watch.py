@@ -175,7 +175,8 @@ class RunWatcher:
                     "progress": min(1.0, it / total) if total else 0.0, "eta_seconds": eta,
                     "val_loss": self._val.get("val_loss"), "val_perplexity": self._val.get("val_perplexity"),
                     "val_iteration": self._val.get("iteration"), "best": dict(best) if best else None,
-                    "status": info.get("status"), "reason": info.get("reason")}
+                    "status": info.get("status"), "reason": info.get("reason"),
+                    "preparing": info.get("preparing") if info.get("status") in ACTIVE else None}
 
     def status(self) -> tuple[str | None, str | None]:
         with self._lock:

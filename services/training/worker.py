@@ -25,6 +25,7 @@ from services.notify import notify, run_event
 from services.training import distributed
 from services.training.data import DataError
 from services.training.folder import RunFolder, checkpoint_problem
+from services.training.prepared import PreparationStopped
 from services.training.trainer import Outcome, Trainer, TrainingFailed
 from services.workspace import disk_full_reason, disk_low, is_disk_full, write_atomic
 
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             folder.append_metric({"type": "resume", "step": start - 1, "iteration": start - 1,
                                   "from": str(resume)})
         outcome = trainer.run(start)
+    except PreparationStopped as e:
+        folder.update(preparing=None)
+        outcome = Outcome("stopped", str(e), 0)
     except (ConfigProblems, DataError, TrainingFailed, FileNotFoundError, ValueError) as e:  # CheckpointDamaged too
         outcome = Outcome("failed", _reason(folder, e), _iteration(folder))
         _log(folder, "failed: " + traceback.format_exc())
