@@ -12,7 +12,15 @@ from nicegui import run, ui
 
 from pages.common import page_column
 from services.notify import deliver, run_event
-from services.settings import WEBHOOK_FORMATS, SettingsError, Webhook, check_webhook, load_settings, set_webhooks
+from services.settings import (
+    WEBHOOK_FORMATS,
+    SettingsError,
+    Webhook,
+    check_webhook,
+    load_settings,
+    set_confirm_minutes,
+    set_webhooks,
+)
 
 if TYPE_CHECKING:
     from app.composition import Services
@@ -90,10 +98,39 @@ class NotificationsCard:
         ui.notify(f"Saved {len(hooks)} webhook(s)", type="positive")
 
 
+class LongRunCard:
+    """The time threshold of the Train page: a run estimated longer than this asks before it starts."""
+
+    def __init__(self, services: Services):
+        self.ws = services.workspace
+        try:
+            minutes = load_settings(self.ws).confirm_minutes
+        except SettingsError:
+            minutes = None  # the notifications card shows the file's problem
+        with ui.card().classes("w-full max-w-4xl"):
+            ui.label("Long runs").classes("text-lg font-semibold")
+            ui.label("Start training asks first when the estimate (validation included) is longer than this. "
+                     "Blank: never ask.").classes("text-sm text-grey-7")
+            with ui.row().classes("items-center gap-2"):
+                self.minutes = ui.number("Ask above (minutes)", value=minutes, min=1, step=5) \
+                    .props("dense outlined").classes("w-48").mark("confirm-minutes")
+                ui.button("Save", icon="save", on_click=self.save).mark("confirm-save")
+
+    def save(self) -> None:
+        try:
+            set_confirm_minutes(self.ws, self.minutes.value)
+        except SettingsError as e:
+            ui.notify(str(e), type="negative")
+            return
+        ui.notify("Runs are started without asking" if self.minutes.value is None
+                  else f"Runs estimated above {self.minutes.value:g} min ask first", type="positive")
+
+
 def settings_page(services: Services) -> None:
     """Build the Settings page for one client."""
     with page_column():
         ui.label("Settings").classes("text-2xl font-semibold")
         NotificationsCard(services)
+        LongRunCard(services)
         ui.label(f"Formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}. Stored in "
                  f"{services.workspace.root / '.forgellm' / 'settings.json'}.").classes("text-xs text-grey-7")

@@ -1,5 +1,6 @@
 """The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to, the
-server folders that browsers on other devices may import datasets from, and the webhooks run events go to.
+server folders that browsers on other devices may import datasets from, the webhooks run events go to, and
+how long a run may be estimated before the Train page asks first (``confirm_minutes``).
 
 ``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"],
 "webhooks": [{"url": "https://ntfy.sh/my-runs", "format": "ntfy"}]}``; every key optional. A bad file is a
@@ -16,7 +17,8 @@ from pathlib import Path
 from services.errors import ForgeError
 from services.workspace import Workspace, write_atomic
 
-KEYS = ("allowed_hosts", "import_roots", "webhooks")
+KEYS = ("allowed_hosts", "import_roots", "webhooks", "confirm_minutes")
+CONFIRM_MINUTES = 30.0  # the Train page asks before starting a run estimated longer than this
 WEBHOOK_FORMATS = ("json", "ntfy", "slack", "discord")
 
 
@@ -37,6 +39,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     import_roots: tuple[Path, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
+    confirm_minutes: float | None = CONFIRM_MINUTES  # None: never ask
 
 
 def settings_path(ws: Workspace) -> Path:
@@ -75,7 +78,18 @@ def load_settings(ws: Workspace) -> Settings:
         if not root.is_absolute():
             raise SettingsError(f"{path}: import_roots[{i}]: {value!r} is not an absolute folder path")
         roots.append(root.resolve())
-    return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))))
+    return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))),
+                    check_confirm_minutes(data.get("confirm_minutes", CONFIRM_MINUTES), f"{path}: confirm_minutes"))
+
+
+def check_confirm_minutes(value: object, where: str = "confirm_minutes") -> float | None:
+    """The Train page's "ask before a run longer than" threshold in minutes (``None``: never ask), or
+    :class:`SettingsError` saying what is wrong with it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100_000:
+        raise SettingsError(f"{where}: {json.dumps(value)[:40]}: give minutes above 0 (or null: never ask)")
+    return float(value)
 
 
 def check_webhook(url: str, fmt: str = "json", where: str = "webhook") -> Webhook:
@@ -95,9 +109,12 @@ def _webhooks(path: Path, value: object) -> list[Webhook]:
             for i, v in enumerate(value)]
 
 
-def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook]) -> Settings:
+def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook],
+           **more: object) -> Settings:
+    current = load_settings(ws)
     data = {"allowed_hosts": hosts, "import_roots": roots,
-            "webhooks": [{"url": h.url, "format": h.format} for h in hooks]}
+            "webhooks": [{"url": h.url, "format": h.format} for h in hooks],
+            "confirm_minutes": more.get("confirm_minutes", current.confirm_minutes)}
     write_atomic(settings_path(ws), json.dumps(data, indent=2) + "\n")
     return load_settings(ws)
 
@@ -127,3 +144,10 @@ def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: lis
         if str(root) not in roots:
             roots.append(str(root))
     return _write(ws, hosts, roots, current.webhooks)
+
+
+def set_confirm_minutes(ws: Workspace, minutes: float | None) -> Settings:
+    """Set the threshold above which the Train page asks before starting a run (``None``: never ask)."""
+    current = load_settings(ws)
+    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots], current.webhooks,
+                  confirm_minutes=check_confirm_minutes(minutes))

@@ -24,9 +24,9 @@ def samples(workspace):
 @pytest.mark.parametrize("kind", list(SAMPLE_DATASETS))
 def test_proposal_fits_each_sample_dataset(kind, samples, workspace, tiny_model):
     manager = RunManager(workspace)
-    user = {"model": str(tiny_model), "data": str(samples[kind]), "mode": MODES[kind], "max_seq_length": 1024, "num_layers": 2,
-            "batch_size": 4, "iters": 1000, "lr_schedule": {"name": "cosine_decay", "arguments": [1e-4, 990, 1e-5],
-                                                            "warmup": 10, "warmup_init": 0.0}}
+    user = {"model": str(tiny_model), "data": str(samples[kind]), "mode": MODES[kind], "max_seq_length": 1024,
+            "num_layers": 2, "batch_size": 4, "iters": 1000,
+            "lr_schedule": {"name": "cosine_decay", "arguments": [1e-4, 990, 1e-5], "warmup": 10, "warmup_init": 0.0}}
     cfg = manager.prepare_config(user)
     tok = load_tokenizer(str(tiny_model))
     p = defaults.propose(cfg, tok, free_bytes=8e9)
@@ -82,4 +82,4 @@ def test_probe_is_bounded_in_time_and_sequence_length(workspace, tiny_model, cha
     cancelled = preflight.Probe(cfg, root=tmp_path / "probes", iters=100_000).start()
     cancelled.cancel()
     cancelled.wait(60)
-    assert cancelled.state == "cancelled"
+    assert cancelled.state == "cancelled", cancelled.message

@@ -400,16 +400,17 @@ class Probe:
         self.state, self.message = state, message
         self.version += 1
 
-    def _end(self, manager: Any, folder: Any) -> None:
+    def _end(self, manager: Any, folder: Any, pid: int) -> None:
         """Stop the probe run; kill its worker if it has not ended within the grace."""
         import os  # noqa: PLC0415
         import signal  # noqa: PLC0415
 
         manager.stop(folder.id)
-        info = manager.wait(folder.id, timeout=self.STOP_GRACE / 2)
-        if info.get("status") in ACTIVE and info.get("pid") and manager.is_alive(info):
+        try:
+            manager.wait(folder.id, timeout=self.STOP_GRACE / 2)
+        except TimeoutError:  # still loading, or in a long step: its results are not wanted
             try:
-                os.kill(int(info["pid"]), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
@@ -424,19 +425,20 @@ class Probe:
         bounded = False
         try:
             manager = RunManager(Workspace.resolve(tmp))
-            folder = manager.launch(self.cfg)
+            folder = manager.create(self.cfg)
+            pid = manager.start(folder.id)
             while True:
                 info = manager.get(folder.id)
                 if info.get("status") not in ACTIVE:
                     break
                 if self._cancel.is_set():
-                    self._end(manager, folder)
+                    self._end(manager, folder, pid)
                     self._set("cancelled", "probe cancelled")
                     return
                 records, _ = folder.metrics()
                 done = max((r["iteration"] for r in records if r.get("type") == "train"), default=0)
                 if time.time() >= deadline:
-                    self._end(manager, folder)
+                    self._end(manager, folder, pid)
                     bounded = True
                     break
                 elapsed = time.time() - t0
