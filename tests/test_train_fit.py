@@ -9,12 +9,12 @@ import os
 from functools import partial
 
 import pytest
-from nicegui.testing import User, user_simulation
+from nicegui.testing import User
+from test_pages import services as services  # noqa: PLC0414 (fixtures: real services, the simulated user)
+from test_pages import ui_user as ui_user  # noqa: PLC0414
 from uihelpers import el, set_value
 from uihelpers import wait_for as _wait_for
 
-from app.composition import build_services
-from pages.shell import make_root
 from services.config import list_presets, load_yaml
 from services.settings import load_settings, set_confirm_minutes
 from services.training import defaults, preflight
@@ -22,21 +22,11 @@ from services.training import defaults, preflight
 wait_for = partial(_wait_for, timeout=20.0)
 
 
-@pytest.fixture
-def services(workspace, tiny_model, chat_data):
-    s = build_services(workspace)
-    os.symlink(tiny_model, workspace.models / "tiny")
-    os.symlink(chat_data, workspace.datasets / "chat")
-    yield s
-    for info in s.manager.active():
-        s.manager.stop(info["id"])
-        s.manager.wait(info["id"], timeout=60)
-
-
-@pytest.fixture
-async def ui_user(services) -> User:
-    async with user_simulation(make_root(services)) as user:
-        yield user
+@pytest.fixture(autouse=True)
+def tiny_and_chats(services, tiny_model, chat_data) -> None:
+    """The tiny model as ``models/tiny`` and the chat set as ``datasets/chat`` (links)."""
+    os.symlink(tiny_model, services.workspace.models / "tiny")
+    os.symlink(chat_data, services.workspace.datasets / "chat")
 
 
 def text(user: User, marker: str) -> str:
