@@ -83,3 +83,23 @@ def test_probe_is_bounded_in_time_and_sequence_length(workspace, tiny_model, cha
     cancelled.cancel()
     cancelled.wait(60)
     assert cancelled.state == "cancelled", cancelled.message
+
+
+def test_the_cli_proposes_the_same_config(samples, workspace, tiny_model, tmp_path, capsys):
+    from app.cli import main
+    from services.config import load_yaml
+
+    out, base = tmp_path / "fitted.yaml", tmp_path / "base.yaml"
+    base.write_text("num_layers: 2\n")
+    assert main(["--workspace", str(workspace.root), "propose", str(base), "--model", str(tiny_model), "--data",
+                 str(samples["ift"]), "--mode", "ift", "-o", str(out)]) == 0
+    cfg = load_yaml(out)
+    manager = RunManager(workspace)
+    want = defaults.propose(manager.prepare_config({"model": str(tiny_model), "data": str(samples["ift"]),
+                                                    "mode": "ift", "max_seq_length": defaults.MIN_SEQ,
+                                                    "num_layers": 2}),
+                            budget_seconds=20 * 60)["changes"]
+    assert {k: cfg[k] for k in ("max_seq_length", "batch_size", "iters", "val_batches")} == \
+        {k: want[k] for k in ("max_seq_length", "batch_size", "iters", "val_batches")}
+    manager.prepare_config(cfg)
+    assert "estimated ≈" in capsys.readouterr().err
