@@ -7,15 +7,14 @@ starts while it reports a problem.
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from nicegui import app, run, ui
+from nicegui import run, ui
 
+from pages.common import recall, remember
 from pages.train.fields import SchedulePreview, TrainForm, YamlFiles
 from pages.train.form import check_form, config_to_form, default_form, lr_preview, visible_fields
 from pages.train.preflight import PreflightPanel
@@ -125,26 +124,6 @@ class StartCard:
 DRAFT_KEY = "train_draft"
 
 
-def saved_draft() -> dict[str, Any] | None:
-    """This browser's Train form draft (kept across leaving the page and reloads), if any."""
-    try:
-        draft = app.storage.user.get(DRAFT_KEY)
-    except RuntimeError:  # no storage secret (never the case under run_app or the test simulation)
-        return None
-    return copy.deepcopy(draft) if isinstance(draft, dict) else None
-
-
-def keep_draft(form: dict[str, Any] | None) -> None:
-    """Keep (or with ``None`` forget) this browser's Train form draft."""
-    try:
-        if form is None:
-            app.storage.user.pop(DRAFT_KEY, None)
-        else:
-            app.storage.user[DRAFT_KEY] = json.loads(json.dumps(form, default=str))
-    except RuntimeError:
-        pass
-
-
 class TrainPage:
     """The form on the left; the schedule preview, the start card and the preflight panel on the right.
 
@@ -186,8 +165,8 @@ class TrainPage:
             self.fill(default_form())
             self.clone_run(source)
             return
-        draft = saved_draft()
-        if draft:
+        draft = recall(DRAFT_KEY)
+        if isinstance(draft, dict) and draft:
             self.fill(draft)
             self.actions.proposal.set_text("Your draft, as you left it (Reset form starts afresh).")
             return
@@ -211,7 +190,7 @@ class TrainPage:
 
     def reset(self) -> None:
         """Forget this browser's draft and start from a fresh, fitted form."""
-        keep_draft(None)
+        remember(DRAFT_KEY, None)
         self.fresh()
 
     def budget(self) -> float:
@@ -352,7 +331,7 @@ class TrainPage:
         self.preview.show(*lr_preview(form, cfg))
         self._dirty = True
         if self.keep:
-            keep_draft(form)
+            remember(DRAFT_KEY, form)
 
     def fill(self, form: dict[str, Any]) -> None:
         self.form.fill(form)
