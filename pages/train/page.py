@@ -84,6 +84,7 @@ class StartCard:
 
     def show_estimate(self, est: dict[str, Any] | None, problem: str = "") -> None:
         """The estimated duration beside Start and the samples that will be cut (``None``: not known yet)."""
+        self.estimate.classes(remove="opacity-50")
         if est is None:
             self.estimate.set_text(problem)
             self.cut.set_text("")
@@ -223,12 +224,16 @@ class TrainPage:
             return None
         self.actions.proposal.set_text("Fitting max_seq_length, batch, length and validation to the data and "
                                        "this machine…")
+        self._estimating = True  # the live estimate waits: both read the same data
         try:
             return await run.io_bound(defaults.propose, cfg, budget_seconds=self.budget(),
                                       tokens_per_second=tokens_per_second)
         except (ValueError, OSError) as e:  # PreflightError, DataError
             self.actions.proposal.set_text(f"Cannot fit the defaults: {e}")
             return None
+        finally:
+            self._estimating = False
+            self._dirty = True
 
     async def fit(self, auto: bool = False) -> None:
         """Apply a proposal to the form (``auto``: a fresh form's, unless a person has changed it meanwhile)."""
@@ -330,6 +335,7 @@ class TrainPage:
         self.actions.show(errors)
         self.preview.show(*lr_preview(form, cfg))
         self._dirty = True
+        self.actions.estimate.classes(add="opacity-50")  # stale until the next estimate
         if self.keep:
             remember(DRAFT_KEY, form)
 
