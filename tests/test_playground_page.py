@@ -309,3 +309,20 @@ async def test_the_chat_survives_leaving_the_page_and_a_reload(ui_user: User, se
     ui_user.find(marker="clear-chat").click()
     await ui_user.open("/playground")
     await ui_user.should_see(marker="empty-chat")
+
+
+async def test_the_compare_results_survive_leaving_the_page_and_a_reload(ui_user: User, services):
+    await ui_user.open("/playground")
+    ui_user.find(marker="tab-compare").click()
+    set_value(ui_user, "model", str((services.workspace.models / "tiny").resolve()))
+    ui_user.find(marker="compare-prompt").type("the dog")
+    set_value(ui_user, "sampling-max_tokens", 4)
+    ui_user.find(marker="compare").click()
+    await wait_for(lambda: len(els(ui_user, "compare-stats")) == 1)
+    shown = texts(ui_user, "compare-stats"), texts(ui_user, "answer-text")
+    await ui_user.open("/runs")
+    await ui_user.open("/playground")
+    ui_user.find(marker="tab-compare").click()
+    assert el(ui_user, "compare-prompt").value == "the dog" and texts(ui_user, "compare-title") == ["base"]
+    assert (texts(ui_user, "compare-stats"), texts(ui_user, "answer-text")) == shown
+    assert "generated tokens" in shown[0][0]
