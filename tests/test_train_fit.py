@@ -12,7 +12,7 @@ import pytest
 from nicegui.testing import User
 from test_pages import services as services  # noqa: PLC0414 (fixtures: real services, the simulated user)
 from test_pages import ui_user as ui_user  # noqa: PLC0414
-from uihelpers import el, set_value
+from uihelpers import el, els, set_value
 from uihelpers import wait_for as _wait_for
 
 from services.config import list_presets, load_yaml
@@ -30,7 +30,11 @@ def tiny_and_chats(services, tiny_model, chat_data) -> None:
 
 
 def text(user: User, marker: str) -> str:
-    return el(user, marker).text
+    """The text of the one element with ``marker``; "" while it is hidden (the simulated user finds only
+    visible elements)."""
+    found = els(user, marker)
+    assert len(found) <= 1, found
+    return found[0].text if found else ""
 
 
 def fitted_or_not(user: User) -> bool:
@@ -148,3 +152,23 @@ async def test_the_threshold_is_set_on_the_settings_page(ui_user: User, services
     ui_user.find(marker="confirm-save").click()
     await ui_user.should_see("Runs are started without asking")
     assert load_settings(services.workspace).confirm_minutes is None
+
+
+async def test_the_probe_shows_progress_can_be_cancelled_and_ends_with_one_suggestion(ui_user: User, services):
+    await ui_user.open("/train")
+    await wait_for(lambda: fitted_or_not(ui_user))
+    await tiny_ift(ui_user, **{"field-iters": 500, "field-length_mode": "iters"})
+    ui_user.find(marker="preflight-probe").click()
+    await wait_for(lambda: els(ui_user, "probe-progress"))  # shown (the simulated user finds visible elements)
+    assert el(ui_user, "preflight-probe").text == "Cancel probe"
+    ui_user.find(marker="preflight-probe").click()  # cancel
+    await wait_for(lambda: text(ui_user, "preflight-probe-text") == "probe cancelled", timeout=60)
+    assert not els(ui_user, "probe-progress")
+    ui_user.find(marker="preflight-probe").click()
+    await wait_for(lambda: text(ui_user, "preflight-suggestion").startswith("Suggestion:"), timeout=120)
+    assert text(ui_user, "preflight-probe-text").startswith("measured over")
+    assert "at the measured speed" in text(ui_user, "preflight-suggestion")
+    assert [b.text for b in els(ui_user, "preflight-apply")] == ["Apply the suggestion"]  # the one button
+    ui_user.find(marker="preflight-apply").click()
+    await wait_for(lambda: el(ui_user, "field-iters").value != 500 and text(ui_user, "proposal").startswith("Fitted"))
+    assert el(ui_user, "field-max_seq_length").value % defaults.SEQ_STEP == 0
