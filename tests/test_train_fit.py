@@ -9,6 +9,7 @@ import os
 from functools import partial
 
 import pytest
+from nicegui.elements.upload_files import SmallFileUpload
 from nicegui.testing import User
 from test_pages import services as services  # noqa: PLC0414 (fixtures: real services, the simulated user)
 from test_pages import ui_user as ui_user  # noqa: PLC0414
@@ -172,3 +173,16 @@ async def test_the_probe_shows_progress_can_be_cancelled_and_ends_with_one_sugge
     ui_user.find(marker="preflight-apply").click()
     await wait_for(lambda: el(ui_user, "field-iters").value != 500 and text(ui_user, "proposal").startswith("Fitted"))
     assert el(ui_user, "field-max_seq_length").value % defaults.SEQ_STEP == 0
+
+
+async def test_an_uploaded_schedule_length_stays_as_written(ui_user: User, services):
+    await ui_user.open("/train")
+    await wait_for(lambda: fitted_or_not(ui_user))  # a fresh form: its schedule follows the run
+    yaml_text = (b"model: tiny\ndata: chat\nmode: ift\nnum_layers: 2\nmax_seq_length: 128\niters: 50\n"
+            b"lr_schedule: {name: cosine_decay, arguments: [1.0e-4, 75, 1.0e-5], warmup: 5, warmup_init: 0.0}\n")
+    await el(ui_user, "upload").handle_uploads([SmallFileUpload("c.yaml", "application/x-yaml", yaml_text)])
+    await wait_for(lambda: el(ui_user, "field-iters").value == 50)
+    assert el(ui_user, "field-schedule_steps").value == 80
+    set_value(ui_user, "field-iters", 60)
+    await wait_for(lambda: f"({60} iterations;" in text(ui_user, "estimate"))  # an estimate came and went
+    assert el(ui_user, "field-schedule_steps").value == 80

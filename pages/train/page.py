@@ -140,7 +140,7 @@ class TrainPage:
         self.picked_data: str | None = None  # the dataset the page chose (not the person): it follows the mode
         self.fork_from: tuple[str, int] | None = None  # (run, checkpoint) a preference run starts from
         self.touched = False  # a person changed the form since it was filled (a late automatic fit keeps off)
-        self.follow_schedule = True  # the schedule length follows the run length (until a person sets it)
+        self.follow_schedule = False  # the schedule length follows the run length (until a person sets it)
         self.keep = False  # the form is this browser's draft (once the page has filled it)
         self._dirty, self._estimating = True, False
         ui.label("Train").classes("text-2xl font-semibold")
@@ -168,7 +168,7 @@ class TrainPage:
             return
         draft = recall(DRAFT_KEY)
         if isinstance(draft, dict) and draft:
-            self.fill(draft)
+            self.fill(draft, follow=bool(draft.get("follow_schedule")))
             self.actions.proposal.set_text("Your draft, as you left it (Reset form starts afresh).")
             return
         self.fresh()
@@ -186,7 +186,7 @@ class TrainPage:
         self.picked_data = suggested_dataset(self.datasets, form["mode"])
         form.update(model=next(iter(self.form.model_data.model.options), None), data=self.picked_data)
         self.touched = False
-        self.fill(form)
+        self.fill(form, follow=True)
         ui.timer(0.05, lambda: self.fit(auto=True), once=True)
 
     def reset(self) -> None:
@@ -249,8 +249,7 @@ class TrainPage:
         """Write a proposal into the form (length in iterations, the schedule following it) and say why."""
         form = self.form.read()
         form.update(proposal["changes"], length_mode="iters", schedule_steps=None)
-        self.follow_schedule = True
-        self.fill(form)
+        self.fill(form, follow=True)
         self.actions.proposal.set_text("Fitted to the data and this machine:\n"
                                        + "\n".join(f"• {r}" for r in proposal["reasons"]))
 
@@ -293,7 +292,7 @@ class TrainPage:
             return
         want = est["iters"] if form.get("length_mode") == "epochs" else None
         if form.get("schedule_steps") != want:
-            self.fill({**form, "schedule_steps": want})
+            self.fill({**form, "schedule_steps": want}, follow=True)
 
     def open_preference(self, dataset: str, start: str | None) -> None:
         """DPO on ``dataset`` (rated pairs), forked from checkpoint ``start`` (``RUN@ITER``) with its settings:
@@ -337,9 +336,12 @@ class TrainPage:
         self._dirty = True
         self.actions.estimate.classes(add="opacity-50")  # stale until the next estimate
         if self.keep:
-            remember(DRAFT_KEY, form)
+            remember(DRAFT_KEY, {**form, "follow_schedule": self.follow_schedule})
 
-    def fill(self, form: dict[str, Any]) -> None:
+    def fill(self, form: dict[str, Any], follow: bool = False) -> None:
+        """Write ``form`` into the widgets; ``follow``: its decaying schedule's length follows the run's length
+        (a preset, a fresh or fitted form), else it stays as written (an upload, a clone, a draft)."""
+        self.follow_schedule = follow
         self.form.fill(form)
         self.refresh()
 
@@ -355,9 +357,7 @@ class TrainPage:
         except ConfigError as e:
             ui.notify(str(e), type="negative")
             return
-        form = config_to_form(cfg)
-        self.follow_schedule = True
-        self.fill(form)
+        self.fill(config_to_form(cfg), follow=True)
         ui.notify(f"preset {name} applied")
 
     def follow_mode(self, mode: str) -> None:
