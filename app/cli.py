@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.config import ConfigError, load_yaml
+from services.config import MODES, ConfigError, load_yaml
 from services.errors import ForgeError
 from services.publishing.handoff import LMSTUDIO_DEFAULT
 from services.publishing.rules import GGUF_TYPES
@@ -90,6 +90,33 @@ def cmd_train(args: argparse.Namespace, manager: RunManager) -> int:
     if best:
         print(f"best checkpoint: {best['iteration']} (val loss {best['val_loss']:.4f})")
     return 0 if info["status"] in ("completed", "stopped", "early-stopped") else 1
+
+
+def cmd_propose(args: argparse.Namespace, manager: RunManager) -> int:
+    """``propose``: a config fitted to the data and this machine (the Train page's "Fit to data and machine")."""
+    from services.config import dump_yaml
+    from services.training import defaults
+    from services.units import duration
+
+    user = load_yaml(args.config) if args.config else {}
+    for key in ("model", "data", "mode"):
+        if getattr(args, key):
+            user[key] = getattr(args, key)
+    if "max_seq_length" not in user:  # the proposal decides it; a placeholder the model's context allows
+        user["max_seq_length"] = defaults.MIN_SEQ
+    proposal = defaults.propose(manager.prepare_config(user), budget_seconds=args.budget_minutes * 60)
+    out = defaults.apply_to_config(user, proposal)
+    for line in proposal["reasons"]:
+        print(f"# {line}", file=sys.stderr)
+    print(f"# estimated ≈ {duration(proposal['seconds'])} on this machine (validation included)", file=sys.stderr)
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(dump_yaml(out))
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(dump_yaml(out), end="")
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace, manager: RunManager) -> int:
@@ -193,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--queue", action="store_true",
                    help="start when no other run is training (queued runs start one after another) and return")
     t.set_defaults(func=cmd_train)
+    pr = sub.add_parser("propose", help="print a config fitted to the data and this machine: max_seq_length, "
+                                        "batch size, length and validation (start from a YAML config or a preset)")
+    pr.add_argument("config", nargs="?", help="YAML config to start from (a preset in configs/, say)")
+    pr.add_argument("--model", help="model folder, or a name under the workspace's models/")
+    pr.add_argument("--data", help="dataset folder or file, or a name under the workspace's datasets/")
+    pr.add_argument("--mode", choices=list(MODES), help="training mode")
+    pr.add_argument("--budget-minutes", type=float, default=20.0, help="time the run should fit in (default 20)")
+    pr.add_argument("-o", "--output", help="write the config here instead of printing it")
+    pr.set_defaults(func=cmd_propose)
     r = sub.add_parser("runs", help="list the runs in the workspace")
     r.add_argument("-v", "--verbose", action="store_true", help="show each run's status reason")
     r.set_defaults(func=cmd_runs)

@@ -6,11 +6,13 @@ Pages import only this module and :mod:`pages.shell` from ``pages``; a helper tw
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nicegui import ui
+from nicegui import app, ui
 
 from services.system import is_local_request
 
@@ -49,6 +51,34 @@ def fmt_loss(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
+def recall(key: str) -> Any:
+    """What this browser kept under ``key`` (:func:`remember`), or ``None``: drafts and results that survive
+    leaving a page and a reload (NiceGUI's ``app.storage.user``, one per browser)."""
+    try:
+        value = app.storage.user.get(key)
+    except RuntimeError:  # no storage secret (never the case under run_app or the test simulation)
+        return None
+    return copy.deepcopy(value)
+
+
+def remember(key: str, value: Any) -> None:
+    """Keep ``value`` (plain JSON data) for this browser under ``key``; ``None`` forgets it."""
+    try:
+        if value is None:
+            app.storage.user.pop(key, None)
+        else:
+            app.storage.user[key] = json.loads(json.dumps(value, default=str))
+    except RuntimeError:
+        pass
+
+
+# ECharts tooltip values, rounded in the browser (a formatter must be JavaScript: NiceGUI's ':' key prefix):
+# five significant digits, small numbers (learning rates) in scientific notation
+ROUNDED_TOOLTIP = {"trigger": "axis", ":valueFormatter":
+                   "v => typeof v !== 'number' ? v : (v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(2) "
+                   ": String(Number(v.toPrecision(5))))"}
+
+
 def line_chart(title: str, series: list[tuple[str, str]], ytype: str,
                colors: list[str] | None = None) -> dict[str, Any]:
     """ECharts options of one metric chart over iterations: one empty line per ``(series, label)``.
@@ -59,7 +89,7 @@ def line_chart(title: str, series: list[tuple[str, str]], ytype: str,
     opts: dict[str, Any] = {
         "animation": False,
         "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
-        "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": {"trigger": "axis"},
+        "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": dict(ROUNDED_TOOLTIP),
         "grid": {"left": 64, "right": 16, "top": 36, "bottom": 32},
         "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22},
         "yAxis": {"type": ytype, "scale": True},

@@ -53,13 +53,30 @@ def card_texts(latest: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def phase_text(phase: dict[str, Any] | None) -> str | None:
+    """What the worker does between training reports: ``validating at iteration 10``, ``saving checkpoint 10``."""
+    if not phase:
+        return None
+    it = phase.get("iteration")
+    if phase.get("phase") == "validating":
+        return "validating the initial weights" if it == 0 else f"validating at iteration {it}"
+    if phase.get("phase") == "saving":
+        return f"saving checkpoint {it}"
+    return None
+
+
 def progress_text(latest: dict[str, Any]) -> str:
+    """``iteration 10 / 20 · epoch 1.50 · validating at iteration 10 · ETA 0:01:05`` (the ETA includes the
+    validations and checkpoints still to come), or the data preparation's progress while the run prepares."""
     if latest.get("preparing"):
         return progress_line(latest["preparing"])
     it, total = latest.get("iteration") or 0, latest.get("iters")
     parts = [f"iteration {it} / {total or '?'}"]
     if latest.get("epoch") is not None:
         parts.append(f"epoch {latest['epoch']:.2f}")
+    doing = phase_text(latest.get("phase"))
+    if doing:
+        parts.append(doing)
     if latest.get("status") in ACTIVE:
         parts.append(f"ETA {clock(latest.get('eta_seconds'))}")
     return " · ".join(parts)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 POLL_SECONDS = 2.0
 ACTIONS = (("open", "open_in_new", "Open"), ("label", "sell", "Edit label"), ("clone", "content_copy",
            "Clone config into Train"), ("resume", "play_arrow", "{{ props.row.status === 'waiting' ? "
-           "'Start now (it is waiting in the queue)' : 'Resume' }}"), ("fork", "call_split",
+           "'Start now (it is waiting in the queue)' : props.row.resume_refusal ? 'Cannot resume: ' + "
+           "props.row.resume_refusal : 'Resume' }}"), ("fork", "call_split",
            "Fork from a checkpoint"), ("delete", "delete", "Delete"))
 COLUMNS: list[dict[str, Any]] = [
     {"name": "name", "label": "Run", "field": "name", "sortable": True, "align": "left"},
@@ -40,8 +41,10 @@ COLUMNS: list[dict[str, Any]] = [
     {"name": "actions", "label": "", "field": "id", "align": "right"},
 ]
 _EMIT = "$parent.$emit('row_action', {{action: '{action}', id: props.row.id}})"
+_DISABLED = {"resume": ':disable="!!props.row.resume_refusal"'}  # a completed run cannot be resumed: say why
 _ACTION_BUTTONS = "".join(
-    f'<q-btn flat dense round size="sm" icon="{icon}" @click.stop="{_EMIT.format(action=action)}">'
+    f'<q-btn flat dense round size="sm" icon="{icon}" {_DISABLED.get(action, "")} '
+    f'@click.stop="{_EMIT.format(action=action)}">'
     f"<q-tooltip>{tip}</q-tooltip></q-btn>" for action, icon, tip in ACTIONS)
 SLOTS = {
     "body-cell-name": '<q-td :props="props"><a class="cursor-pointer text-primary font-medium" '

@@ -26,6 +26,7 @@ from services.settings import (
     check_port,
     check_webhook,
     load_settings,
+    set_confirm_minutes,
     set_serving,
     set_webhooks,
 )
@@ -248,6 +249,34 @@ class LanCard:
         self.redraw()
 
 
+class LongRunCard:
+    """The time threshold of the Train page: a run estimated longer than this asks before it starts."""
+
+    def __init__(self, services: Services):
+        self.ws = services.workspace
+        try:
+            minutes = load_settings(self.ws).confirm_minutes
+        except SettingsError:
+            minutes = None  # the notifications card shows the file's problem
+        with ui.card().classes("w-full max-w-4xl"):
+            ui.label("Long runs").classes("text-lg font-semibold")
+            ui.label("Start training asks first when the estimate (validation included) is longer than this. "
+                     "Blank: never ask.").classes("text-sm text-grey-7")
+            with ui.row().classes("items-center gap-2"):
+                self.minutes = ui.number("Ask above (minutes)", value=minutes, min=1, step=5) \
+                    .props("dense outlined").classes("w-48").mark("confirm-minutes")
+                ui.button("Save", icon="save", on_click=self.save).mark("confirm-save")
+
+    def save(self) -> None:
+        try:
+            set_confirm_minutes(self.ws, self.minutes.value)
+        except SettingsError as e:
+            ui.notify(str(e), type="negative")
+            return
+        ui.notify("Runs are started without asking" if self.minutes.value is None
+                  else f"Runs estimated above {self.minutes.value:g} min ask first", type="positive")
+
+
 def settings_page(services: Services) -> None:
     """Build the Settings page for one client."""
     with page_column():
@@ -257,6 +286,7 @@ def settings_page(services: Services) -> None:
         NotificationsCard(services)
         ui.label(f"Webhook formats: {', '.join(FORMAT_LABELS[f] for f in WEBHOOK_FORMATS)}.") \
             .classes("text-xs text-grey-7")
+        LongRunCard(services)
         ServingCard(services)
         ui.label(f"Settings are stored in {services.workspace.root / '.forgellm' / 'settings.json'}.") \
             .classes("text-xs text-grey-7")

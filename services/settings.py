@@ -1,6 +1,7 @@
 """The owner's workspace settings, ``.forgellm/settings.json``: the extra host names the app answers to, the
-server folders that browsers on other devices may import datasets from, the webhooks run events go to, and the
-OpenAI-compatible endpoint (:mod:`services.serving`).
+server folders that browsers on other devices may import datasets from, the webhooks run events go to, the
+OpenAI-compatible endpoint (:mod:`services.serving`), and how long a run may be estimated before the Train page
+asks first (``confirm_minutes``).
 
 ``{"allowed_hosts": ["forge.lan"], "import_roots": ["/data/corpora"],
 "webhooks": [{"url": "https://ntfy.sh/my-runs", "format": "ntfy"}],
@@ -18,7 +19,8 @@ from pathlib import Path
 from services.errors import ForgeError
 from services.workspace import Workspace, write_atomic
 
-KEYS = ("allowed_hosts", "import_roots", "webhooks", "serving")
+KEYS = ("allowed_hosts", "import_roots", "webhooks", "serving", "confirm_minutes")
+CONFIRM_MINUTES = 30.0  # the Train page asks before starting a run estimated longer than this
 WEBHOOK_FORMATS = ("json", "ntfy", "slack", "discord")
 SERVE_PORT = 8090  # the OpenAI-compatible endpoint's default port (the app's is 8080)
 
@@ -50,6 +52,7 @@ class Settings:
     import_roots: tuple[Path, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
     serving: Serving = Serving()
+    confirm_minutes: float | None = CONFIRM_MINUTES  # None: never ask
 
 
 def settings_path(ws: Workspace) -> Path:
@@ -89,7 +92,8 @@ def load_settings(ws: Workspace) -> Settings:
             raise SettingsError(f"{path}: import_roots[{i}]: {value!r} is not an absolute folder path")
         roots.append(root.resolve())
     return Settings(tuple(hosts), tuple(roots), tuple(_webhooks(path, data.get("webhooks", []))),
-                    _serving(path, data.get("serving", {})))
+                    _serving(path, data.get("serving", {})),
+                    check_confirm_minutes(data.get("confirm_minutes", CONFIRM_MINUTES), f"{path}: confirm_minutes"))
 
 
 def check_port(value: object, where: str = "port") -> int:
@@ -113,6 +117,16 @@ def _serving(path: Path, value: object) -> Serving:
                    value.get("lan", False))
 
 
+def check_confirm_minutes(value: object, where: str = "confirm_minutes") -> float | None:
+    """The Train page's "ask before a run longer than" threshold in minutes (``None``: never ask), or
+    :class:`SettingsError` saying what is wrong with it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100_000:
+        raise SettingsError(f"{where}: {json.dumps(value)[:40]}: give minutes above 0 (or null: never ask)")
+    return float(value)
+
+
 def check_webhook(url: str, fmt: str = "json", where: str = "webhook") -> Webhook:
     """A webhook, or :class:`SettingsError` saying what is wrong with its URL or format."""
     url = (url or "").strip()
@@ -131,10 +145,13 @@ def _webhooks(path: Path, value: object) -> list[Webhook]:
 
 
 def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook],
-           serving: Serving) -> Settings:
+           serving: Serving | None = None, **more: object) -> Settings:
+    current = load_settings(ws)
+    serving = current.serving if serving is None else serving
     data = {"allowed_hosts": hosts, "import_roots": roots,
             "webhooks": [{"url": h.url, "format": h.format} for h in hooks],
-            "serving": {"enabled": serving.enabled, "port": serving.port, "lan": serving.lan}}
+            "serving": {"enabled": serving.enabled, "port": serving.port, "lan": serving.lan},
+            "confirm_minutes": more.get("confirm_minutes", current.confirm_minutes)}
     write_atomic(settings_path(ws), json.dumps(data, indent=2) + "\n")
     return load_settings(ws)
 
@@ -171,3 +188,10 @@ def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: lis
         if str(root) not in roots:
             roots.append(str(root))
     return _write(ws, hosts, roots, current.webhooks, current.serving)
+
+
+def set_confirm_minutes(ws: Workspace, minutes: float | None) -> Settings:
+    """Set the threshold above which the Train page asks before starting a run (``None``: never ask)."""
+    current = load_settings(ws)
+    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots], current.webhooks,
+                  confirm_minutes=check_confirm_minutes(minutes))

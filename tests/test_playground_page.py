@@ -282,13 +282,47 @@ async def test_errors_are_shown_and_the_page_stays_usable(ui_user: User, service
     ui_user.find(marker="ppl-run").click()
     await wait_for(lambda: "perplexity" in el(ui_user, "ppl-result").text)
     assert el(ui_user, "ppl-table").rows[0]["adapter"] == "base"
-    # after an unload, chatting says what to do
+    # after an unload, Send loads the picked model (instead of an error) and answers
     ui_user.find(marker="unload").click()
     await wait_for(lambda: services.models.status["state"] == "idle")
     ui_user.find(marker="tab-chat").click()
+    await wait_for(lambda: "Send loads it" in texts(ui_user, "empty-chat")[0])
     ui_user.find(marker="chat-input").type("anyone?")
     ui_user.find(marker="send").click()
-    await ui_user.should_see("no model is loaded")
-    await load_tiny(ui_user, services)
-    ui_user.find(marker="regenerate").click()  # answers the message that failed
     await wait_for(lambda: len(els(ui_user, "msg-assistant")) == 1 and not els(ui_user, "msg-live"))
+    assert services.models.status["model"] == str((services.workspace.models / "tiny").resolve())
+    assert texts(ui_user, "user-text") == ["anyone?"] and "error" not in texts(ui_user, "answer-stats")[0]
+
+
+async def test_the_chat_survives_leaving_the_page_and_a_reload(ui_user: User, services):
+    await ui_user.open("/playground")
+    if services.models.status["state"] != "ready" or services.models.status["adapter"] is not None:
+        await load_tiny(ui_user, services)
+    ui_user.find(marker="clear-chat").click()
+    await wait_for(lambda: texts(ui_user, "empty-chat") == ["tiny is loaded: say something."])  # not "load a model"
+    set_value(ui_user, "sampling-max_tokens", 4)
+    await say(ui_user, "remember me")
+    answer = texts(ui_user, "answer-text")
+    await ui_user.open("/runs")
+    await ui_user.open("/playground")
+    assert texts(ui_user, "user-text") == ["remember me"] and texts(ui_user, "answer-text") == answer
+    ui_user.find(marker="clear-chat").click()
+    await ui_user.open("/playground")
+    await ui_user.should_see(marker="empty-chat")
+
+
+async def test_the_compare_results_survive_leaving_the_page_and_a_reload(ui_user: User, services):
+    await ui_user.open("/playground")
+    ui_user.find(marker="tab-compare").click()
+    set_value(ui_user, "model", str((services.workspace.models / "tiny").resolve()))
+    ui_user.find(marker="compare-prompt").type("the dog")
+    set_value(ui_user, "sampling-max_tokens", 4)
+    ui_user.find(marker="compare").click()
+    await wait_for(lambda: len(els(ui_user, "compare-stats")) == 1)
+    shown = texts(ui_user, "compare-stats"), texts(ui_user, "answer-text")
+    await ui_user.open("/runs")
+    await ui_user.open("/playground")
+    ui_user.find(marker="tab-compare").click()
+    assert el(ui_user, "compare-prompt").value == "the dog" and texts(ui_user, "compare-title") == ["base"]
+    assert (texts(ui_user, "compare-stats"), texts(ui_user, "answer-text")) == shown
+    assert "generated tokens" in shown[0][0]

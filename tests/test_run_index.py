@@ -42,6 +42,9 @@ def test_run_row_and_filters():
     assert a["model"] == "tiny" and a["dataset"] == "corpus" and a["duration"] == 60.0
     assert a["best_val_loss"] == 1.5 and a["best_iteration"] == 20 and a["label"] == "keeper"
     assert b["dataset"] == "chat/train.jsonl" and b["parent"] == "a@10" and b["best_val_loss"] is None
+    # the Resume button of a row is disabled, with the reason, when resuming would be refused
+    assert a["resume_refusal"] == run_index.resume_refusal({"status": a["status"]}, []) != ""
+    assert run_index.run_row(info("d", status="stopped", checkpoints=[{"iteration": 5}]))["resume_refusal"] == ""
     ids = lambda rs: [r["id"] for r in rs]  # noqa: E731
     assert ids(run_index.filter_rows(rows, "KEEP")) == ["a"]
     assert ids(run_index.filter_rows(rows, "chat dora")) == ["b"]

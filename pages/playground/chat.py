@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nicegui import events, ui
 
+from pages.common import recall, remember
 from pages.playground.model_bar import loaded_name
 from pages.playground.selection import Settings
 from services.errors import ForgeError
@@ -20,6 +21,7 @@ from services.inference.chats import MAX_CHAT_BYTES, chat_json, parse_chat, spli
 from services.inference.service import GenerationStream, ModelService
 
 TICK = 0.1  # seconds between answer-bubble updates while tokens stream
+CHAT_KEY = "playground_chat"  # this browser's thread, kept across leaving the page and reloads
 MARKDOWN_EXTRAS = ["fenced-code-blocks", "tables", "code-friendly"]  # code-friendly: snake_case stays as is
 USER_BUBBLE = "bg-color=blue-1 text-color=black"
 MODEL_BUBBLE = "bg-color=grey-3 text-color=black"
@@ -65,11 +67,17 @@ class AnswerBody:
 
 
 class ChatPanel:
-    """The Chat tab: thread, input, completion box and the settings card (whose :class:`Settings` others share)."""
+    """The Chat tab: thread, input, completion box and the settings card (whose :class:`Settings` others share).
 
-    def __init__(self, models: ModelService) -> None:
-        self.models = models
-        self.messages: list[dict[str, Any]] = []
+    The thread is kept for this browser (it survives leaving the page and a reload); ``ensure_loaded()`` loads
+    the picked model when Send comes before Load."""
+
+    def __init__(self, models: ModelService, ensure_loaded: Callable[[], Awaitable[bool]] | None = None) -> None:
+        self.models, self.ensure_loaded = models, ensure_loaded
+        kept = recall(CHAT_KEY)
+        self.messages: list[dict[str, Any]] = [m for m in kept if isinstance(m, dict) and "role" in m
+                                               and isinstance(m.get("content"), str)] \
+            if isinstance(kept, list) else []
         self.editing: int | None = None
         self.stream: GenerationStream | None = None
         self.buffer: list[str] = []
@@ -143,6 +151,8 @@ class ChatPanel:
         self.mode = "completion" if fmt == "completion" or (fmt == "auto" and has_template is False) else "chat"
         self.chat_box.set_visibility(self.mode == "chat")
         self.completion_box.set_visibility(self.mode == "completion")
+        if not self.messages and self.stream is None:
+            self.render()  # the empty thread says whether a model is loaded
 
     def set_busy(self, busy: bool) -> None:
         for b in (self.send_btn, self.regen_btn, self.continue_btn):
@@ -171,9 +181,13 @@ class ChatPanel:
     def render(self) -> None:
         """Rebuild the thread (only on structural changes: a message added, edited, dropped or loaded)."""
         self.thread.clear()
+        remember(CHAT_KEY, self.messages or None)
         with self.thread:
             if not self.messages:
-                ui.label("Load a model, then say something.").classes("text-sm opacity-60 p-2").mark("empty-chat")
+                status = self.models.status
+                ui.label(f"{loaded_name(status)} is loaded: say something." if status.get("model") else
+                         "Pick a model and say something (Send loads it), or Load it first.") \
+                    .classes("text-sm opacity-60 p-2").mark("empty-chat")
             for i, m in enumerate(self.messages):
                 if m["role"] == "user":
                     self.user_bubble(i, m["content"])
@@ -266,7 +280,12 @@ class ChatPanel:
         await self.answer()
 
     async def answer(self) -> None:
-        """Answer the conversation so far into a new bubble."""
+        """Answer the conversation so far into a new bubble (loading the picked model first if none is)."""
+        if not self.models.status.get("model") and self.ensure_loaded is not None:
+            self.stats_label.set_text("loading the picked model…")
+            if not await self.ensure_loaded():
+                self.stats_label.set_text("no model loaded: pick one and Load it")
+                return
         thread = self.messages  # replaced (not changed) when the chat is cleared or loaded meanwhile
         convo = [{"role": m["role"], "content": m["content"]} for m in thread]
         if not self.settings.history.value:

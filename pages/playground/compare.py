@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from nicegui import ui
 
+from pages.common import recall, remember
 from pages.playground.chat import TICK, AnswerBody, stats_text
 from pages.playground.selection import Selection
 from services.errors import ForgeError
@@ -33,8 +34,12 @@ if TYPE_CHECKING:
 
 
 
+COMPARE_KEY = "playground_compare"  # this browser's last comparison (a blind one once it is revealed)
+
+
 class ComparePanel:
-    """Prompt, targets (base and/or checkpoints), one column per answer, and the blind A/B pick."""
+    """Prompt, targets (base and/or checkpoints), one column per answer, and the blind A/B pick. The last
+    comparison is kept for this browser: it survives leaving the page and a reload."""
 
     def __init__(self, services: Services, selection: Selection, on_done: Callable[[], None]) -> None:
         """``on_done`` is called after each comparison (the page redraws the model status)."""
@@ -89,6 +94,29 @@ class ComparePanel:
             self.train_btn.tooltip("Open the Train page on DPO with this session's pairs, starting from the rated "
                                    "checkpoint")
         self.show_tally()
+        self.show_kept(recall(COMPARE_KEY))
+
+    def keep(self, prompt: str, titles: list[str], results: dict[int, dict[str, Any]], order: list[int]) -> None:
+        """Keep the comparison for this browser: its prompt and each column's title, answer and statistics."""
+        columns = [{"title": titles[pos], "text": results.get(index, {}).get("text", ""),
+                    "stats": {k: v for k, v in results.get(index, {}).items() if k not in ("text", "tokens", "index")}}
+                   for pos, index in enumerate(order)]
+        remember(COMPARE_KEY, {"prompt": prompt, "columns": columns})
+
+    def show_kept(self, kept: Any) -> None:
+        """Show a kept comparison (what :meth:`keep` wrote); anything else is ignored."""
+        if not isinstance(kept, dict) or not isinstance(kept.get("columns"), list):
+            return
+        self.prompt.set_value(str(kept.get("prompt") or ""))
+        self.columns.clear()
+        with self.columns:
+            for col in kept["columns"]:
+                if not isinstance(col, dict):
+                    continue
+                with ui.card().classes("flex-1 min-w-[16rem] gap-1").mark("compare-column"):
+                    ui.label(str(col.get("title", ""))).classes("text-base font-semibold").mark("compare-title")
+                    AnswerBody(str(col.get("text", "")))
+                    ui.label(stats_text(col.get("stats") or {})).classes("text-xs opacity-70").mark("compare-stats")
 
     def refresh_targets(self, model: str | None) -> None:
         """The LoRA runs and checkpoints of ``model`` (full fine-tunes cannot share the base)."""
@@ -158,10 +186,14 @@ class ComparePanel:
         self.drain()
         cancelled = len(results) < len(targets)
         self.note.set_text("stopped" if cancelled else "")
+        by_index = {r["index"]: r for r in results if "index" in r}
+        if not blind:
+            self.keep(prompt, [self.target_title(targets[i]) for i in order], by_index, order)
         if blind and not cancelled:
             texts = {r["index"]: r.get("text", "") for r in results}
             self.ab = {"prompt": self.selection.settings.prompt(prompt), "order": order, "texts": texts,
-                       "targets": targets, "model": model, "sampling": request}
+                       "targets": targets, "model": model, "sampling": request, "raw_prompt": prompt,
+                       "results": by_index}
             self.ab_row.set_visibility(True)
 
     def target_title(self, target: str | None) -> str:
@@ -205,8 +237,10 @@ class ComparePanel:
         self.ab = None
         self.ab_row.set_visibility(False)
         order, texts, targets = ab["order"], ab["texts"], ab["targets"]
+        titles = [f"{'AB'[pos]} = {self.target_title(targets[index])}" for pos, index in enumerate(order)]
         for pos, index in enumerate(order):
-            self.titles[index].set_text(f"{'AB'[pos]} = {self.target_title(targets[index])}")
+            self.titles[index].set_text(titles[pos])
+        self.keep(ab["raw_prompt"], titles, ab["results"], order)  # revealed: now it may be kept
         if verdict is None:
             return
         shown = {"AB"[pos]: {"target": targets[index], "label": self.target_title(targets[index]),

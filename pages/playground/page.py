@@ -45,7 +45,7 @@ def playground_page(services: Services, run: str | None = None, iteration: str |
             eval_tab = ui.tab("Evaluate", icon="fact_check").mark("tab-evaluate")
         with ui.tab_panels(tabs, value=chat_tab).classes("w-full").props("animated=false"):
             with ui.tab_panel(chat_tab).classes("px-1 pb-2 pt-2"):
-                chat = ChatPanel(services.models)
+                chat = ChatPanel(services.models, ensure_loaded=bar.load)
             selection = Selection(bar, chat.settings)
             with ui.tab_panel(compare_tab).classes("px-1 pb-2 pt-2 gap-3"):
                 compare = ComparePanel(services, selection, on_done=bar.poll)

@@ -12,7 +12,7 @@ from typing import Any
 from nicegui import events, ui
 from nicegui.elements.mixins.value_element import ValueElement
 
-from pages.common import METHODS, MODES
+from pages.common import METHODS, MODES, ROUNDED_TOOLTIP
 from pages.train.form import (
     SCHEDULE_KINDS,
     TIPS,
@@ -301,7 +301,7 @@ class TrainForm:
 
 def _chart_options() -> dict[str, Any]:
     return {"animation": False, "grid": {"left": 60, "right": 16, "top": 24, "bottom": 36},
-            "tooltip": {"trigger": "axis"},
+            "tooltip": dict(ROUNDED_TOOLTIP),
             "xAxis": {"type": "value", "name": "iteration", "nameLocation": "middle", "nameGap": 22, "min": 0},
             "yAxis": {"type": "value", "name": "learning rate", "scale": False},
             "series": [{"type": "line", "showSymbol": False, "data": [], "name": "lr"}]}

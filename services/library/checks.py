@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -304,9 +305,18 @@ def preview(check: DatasetCheck, page: int = 1, size: int = 10) -> tuple[list[di
 # ----------------------------------------------------------------------------------------- tokens
 
 
-@lru_cache(maxsize=4)
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def load_tokenizer(model_path: str) -> Any:
-    """The model's Hugging Face tokenizer (what mlx-lm wraps); no MLX import, cached per folder."""
+    """The model's Hugging Face tokenizer (what mlx-lm wraps); no MLX import, cached per folder. One thread at a
+    time: transformers' lazy first import is not thread-safe (a page's estimate and its fit run side by side)."""
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer(model_path)
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     try:

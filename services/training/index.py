@@ -90,6 +90,8 @@ def run_row(info: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         "date_text": time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "–",
         "parent": f"{parent['run']}@{parent.get('iteration')}" if parent.get("run") else "",
         "checkpoints": len(info.get("checkpoints") or []), "world_size": info.get("world_size") or 1,
+        "resume_refusal": resume_refusal(info, [c["iteration"] for c in info.get("checkpoints") or []
+                                                if isinstance(c, dict) and "iteration" in c]) or "",
     }
 
 

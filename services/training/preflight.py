@@ -46,6 +46,10 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "muon": 1, "sgd": 0, "adafactor": 1}
 EXP_PER_SECOND = 53e6  # CPU backend: transcendental ops dominate (softmax, cross-entropy), §4 of the MLX notes
 FLOPS = {"mkl": 100e9, "accelerate": 200e9, "openblas": 40e9, "reference": 4.6e9}
 PROBE_ITERS = 3
+PROBE_SECONDS = 60.0  # the probe's wall-clock bound, stop included
+PROBE_SEQ = 512  # the probe's max_seq_length unless asked for the full length
+STARTUP_SECONDS = 10.0  # the worker's imports and data preparation before the first step
+LOAD_BYTES_PER_SECOND = 200e6
 CHECKPOINT_OVERHEAD = 20_000  # rng.npz (NumPy's and MLX's state), state.json, manifest.json
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 _LAYER_RE = re.compile(r"^(?:model\.|language_model\.model\.)?layers\.(\d+)\.(.+)\.weight$")
@@ -185,10 +189,15 @@ def _count_data(cfg: dict[str, Any], tokenizer: Any | None = None) -> dict[str, 
         width, mean = min(1 + 32 * math.ceil(st["max"] / 32), seq_cap), min(st["mean"], seq_cap)
     if "pairs" in st and st["pairs"]["pairs"]:  # a pair: both sides' tokens per sample
         mean = st["pairs"]["tokens"] / st["pairs"]["pairs"]
-    n_train = samples - (min(max(1, round(samples * held_out)), samples - 1) if held_out and samples > 1 else 0)
-    return {"samples": n_train, "tokens": st["tokens"], "mean_length": mean, "max_length": st["max"],
+    n_valid = min(max(1, round(samples * held_out)), samples - 1) if held_out and samples > 1 else 0
+    if check.layout == "splits":
+        n_valid = sum(f.good for f in check.files if f.name == "valid")
+        if cfg.get("mode") == "cpt" and cfg.get("packing", True) and st["samples"]:  # windows, as for train
+            n_valid = math.ceil(n_valid * samples / st["samples"])
+    return {"samples": samples - (n_valid if check.layout != "splits" else 0), "valid_samples": n_valid,
+            "tokens": st["tokens"], "mean_length": mean, "max_length": st["max"], "p95_length": st["p95"],
             "seq": max(width - 1, 1), "bad_lines": len(check.bad), "truncated": st["truncated_samples"],
-            "format": check.label, "pairs": st.get("pairs")}
+            "format": check.label, "fmt": check.fmt, "pairs": st.get("pairs")}
 
 
 def cached_data_facts(cfg: dict[str, Any], tokenizer: Any | None, ws: Workspace) -> dict[str, Any] | None:
@@ -235,7 +244,8 @@ def preference_facts(cfg: dict[str, Any]) -> dict[str, Any] | None:
             "extra_forwards": 2 * two + 2 * (ref == "adapters-off"), "reference_once": ref == "precomputed"}
 
 
-def _fits(facts: dict, batch: int, seq: int, cfg: dict, free: float) -> tuple[bool, float]:
+def fits_in(facts: dict, batch: int, seq: int, cfg: dict, free: float) -> tuple[bool, float]:
+    """Whether a step of ``batch`` × ``seq`` fits ``free`` bytes with the runtime, and its MLX peak in bytes."""
     p = peak_bytes(facts, rows_per_batch(cfg, batch), seq, cfg.get("optimizer", "adam"),
                    bool(cfg.get("grad_checkpoint")), int(cfg.get("grad_accumulation_steps") or 1))["peak"]
     return p + RUNTIME_GB * GB <= free, p
@@ -248,18 +258,31 @@ def suggest(facts: dict[str, Any], cfg: dict[str, Any], seq: int, free: float) -
     b = batch
     while b > 1:
         b //= 2
-        if _fits(facts, b, seq, cfg, free)[0]:
+        if fits_in(facts, b, seq, cfg, free)[0]:
             return {"batch_size": b, "grad_accumulation_steps": accum * math.ceil(batch / b),
                     "text": f"batch_size {b} with grad_accumulation_steps {accum * math.ceil(batch / b)} "
                             f"(same effective batch)"}
     s = seq + 1
     while s > 64:
         s //= 2
-        if _fits(facts, 1, s - 1, cfg, free)[0]:
+        if fits_in(facts, 1, s - 1, cfg, free)[0]:
             return {"batch_size": 1, "max_seq_length": s, "text": f"batch_size 1 and max_seq_length {s}"}
-    if not cfg.get("grad_checkpoint") and _fits(facts, 1, seq, {**cfg, "grad_checkpoint": True}, free)[0]:
+    if not cfg.get("grad_checkpoint") and fits_in(facts, 1, seq, {**cfg, "grad_checkpoint": True}, free)[0]:
         return {"batch_size": 1, "grad_checkpoint": True, "text": "batch_size 1 with gradient checkpointing"}
     return None
+
+
+def eval_seconds(cfg: dict[str, Any], data: dict[str, Any], iters: int, tps: float, work: float = 1.0) -> float:
+    """Seconds of validation in a run: the initial one, every ``steps_per_eval`` and the last; a validation
+    sequence is a forward pass, about a third of a training step's work."""
+    if not data.get("valid_samples") or not tps:
+        return 0.0
+    every = max(int(cfg.get("steps_per_eval") or iters or 1), 1)
+    evals = 1 + iters // every + (iters % every != 0)
+    vb = int(cfg.get("val_batches") or -1)
+    batch = int(cfg["batch_size"])
+    sequences = data["valid_samples"] if vb < 0 else min(vb * batch, data["valid_samples"])
+    return evals * sequences * data["mean_length"] * work / 3 / tps
 
 
 def checkpoint_bytes(facts: dict[str, Any], cfg: dict[str, Any]) -> float:
@@ -283,9 +306,12 @@ def disk_need(facts: dict[str, Any], cfg: dict[str, Any], iters: int) -> float:
 
 def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: float | None = None,
              blas: str | None = None, workspace: Path | None = None,
-             disk_free_bytes: float | None = None) -> dict[str, Any]:
+             disk_free_bytes: float | None = None, measured_tps: float | None = None) -> dict[str, Any]:
     """Peak memory and time for a resolved config (``RunManager.prepare_config``), against free RAM; with a
-    ``workspace`` (or ``disk_free_bytes``), the checkpoints' disk space against what its disk has free."""
+    ``workspace`` (or ``disk_free_bytes``), the checkpoints' disk space against what its disk has free.
+
+    ``seconds`` is the training steps alone, ``total_seconds`` adds validation (``eval_seconds``) and loading
+    (``startup_seconds``); ``measured_tps`` replaces the model's guess by a measured speed (a probe's)."""
     from services.system import installed_blas  # noqa: PLC0415
 
     facts = model_facts(cfg["model"], cfg)
@@ -299,7 +325,7 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
     process = parts["peak"] + RUNTIME_GB * GB
     steps_per_epoch = data["samples"] // batch
     iters = math.ceil(cfg["epochs"] * steps_per_epoch) if cfg.get("epochs") else int(cfg["iters"])
-    tps = tokens_per_second(facts, data["seq"], blas or installed_blas())
+    tps = measured_tps or tokens_per_second(facts, data["seq"], blas or installed_blas())
     tokens_per_step = batch * data["mean_length"]  # a pair's mean length counts both sides
     # a training pass (forward and backward) costs about three forward passes of the same tokens
     work = 1.0 + (pref["extra_forwards"] / 2 / 3 if pref else 0.0)
@@ -314,6 +340,9 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
         "seconds": (iters * tokens_per_step * work + once) / tps if tps else None, "data": data,
         "suggestion": None, "preference": pref,
     }
+    out["eval_seconds"] = eval_seconds(cfg, data, iters, tps, work)
+    out["startup_seconds"] = STARTUP_SECONDS + facts["weights_bytes"] / LOAD_BYTES_PER_SECOND
+    out["total_seconds"] = (out["seconds"] or 0.0) + out["eval_seconds"] + out["startup_seconds"]
     warnings = []
     if steps_per_epoch == 0:
         warnings.append(f"{data['samples']} training samples: fewer than batch_size {batch}")
@@ -338,8 +367,9 @@ def estimate(cfg: dict[str, Any], tokenizer: Any | None = None, free_bytes: floa
 # ----------------------------------------------------------------------------------------- the probe
 
 
-def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS) -> dict[str, Any]:
-    """The config of a probe run: the same model, data and shapes; a few iterations, one validation batch."""
+def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS, full_length: bool = False) -> dict[str, Any]:
+    """The config of a probe run: the same model, data and shapes; a few iterations, one validation batch;
+    sequences cut at :data:`PROBE_SEQ` unless ``full_length``."""
     from services.config import user_view  # noqa: PLC0415
 
     user = user_view(cfg) if "train" in cfg else dict(cfg)
@@ -349,6 +379,8 @@ def probe_config(cfg: dict[str, Any], iters: int = PROBE_ITERS) -> dict[str, Any
     iters = max(iters, accum) if isinstance(accum, int) else iters  # at least one optimizer update
     user.update(iters=iters, steps_per_report=1, steps_per_eval=10_000, save_every=10_000, val_batches=1,
                 name="preflight-probe", test=False)
+    if not full_length:
+        user["max_seq_length"] = min(int(cfg.get("max_seq_length") or PROBE_SEQ), PROBE_SEQ)
     return user
 
 
@@ -359,12 +391,18 @@ def probes_dir(workspace: Workspace) -> Path:
 
 class Probe:
     """Runs a few real training steps in a temporary workspace and measures them (plain attributes, thread-safe
-    to read). ``state``: running | done | failed | cancelled."""
+    to read). ``state``: running | done | failed | cancelled; ``fraction`` the progress (steps or time, whichever
+    is further). The probe ends within ``max_seconds`` (stop included): one measured step at least is a
+    result (``bounded`` says it was cut short), none is a failure that says so."""
 
-    def __init__(self, cfg: dict[str, Any], root: Path | None = None, iters: int = PROBE_ITERS):
-        self.cfg = probe_config(cfg, iters)
+    STOP_GRACE = 8.0  # seconds kept for stopping the run within the bound
+
+    def __init__(self, cfg: dict[str, Any], root: Path | None = None, iters: int = PROBE_ITERS,
+                 max_seconds: float = PROBE_SECONDS, full_length: bool = False):
+        self.cfg = probe_config(cfg, iters, full_length)
         self.root = root
-        self.state, self.message = "running", "starting the probe run"
+        self.max_seconds = max_seconds
+        self.state, self.message, self.fraction = "running", "starting the probe run", 0.0
         self.result: dict[str, Any] | None = None
         self.version = 0
         self._cancel = threading.Event()
@@ -387,51 +425,84 @@ class Probe:
         self.state, self.message = state, message
         self.version += 1
 
+    def _end(self, manager: Any, folder: Any, pid: int) -> None:
+        """Stop the probe run; kill its worker if it has not ended within the grace."""
+        import os  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        manager.stop(folder.id)
+        try:
+            manager.wait(folder.id, timeout=self.STOP_GRACE / 2)
+        except TimeoutError:  # still loading, or in a long step: its results are not wanted
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def _run(self) -> None:
         from services.training.manager import RunManager  # noqa: PLC0415
 
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="probe-", dir=self.root))
+        t0 = time.time()
+        deadline = t0 + max(self.max_seconds - self.STOP_GRACE, self.max_seconds / 2)
+        bounded = False
         try:
             manager = RunManager(Workspace.resolve(tmp))
-            folder = manager.launch(self.cfg)
-            t0 = time.time()
+            folder = manager.create(self.cfg)
+            pid = manager.start(folder.id)
             while True:
                 info = manager.get(folder.id)
                 if info.get("status") not in ACTIVE:
                     break
                 if self._cancel.is_set():
-                    manager.stop(folder.id)
-                    manager.wait(folder.id, timeout=60)
+                    self._end(manager, folder, pid)
                     self._set("cancelled", "probe cancelled")
                     return
                 records, _ = folder.metrics()
                 done = max((r["iteration"] for r in records if r.get("type") == "train"), default=0)
-                self.message = (f"probe: loading the model and data ({time.time() - t0:.0f} s)" if not done
-                                else f"probe: step {done} of {self.cfg['iters']}")
+                if time.time() >= deadline:
+                    self._end(manager, folder, pid)
+                    bounded = True
+                    break
+                elapsed = time.time() - t0
+                self.fraction = min(max(done / self.cfg["iters"], elapsed / self.max_seconds), 1.0)
+                self.message = (f"probe: loading the model and data ({elapsed:.0f} s of at most "
+                                f"{self.max_seconds:.0f} s)" if not done
+                                else f"probe: step {done} of {self.cfg['iters']} ({elapsed:.0f} s)")
                 self.version += 1
                 time.sleep(0.3)
             records, _ = folder.metrics()
             train = [r for r in records if r.get("type") == "train"]
-            if info.get("status") != "completed" or not train:
-                self._set("failed", f"probe run {info.get('status')}: {info.get('reason') or 'no training step'}")
+            if not train:
+                why = (f"no training step within {self.max_seconds:.0f} s (loading the model and data took "
+                       "longer): this config is slow on this machine; lower max_seq_length or the batch size"
+                       if bounded else f"probe run {info.get('status')}: {info.get('reason') or 'no training step'}")
+                self._set("failed", why)
                 return
-            steady = train[1:] or train
-            tps = [r["tokens_per_second"] for r in steady if r.get("tokens_per_second")]
-            self.result = {
-                "tokens_per_second": sorted(tps)[len(tps) // 2] if tps else None,
-                "peak_gb": max(r.get("peak_memory_gb") or 0 for r in train),
-                "rss_gb": max(r.get("rss_gb") or 0 for r in train),
-                "seconds_per_step": None, "iterations": len(train),
-            }
-            if tps and train[-1].get("iterations_per_second"):
-                self.result["seconds_per_step"] = 1.0 / train[-1]["iterations_per_second"]
-            self._set("done", f"measured over {len(train)} steps")
+            self.result = self._measure(train, bounded, time.time() - t0)
+            self._set("done", f"measured over {len(train)} step(s) in {self.result['seconds']:.0f} s"
+                      + (f" (stopped at the {self.max_seconds:.0f} s bound)" if bounded else ""))
         except Exception as e:  # noqa: BLE001 (reported to the person, with the config problem if any)
             self._set("failed", f"probe failed: {e}")
         finally:
+            self.fraction = 1.0
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _measure(self, train: list[dict[str, Any]], bounded: bool, seconds: float) -> dict[str, Any]:
+        steady = train[1:] or train
+        tps = [r["tokens_per_second"] for r in steady if r.get("tokens_per_second")]
+        result = {
+            "tokens_per_second": sorted(tps)[len(tps) // 2] if tps else None,
+            "peak_gb": max(r.get("peak_memory_gb") or 0 for r in train),
+            "rss_gb": max(r.get("rss_gb") or 0 for r in train),
+            "seconds_per_step": None, "iterations": len(train), "bounded": bounded, "seconds": seconds,
+            "max_seq_length": self.cfg["max_seq_length"],
+        }
+        if tps and train[-1].get("iterations_per_second"):
+            result["seconds_per_step"] = 1.0 / train[-1]["iterations_per_second"]
+        return result
 
 
 def probe_advice(result: dict[str, Any], est: dict[str, Any], free_bytes: float | None = None) -> dict[str, Any]:

@@ -136,6 +136,8 @@ class Trainer:
         self.folder = folder
         self.stop = stop or threading.Event()
         self.cfg = folder.config()
+        self._overhead: dict[str, list[float]] = {"val": [], "save": []}  # seconds of each, this session
+        self._initial_val = False
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -147,6 +149,8 @@ class Trainer:
         ranks = self.dist.gather_state(self.losses, self.n_tokens, self.grad_accum)
         if not self.dist.is_main:  # every rank holds the same weights and RNG; rank 0 writes them
             return
+        self._phase("saving", it)
+        tic = time.perf_counter()
         folder = self.folder
         final, tmp = folder.checkpoint_dir(it), folder.checkpoints / f".tmp-{it:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +182,7 @@ class Trainer:
         fsync_path(folder.checkpoints)  # the rename is the commit point
         # top-level copy for `mlx_lm.generate --adapter-path RUN`
         write_atomic(folder.path / "adapters.safetensors", (final / "adapters.safetensors").read_bytes())
+        self._overhead["save"].append(time.perf_counter() - tic)
         self._record_checkpoint(it, val_loss)
         self.eval_stop = self.evals.at(it) if self.evals else None  # services.evaluation.during
 
@@ -293,6 +298,7 @@ class Trainer:
     def _report_val(self, step: int, iteration: int, val: float, seconds: float) -> str | None:
         """Record a validation; return an early-stop reason, if any."""
         self.val_at = (iteration, val)
+        self._overhead["val"].append(seconds)
         self.folder.append_metric({"type": "val", "step": step, "iteration": iteration,
                                    "epoch": self._epoch(iteration), "val_loss": val,
                                    "val_perplexity": _ppl(val), "val_time": seconds,
@@ -420,7 +426,10 @@ class Trainer:
         iters, has_val = self.iters, len(self.valid) > 0
         eval_every, report_every, save_every = cfg["steps_per_eval"], cfg["steps_per_report"], cfg["save_every"]
         model.train()
+        self._overhead = {"val": [], "save": []}
+        self._initial_val = not self.compat and has_val and start == 1  # before the clock of the step rate starts
         if not self.compat and has_val and start == 1:  # ForgeLLM runs validate the initial weights
+            self._phase("validating", 0)
             tic = time.perf_counter()
             self._report_val(0, 0, self.evaluate(), time.perf_counter() - tic)
         if self.evals and start == 1:
@@ -432,6 +441,7 @@ class Trainer:
             batch = self.sampler.next()
             tic = time.perf_counter()
             if self.compat and has_val and (it == 1 or it % eval_every == 0 or it == iters):
+                self._phase("validating", it)
                 val = self.evaluate()
                 reason = self._report_val(it, it - 1, val, time.perf_counter() - tic)
                 if reason:  # weights are those of iteration it - 1, state is its snapshot
@@ -459,6 +469,7 @@ class Trainer:
                 train_time = 0.0
             reason = None
             if not self.compat and has_val and (it % eval_every == 0 or it == iters):
+                self._phase("validating", it)
                 tic = time.perf_counter()
                 reason = self._report_val(it, it, self.evaluate(), time.perf_counter() - tic)
             snap = self._snapshot()
@@ -479,6 +490,7 @@ class Trainer:
             return None
         if self.val_at and self.val_at[0] == it:
             return self.val_at[1]
+        self._phase("validating", it)
         val = self.evaluate_quietly()
         self.val_at = (it, val)
         return val
@@ -496,12 +508,36 @@ class Trainer:
             "iterations_per_second": self.steps / train_time if train_time else None,
             "tokens_per_second": n_tokens / train_time if train_time else None,
             "trained_tokens": self.trained_tokens, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "rss_gb": _rss_gb(), "eta_seconds": elapsed / done * (self.iters - it),
+            "rss_gb": _rss_gb(), "eta_seconds": self._eta(it, elapsed, done),
             **self.dist.per_rank(local_tokens / train_time if train_time else None, mx.get_peak_memory() / 1e9,
                                  _rss_gb()),
             **(self.pref.train_report() if self.pref else {}),
         })
         self.losses, self.n_tokens, self.steps = 0, 0, 0
+
+    def _phase(self, phase: str, it: int) -> None:
+        """Say what the worker does between training reports (``validating``, ``saving``), for the Monitor."""
+        if self.dist.is_main:
+            self.folder.append_metric({"type": "phase", "step": it, "iteration": it, "phase": phase})
+
+    def _eta(self, it: int, elapsed: float, done: int) -> float:
+        """Seconds left: the remaining steps at this session's step rate (validations and saves taken out),
+        plus the remaining validations and checkpoints at their measured mean length."""
+        cfg, overhead = self.cfg, self._overhead
+        spent = sum(overhead["val"][1 if self._initial_val else 0:]) + sum(overhead["save"])
+        per_step = max(elapsed - spent, 0.0) / done
+
+        def ahead(every: int) -> int:  # points still to come in (it, iters]: every `every` and the last one
+            every = max(int(every or 1), 1)
+            return self.iters // every - it // every + (self.iters % every != 0)
+
+        vals, saves = overhead["val"], overhead["save"]
+        left = per_step * (self.iters - it)
+        if vals and len(self.valid):
+            left += ahead(cfg["steps_per_eval"]) * sum(vals) / len(vals)
+        if saves:
+            left += ahead(cfg["save_every"]) * sum(saves) / len(saves)
+        return left
 
     def _test(self) -> None:
         if self.pref or not (self.cfg.get("test") and len(self.test)):

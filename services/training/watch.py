@@ -60,6 +60,7 @@ class RunWatcher:
         self._val: dict[str, Any] = {}
         self._events: dict[str, Any] = {}  # last status record
         self._ckpt_records: dict[int, dict[str, Any]] = {}
+        self._phase: dict[str, Any] | None = None  # validating / saving, until the record that ends it
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class RunWatcher:
 
     def _ingest(self, r: dict[str, Any]) -> None:
         kind = r.get("type")
+        self._phase = {k: r.get(k) for k in ("phase", "iteration", "time")} if kind == "phase" else None
         if kind == "train":
             self._train = {k: r.get(k) for k in TRAIN_KEYS}
         elif kind == "val":
@@ -176,7 +178,8 @@ class RunWatcher:
                     "val_loss": self._val.get("val_loss"), "val_perplexity": self._val.get("val_perplexity"),
                     "val_iteration": self._val.get("iteration"), "best": dict(best) if best else None,
                     "status": info.get("status"), "reason": info.get("reason"),
-                    "preparing": info.get("preparing") if info.get("status") in ACTIVE else None}
+                    "preparing": info.get("preparing") if info.get("status") in ACTIVE else None,
+                    "phase": dict(self._phase) if self._phase and info.get("status") in ACTIVE else None}
 
     def status(self) -> tuple[str | None, str | None]:
         with self._lock:

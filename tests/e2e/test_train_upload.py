@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import shot
+from conftest import fill, shot
 from playwright.sync_api import Page, expect
 
 
@@ -19,6 +19,8 @@ def test_an_upload_with_huge_and_mistyped_values_is_refused_field_by_field(page:
                    "seed: 18446744073709551616\nlr_schedule: cosine\n")
     page.goto("/train")
     expect(page.get_by_role("button", name="Start training")).to_be_visible()
+    fill(page, "Batch size", "0")  # the form as it was cannot start either (a fresh form is fitted: it could)
+    expect(page.get_by_text(re.compile(r"batch_size.*must be an integer"))).to_be_visible()
     page.locator("input[type=file]").set_input_files(str(cfg))
     problems = page.get_by_text("bad.yaml was not loaded; fix it")
     expect(problems).to_be_visible()
