@@ -186,3 +186,20 @@ async def test_an_uploaded_schedule_length_stays_as_written(ui_user: User, servi
     set_value(ui_user, "field-iters", 60)
     await wait_for(lambda: f"({60} iterations;" in text(ui_user, "estimate"))  # an estimate came and went
     assert el(ui_user, "field-schedule_steps").value == 80
+
+
+async def test_picking_a_quantized_model_says_what_it_costs_here_and_offers_float(ui_user: User, services, tiny_model):
+    import json
+    import shutil
+
+    q4 = services.workspace.models / "tiny-q4"  # the catalogue reads config.json: a 4-bit model as imported
+    shutil.copytree(tiny_model, q4)
+    cfg = json.loads((q4 / "config.json").read_text())
+    (q4 / "config.json").write_text(json.dumps({**cfg, "quantization": {"bits": 4, "group_size": 32}}))
+    await ui_user.open("/train")
+    set_value(ui_user, "field-model", "tiny-q4")
+    await wait_for(lambda: "quantized weights (4-bit (group 32))" in text(ui_user, "model-quantized-note"))
+    note = text(ui_user, "model-quantized-note")
+    assert "(33x)" in note and "--dequantize" in note and "Import float weights" in note
+    set_value(ui_user, "field-model", "tiny")
+    await wait_for(lambda: text(ui_user, "model-quantized-note") == "")

@@ -100,6 +100,8 @@ class ModelDataCard:
             self.model = make.select("model", models, "Model", "w-96", with_input=True, new_value_mode="add-unique")
             self.data = make.select("data", datasets, "Dataset", "w-96", with_input=True,
                                     new_value_mode="add-unique")
+            self.model_note = ui.label("").classes("w-full text-sm text-warning").mark("model-quantized-note")
+            self.model_note.visible = False
             with ui.row().classes("w-full items-center gap-3"):
                 ui.label("Mode").classes("text-sm text-grey-7")
                 self.mode = make.toggle("mode", MODES)

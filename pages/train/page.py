@@ -20,8 +20,10 @@ from pages.train.form import check_form, config_to_form, default_form, lr_previe
 from pages.train.preflight import PreflightPanel
 from services.config import ConfigError, ConfigProblems, list_presets, load_yaml
 from services.library.datasets import list_datasets, suggested_dataset
+from services.library.imports import quantized_model_warning
 from services.library.models import list_models
 from services.settings import SettingsError, load_settings
+from services.system import mlx_device
 from services.training import defaults, preflight
 from services.training.distributed import preflight as preflight_hosts
 from services.training.folder import WAITING
@@ -136,7 +138,8 @@ class TrainPage:
         self.manager = services.manager
         self.presets = list_presets(services.configs_dir)
         self.datasets = list_datasets(services.workspace)
-        models = {m["key"]: m["label"] for m in list_models(services.workspace)}
+        self.model_entries = {m["key"]: m for m in list_models(services.workspace)}
+        models = {k: m["label"] for k, m in self.model_entries.items()}
         self.picked_data: str | None = None  # the dataset the page chose (not the person): it follows the mode
         self.fork_from: tuple[str, int] | None = None  # (run, checkpoint) a preference run starts from
         self.touched = False  # a person changed the form since it was filled (a late automatic fit keeps off)
@@ -155,8 +158,16 @@ class TrainPage:
                 self.preflight = PreflightPanel(services, self.current, self.apply_changes, self.suggest,
                                                 self.apply_proposal)
         self.form.model_data.mode.on_value_change(lambda e: self.follow_mode(e.value))
+        self.form.model_data.model.on_value_change(lambda e: self.note_weights(e.value))
         self.form.length.schedule_steps.on_value_change(self.schedule_edited)
         ui.timer(1.0, self.live_estimate)
+
+    def note_weights(self, model: str | None) -> None:
+        """Say what the picked model's quantized weights cost on this machine's backend (and what to do)."""
+        entry = self.model_entries.get(model or "")
+        text = quantized_model_warning(entry, mlx_device(self.services.workspace)) if entry else None
+        self.form.model_data.model_note.set_text(text or "")
+        self.form.model_data.model_note.visible = bool(text)
 
     def open(self, source: str | None) -> None:
         """Fill the form: this browser's draft, else a fresh one (the first model, a dataset that fits the mode,

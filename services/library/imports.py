@@ -183,6 +183,17 @@ def describe_weight_types(types: dict[str, int]) -> str:
     return ", ".join(f"{k} × {n}" for k, n in types.items())
 
 
+def quantized_model_warning(entry: dict[str, Any], device: str) -> str | None:
+    """What training the model ``entry`` (a :func:`services.library.models.list_models` entry) costs with its
+    quantized weights on ``device``, and the offer of float weights; None for float weights or a fast backend."""
+    dtype = str(entry.get("dtype") or "")
+    if "-bit" not in dtype or not device.startswith("cpu"):
+        return None
+    return (f"{entry.get('name') or entry.get('key')} has quantized weights ({dtype}), and {QUANTIZED_CPU_COST}: "
+            "each training step can take minutes here. For training on this machine, import it with float weights "
+            "(Models page: Import float weights, or `forgellm import SOURCE --dequantize`).")
+
+
 def quantized_gguf_warning(path: str | os.PathLike, device: str) -> str | None:
     """What importing the GGUF ``path`` with its quantized weights costs on ``device`` (``cpu``, ``gpu (Metal)``,
     ...) and the offer of float weights; None when its weights are float."""
