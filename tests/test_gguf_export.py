@@ -290,11 +290,13 @@ def test_llama_cpp_tokenizes_like_the_tokenizer_and_continues_like_fp16_mlx(smol
         theirs = []
         for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             theirs.append(int(t))
-            if len(theirs) == 8:
+            if len(theirs) == 8 or int(t) in tok.eos_token_ids:  # mlx-lm ends a generation at its EOS
                 break
         ours = [int(r.token) for r in stream_generate(model, tok, ids, max_tokens=8)]
         same = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
                     min(len(theirs), len(ours)))
         agreement.append(same)
-        print(f"{prompt!r}: llama.cpp {tok.decode(theirs)!r} | mlx fp16 {tok.decode(ours)!r} | agree {same}/8")
-    assert agreement == [8, 8, 8], agreement
+        print(f"{prompt!r}: llama.cpp {tok.decode(theirs)!r} | mlx fp16 {tok.decode(ours)!r} | agree "
+              f"{same}/{len(ours)}")
+        assert theirs == ours, prompt
+    assert agreement[:2] == [8, 8], agreement  # the first two run the full 8 tokens
