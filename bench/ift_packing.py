@@ -19,7 +19,7 @@ times in rotating order and the spread of the repeats is printed. Children run w
 
 Usage::
 
-    python bench/ift_packing.py              # a ~5M llama, 240 chats, 2 repeats: a few minutes
+    python bench/ift_packing.py              # a 0.5M llama, 80 chats, 2 repeats: a few minutes
     python bench/ift_packing.py --quick      # tiny model and data: a smoke check of the bench
 
 Writes ``bench/results/ift_packing.json`` (``--quick``: ``ift_packing-quick.json``).
@@ -46,7 +46,7 @@ import train_throughput as tt  # the project's way to drive mlx_lm.lora and forg
 tt.forgellm_cmd = lambda: [sys.executable, "-m", "app.cli"]
 
 ROOT, RESULTS = tt.ROOT, tt.RESULTS
-MODEL = dict(hidden=256, layers=4, intermediate=688, heads=4, kv_heads=2, vocab=2048, max_position_embeddings=2048)
+MODEL = dict(hidden=128, layers=2, intermediate=352, heads=4, kv_heads=2, vocab=1024, max_position_embeddings=2048)
 MODEL_QUICK = dict(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=512, max_position_embeddings=2048)
 SEQ, ROWS_PER_STEP, RANK, LR = 1536, 2, 8, 1e-4
 LENGTHS = (20, 1500, math.log(220), 0.9)  # min, max, log-normal mu and sigma of a chat's token count
@@ -73,7 +73,7 @@ def make_chats(model: Path, n: int, seed: int = 0) -> tuple[list[dict], list[int
     rows, lengths = [], []
     per_word = len(tok.encode(words(400)).ids) / 400
     for _ in range(n):
-        target = int(min(max(rng.lognormvariate(mu, sigma), lo), hi))
+        target = int(min(max(rng.lognormvariate(mu, sigma), lo), hi * 0.96))  # the template adds a few tokens
         prompt_words = max(2, int(target * rng.uniform(0.15, 0.5) / per_word))
         answer_words = max(2, int(target / per_word) - prompt_words - 6)
         row = {"messages": [{"role": "user", "content": words(prompt_words)},
@@ -152,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke check, not a measurement")
     p.add_argument("--repeats", type=int, default=2, help="runs of each side, in rotating order (default 2)")
-    p.add_argument("--chats", type=int, default=None, help="chats in the set (default 240; --quick: 40)")
+    p.add_argument("--chats", type=int, default=None, help="chats in the set (default 80; --quick: 24)")
     p.add_argument("--settle", type=float, default=20.0, help="wait up to this long for a quiet CPU before a run")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    spec, name = (MODEL_QUICK, "ift-llama-quick") if args.quick else (MODEL, "ift-llama-5m")
+    spec, name = (MODEL_QUICK, "ift-llama-quick") if args.quick else (MODEL, "ift-llama-small")
     model = tt.ensure_model(spec, name)
     params = tt.safetensors_params(model / "model.safetensors")
-    n = args.chats or (40 if args.quick else 240)
+    n = args.chats or (24 if args.quick else 80)
     data = tt.CACHE / f"ift-chats-{name}-{n}"
     if not (data / "train.jsonl").exists():
         rows, _ = make_chats(model, n)

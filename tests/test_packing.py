@@ -153,3 +153,24 @@ def test_a_packed_run_trains_like_the_unpacked_run(tmp_path, tiny_model, equal_c
     assert [r["trained_tokens"] for r in a_train] == [r["trained_tokens"] for r in b_train]
     assert all(r["padding_share"] > 0 for r in a_train)  # rows padded to a multiple of 32 (+1)
     assert all(r["padding_share"] == 0 for r in b_train)  # four samples fill each row exactly
+
+
+def test_a_packed_run_stopped_and_resumed_is_bitwise_identical(manager, tiny_model, chat_data):
+    from test_engine import reports, run_to_end, stop_when, tensors_equal
+
+    cfg = base_config(tiny_model, chat_data, mode="ift", pack_samples=True, batch_size=2, iters=60,
+                      steps_per_report=5, steps_per_eval=20, save_every=7)
+    ref = run_to_end(manager, cfg)
+    folder = manager.launch(cfg)
+    stop_when(manager, folder, 12)
+    info = manager.wait(folder.id)
+    assert info["status"] == "stopped" and 12 <= info["iteration"] < 60, info
+    manager.resume(folder.id)
+    assert manager.wait(folder.id)["status"] == "completed"
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        tensors_equal(folder.checkpoint_dir(60) / name, ref.checkpoint_dir(60) / name)
+    keys = ("iteration", "train_loss", "trained_tokens", "padding_share")
+    ours = [tuple(r[k] for k in keys) for r in reports(folder, "train")]
+    assert ours == [tuple(r[k] for k in keys) for r in reports(ref, "train")]
+    assert all(r[3] is not None and 0 <= r[3] < 0.5 for r in ours)
+    assert [r["val_loss"] for r in reports(folder, "val")] == [r["val_loss"] for r in reports(ref, "val")]

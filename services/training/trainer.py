@@ -136,7 +136,8 @@ class Trainer:
 
     def _snapshot(self) -> dict[str, Any]:
         """RNG and data-order state at the end of an iteration (what a resume from there needs)."""
-        return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0]}
+        return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0],
+                "fill": [self.sampler.filled, self.sampler.cells]}  # the report window's padding account
 
     def save_checkpoint(self, it: int, val_loss: float | None, snap: dict[str, Any]) -> None:
         ranks = self.dist.gather_state(self.losses, self.n_tokens, self.grad_accum)
@@ -165,7 +166,7 @@ class Trainer:
             "iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
             "trained_tokens": self.trained_tokens, "steps": self.steps, "has_perm": perm is not None,
             "pos": snap["sampler"]["pos"], "np_name": name, "best_val": self.best_val, "bad_evals": self.bad_evals,
-            "time": time.time(), "world_size": self.dist.size,
+            "time": time.time(), "world_size": self.dist.size, "fill": snap["fill"],
         })
         write_manifest(tmp)  # the sizes and checksums resume verifies; fsyncs every file and the folder
         folder.remove_checkpoint(it)  # a checkpoint of this iteration from an earlier session
@@ -238,6 +239,7 @@ class Trainer:
         rng = np.load(ckpt / "rng.npz")
         self.losses = mx.array(rng["losses"])
         self.n_tokens = mx.array(rng["n_tokens"])
+        self.sampler.filled, self.sampler.cells = st.get("fill") or (0, 0)
         if self._saved_ranks(ckpt) > 1:  # each rank's own window so far
             self.losses, self.n_tokens = self.dist.own(self.losses), self.dist.own(self.n_tokens)
         if self.pref:
