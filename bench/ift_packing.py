@@ -97,7 +97,7 @@ def plan_batches(model: Path, data: Path, rows_per_step: int) -> dict:
     samples = prepare(cfg, tokenizer).train
     rows = pack_rows([len(s.tokens) for s in samples], SEQ)
     stats = packing_stats(samples, rows, SEQ)
-    batch = max(1, round(rows_per_step * len(samples) / len(rows)))
+    batch = max(1, round(len(samples) / (len(rows) // rows_per_step)))  # as many samples per step as packed steps
     lengths = sorted(len(s.tokens) for s in samples)
     return {"samples": len(samples), "rows": len(rows), "batch_size": batch, "rows_per_step": rows_per_step,
             "packed_padding_share": stats["padding_share"], "samples_per_row": stats["samples_per_row"],
@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         pad = f"{s['padding_share']:.1%}" if s["padding_share"] is not None else "-"
         print(f"{s['label']:<26} {' / '.join(f'{x:.0f}' for x in s['runs']):>30} {s['median']:>8.0f} "
               f"{s['spread']:>7.1%} {s['trained_tokens_per_step']:>9.0f} {pad:>8} {ratio:>9}")
+    packed, unpacked = summary["packed"]["median"], summary["unpacked"]["median"]
+    if packed and unpacked:
+        print(f"\npacked / unpacked (medians): {packed / unpacked:.2f}×")
     out = RESULTS / ("ift_packing-quick.json" if args.quick else "ift_packing.json")
     out.write_text(json.dumps({"host": tt.host_info(), "model": {"spec": spec, "params": params}, "plan": plan,
                                "seq": SEQ, "runs": runs, "summary": summary,

@@ -15,6 +15,7 @@ def test_a_packed_ift_run_shows_its_padding_on_the_monitor(page: Page, app_serve
     pick(page, "Dataset", "sample-ift")
     fill(page, "Run name", "packed-chats")
     fill(page, "Batch size", "2")
+    fill(page, "Layers (-1 = all)", "-1")
     fill(page, "Iterations", "20")
     fill(page, "Max sequence length", "256")
     fill(page, "Report every", "5")
