@@ -156,19 +156,13 @@ def test_a_packed_run_trains_like_the_unpacked_run(tmp_path, tiny_model, equal_c
 
 
 def test_a_packed_run_stopped_and_resumed_is_bitwise_identical(manager, tiny_model, chat_data):
-    from test_engine import reports, run_to_end, stop_when, tensors_equal
+    from test_engine import reports, run_to_end, same_end, stop_and_resume
 
     cfg = base_config(tiny_model, chat_data, mode="ift", pack_samples=True, batch_size=2, iters=60,
                       steps_per_report=5, steps_per_eval=20, save_every=7)
     ref = run_to_end(manager, cfg)
-    folder = manager.launch(cfg)
-    stop_when(manager, folder, 12)
-    info = manager.wait(folder.id)
-    assert info["status"] == "stopped" and 12 <= info["iteration"] < 60, info
-    manager.resume(folder.id)
-    assert manager.wait(folder.id)["status"] == "completed"
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        tensors_equal(folder.checkpoint_dir(60) / name, ref.checkpoint_dir(60) / name)
+    folder = stop_and_resume(manager, cfg, 12)
+    same_end(folder, ref, 60)
     keys = ("iteration", "train_loss", "trained_tokens", "padding_share")
     ours = [tuple(r[k] for k in keys) for r in reports(folder, "train")]
     assert ours == [tuple(r[k] for k in keys) for r in reports(ref, "train")]
