@@ -11,8 +11,10 @@ tokens per optimizer step:
   (c) ``packed``    ``forgellm train`` with ``mode: ift, pack_samples: true``: batches of ``R`` rows of
                     ``max_seq_length`` tokens, several samples per row, none attending to another
 
-``B = round(R × samples per row)``, so a step trains the same number of loss-bearing tokens on every side (the
-table prints the measured figure). One epoch each, so every side trains on every sample once. A run's figure is
+``B`` = samples / packed steps (the set is cut to a multiple of ``B``), so a step trains about the same number of
+loss-bearing tokens on every side (the table prints the measured figure). One epoch each, so every side trains on
+every sample once (the packed side drops at most ``R - 1`` rows). mlx-lm's batches are not sorted by length for
+chat data (``CacheDataset.itemlen`` is the length of the raw row, a constant 1), ForgeLLM's are. A run's figure is
 its loss-bearing tokens over its training-step time, after the first (warm-up) step; the sides run ``--repeats``
 times in rotating order and the spread of the repeats is printed. Children run with ``MLX_DISABLE_COMPILE=1`` as in
 ``bench/train_throughput.py``.
@@ -89,6 +91,7 @@ def plan_batches(model: Path, data: Path, rows_per_step: int) -> dict:
     from mlx_lm.utils import load_tokenizer
 
     from services.config import resolve
+    from services.training.batching import padded_width
     from services.training.data import prepare
     from services.training.packing import pack_rows, packing_stats
 
@@ -98,9 +101,14 @@ def plan_batches(model: Path, data: Path, rows_per_step: int) -> dict:
     rows = pack_rows([len(s.tokens) for s in samples], SEQ)
     stats = packing_stats(samples, rows, SEQ)
     batch = max(1, round(len(samples) / (len(rows) // rows_per_step)))  # as many samples per step as packed steps
+    in_order = [min(len(s.tokens), SEQ) for s in samples]  # mlx-lm's batches: consecutive rows of the file
+    groups = [in_order[i : i + batch] for i in range(0, len(in_order) - batch + 1, batch)]
+    cells = sum(len(g) * padded_width(g, SEQ) for g in groups)
+    mlx_lm_padding = round(1 - sum(map(sum, groups)) / cells, 4) if cells else None
     lengths = sorted(len(s.tokens) for s in samples)
     return {"samples": len(samples), "rows": len(rows), "batch_size": batch, "rows_per_step": rows_per_step,
-            "packed_padding_share": stats["padding_share"], "samples_per_row": stats["samples_per_row"],
+            "packed_padding_share": stats["padding_share"], "mlx_lm_padding_share": mlx_lm_padding,
+            "samples_per_row": stats["samples_per_row"],
             "trained_tokens": sum(s.trained for s in samples),
             "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2],
                         "p90": lengths[int(len(lengths) * 0.9)], "max": lengths[-1],
@@ -166,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         data.mkdir(parents=True, exist_ok=True)
         (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plan = plan_batches(model, data, ROWS_PER_STEP)
+    kept = plan["samples"] // plan["batch_size"] * plan["batch_size"]
+    if kept < plan["samples"]:  # every unpacked batch full, so an epoch drops no sample (ForgeLLM would drop the
+        lines = (data / "train.jsonl").read_text().splitlines(keepends=True)  # longest, mlx-lm the last ones)
+        (data / "train.jsonl").write_text("".join(lines[:kept]))
+        plan = plan_batches(model, data, ROWS_PER_STEP)
     log(f"model {model.name} ({params / 1e6:.2f}M parameters); {plan['samples']} chats, lengths {plan['lengths']}; "
         f"{plan['rows']} packed rows of {SEQ} ({plan['samples_per_row']} samples/row, padding "
         f"{plan['packed_padding_share']:.1%}); unpacked batch {plan['batch_size']} ≈ packed batch "
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                          "median": statistics.median(figs) if figs else None,
                          "spread": round((max(figs) - min(figs)) / max(figs), 3) if figs else None,
                          "trained_tokens_per_step": steps[0] if steps else None,
-                         "padding_share": pad[0] if pad else None}
+                         "padding_share": pad[0] if pad else plan["mlx_lm_padding_share"] if side == "mlx-lm"
+                         else None}
     base = summary["mlx-lm"]["median"]
     print()
     print(f"IFT packing: {params / 1e6:.2f}M llama, {plan['samples']} chats of {plan['lengths']['min']}–"
