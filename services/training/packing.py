@@ -168,11 +168,6 @@ def check_model(model: nn.Module, samples: Sequence[Tokenized], width: int) -> f
     return worst
 
 
-def trained(rows: Sequence[Sequence[Tokenized]], width: int) -> int:
-    """Targets of a batch of packed rows."""
-    return int(sum(np.count_nonzero(s.mask[1 : min(len(s.tokens), width)]) for row in rows for s in row))
-
-
 def row_batches(rows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     """Rows grouped ``batch_size`` at a time, in row order (the last, short group dropped)."""
     return [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
