@@ -28,7 +28,7 @@ CHARTS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "loss": ("Loss", [("train_loss", "train"), ("val_loss", "validation")], "value"),
     "perplexity": ("Perplexity", [("perplexity", "train"), ("val_perplexity", "validation")], "log"),
     "lr": ("Learning rate", [("learning_rate", "learning rate")], "value"),
-    "speed": ("Throughput (tokens/s)", [("tokens_per_second", "tokens/s")], "value"),
+    "speed": ("Throughput (trained tokens/s)", [("tokens_per_second", "trained tokens/s")], "value"),
     "memory": ("Memory (GB)", [("peak_memory_gb", "MLX peak"), ("rss_gb", "process RSS")], "value"),
     "margin": ("Reward margin", [("reward_margin", "train"), ("val_reward_margin", "validation")], "value"),
     "accuracy": ("Preference accuracy", [("preference_accuracy", "train"),

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 WAITING_TEXT = "in the training queue: it starts when no run is training (runs queued before it go first)"
 CARDS = (("train_loss", "train loss"), ("val_loss", "val loss"), ("best", "best checkpoint"),
-         ("perplexity", "perplexity"), ("learning_rate", "learning rate"), ("tokens_per_second", "tokens/s"),
+         ("perplexity", "perplexity"), ("learning_rate", "learning rate"),
+         ("tokens_per_second", "trained tokens/s"), ("padding_share", "padding"),
          ("trained_tokens", "trained tokens"), ("peak_memory_gb", "peak memory"), ("epoch", "epoch"))
 
 
@@ -41,6 +42,8 @@ def _fmt(v: Any, kind: str = "") -> str:
         return f"{v:.2f} GB"
     if kind == "epoch":
         return f"{v:.2f}"
+    if kind == "padding_share":
+        return f"{v:.1%}"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 

@@ -64,6 +64,7 @@ FORGE_DEFAULTS: dict[str, Any] = {
     "epochs": None,  # train for N epochs instead of `iters`
     "valid_fraction": 0.1,  # share of documents/samples held out when no valid file exists
     "packing": True,  # cpt: join documents with EOS and pack into max_seq_length windows
+    "pack_samples": False,  # ift: several samples per max_seq_length row, each attending only to itself
     "mixture": None,  # cpt: {"data": path, "ratio": 0.2} replay corpus, ratio of training tokens
     "mask_all_turns": True,  # ift: loss on every assistant turn (mlx-lm's mask_prompt: last only)
     "train_embeddings": False,  # full: also train embeddings, final norm and head
@@ -97,7 +98,7 @@ MAX_VALUE_CHARS = 10_000
 MAX_COUNT = 10**9
 MAX_SEED = 2**32 - 1  # NumPy's RandomState takes seeds below 2^32
 BOOL_KEYS = ("train", "test", "grad_checkpoint", "mask_prompt", "trust_remote_code", "packing", "mask_all_turns",
-             "train_embeddings")
+             "train_embeddings", "pack_samples")
 TEXT_KEYS = ("name", "report_to", "project_name", "resume_adapter_file", "adapter_path", "config",
              *MLX_LM_FEATURE_KEYS)
 # (fewest, most) arguments of each schedule, and which ones count steps (must be ≥ 1)
@@ -490,6 +491,12 @@ def _check_data(r: _Report) -> None:
         r.bad("valid_fraction", "must be in [0, 1)")
     if cfg.get("mode") == "cpt" and cfg.get("mask_prompt"):
         r.bad("mask_prompt", "continued pre-training trains on every token; prompt masking needs mode: ift")
+    if cfg.get("pack_samples") is True:
+        if cfg.get("mode") != "ift":
+            r.bad("pack_samples", "packs chat, completions and text samples of mode: ift"
+                  + ("; mode: cpt packs its documents with packing: true" if cfg.get("mode") == "cpt" else ""))
+        elif world_size(cfg) > 1:
+            r.bad("pack_samples", "runs in one process for now; remove distributed or set pack_samples: false")
     mix = cfg.get("mixture")
     if mix is None:
         return

@@ -50,6 +50,7 @@ KIND = {
     "clear_cache_threshold": "number", "learning_rate": "fraction", "valid_fraction": "fraction",
     "epochs": "fraction", "train": "bool", "test": "bool", "grad_checkpoint": "bool", "mask_prompt": "bool",
     "trust_remote_code": "bool", "packing": "bool", "mask_all_turns": "bool", "train_embeddings": "bool",
+    "pack_samples": "bool",
     "fine_tune_type": "choice", "optimizer": "choice", "mode": "choice", "name": "text", "report_to": "text",
     "project_name": "text", "resume_adapter_file": "text", "adapter_path": "text", "config": "text",
     "text_feature": "text", "prompt_feature": "text", "completion_feature": "text", "chat_feature": "text",

@@ -86,6 +86,23 @@ def stop_when(manager, folder: RunFolder, iteration: int, timeout: float = 120) 
     raise AssertionError("run did not reach the stop point")
 
 
+def stop_and_resume(manager, cfg: dict, at: int) -> RunFolder:
+    """``cfg`` launched, stopped once it reports iteration ``at``, then resumed to the end; its final checkpoint's
+    adapters and optimizer state are checked against ``ref``'s by the caller with :func:`same_end`."""
+    folder = manager.launch(cfg)
+    stop_when(manager, folder, at)
+    info = manager.wait(folder.id)
+    assert info["status"] == "stopped" and at <= info["iteration"] < cfg["iters"], info
+    manager.resume(folder.id)
+    assert manager.wait(folder.id)["status"] == "completed"
+    return folder
+
+
+def same_end(folder: RunFolder, ref: RunFolder, it: int) -> None:
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        tensors_equal(folder.checkpoint_dir(it) / name, ref.checkpoint_dir(it) / name)
+
+
 RESUME_CASES = {
     # ForgeLLM CPT with LoRA dropout and a cosine schedule: RNG, data order and schedule must all resume
     "cpt-lora": dict(mode="cpt", lora_parameters={"rank": 4, "dropout": 0.1, "scale": 10.0}, max_seq_length=48,

@@ -314,6 +314,7 @@ def test_the_form_reports_one_problem_per_field_blanks_first(services):
 def test_fields_shown_follow_the_choices():
     shown = visible_fields({**default_form(), "fine_tune_type": "full", "mode": "ift", "schedule": "cosine"})
     assert not shown["rank"] and shown["train_embeddings"] and shown["mask_all_turns"] and not shown["packing"]
+    assert shown["pack_samples"] and not visible_fields({**default_form(), "mode": "cpt"})["pack_samples"]
     assert shown["final_lr"] and shown["iters"] and not shown["epochs"] and not shown["patience"]
     shown = visible_fields({**default_form(), "length_mode": "epochs", "early_stopping": True})
     assert shown["rank"] and shown["epochs"] and not shown["iters"] and not shown["final_lr"] and shown["patience"]
@@ -384,6 +385,23 @@ async def test_train_to_monitor_real_run(ui_user: User, services, tiny_in_worksp
     assert el(ui_user, "chart-loss").options["series"][0]["data"] == loss[0]["data"]
     await ui_user.open("/monitor")
     await wait_for(lambda: _text(ui_user, "status") == "completed")
+
+
+@pytest.mark.slow
+async def test_a_packed_run_from_the_form_shows_its_padding_on_the_monitor(ui_user: User, services,
+                                                                           tiny_in_workspace):
+    await ui_user.open("/train")
+    await fill_tiny_run(ui_user, **{"field-pack_samples": True, "field-batch_size": 2, "field-iters": 10,
+                                    "field-steps_per_eval": 10, "field-save_every": 10})
+    ui_user.find(marker="start").click()
+    runs = await wait_for(lambda: services.manager.list(), timeout=5)
+    folder = services.manager.folder(runs[0]["id"])
+    assert folder.config()["pack_samples"] is True
+    await wait_for(lambda: _text(ui_user, "status") == "completed", timeout=240, step=0.5)
+    last = [r for r in folder.metrics()[0] if r.get("type") == "train"][-1]
+    assert 0 <= last["padding_share"] < 0.2  # short chats fill rows of 128 tokens
+    assert _text(ui_user, "card-padding_share") == f"{last['padding_share']:.1%}"
+    assert _text(ui_user, "card-tokens_per_second") == f"{last['tokens_per_second']:,.0f}"
 
 
 def _maybe(user: User, marker: str):

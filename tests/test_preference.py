@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import base_config, sentence, write_jsonl
-from test_engine import reports, run_to_end, stop_when, tensors_equal
+from test_engine import reports, run_to_end, same_end, stop_and_resume
 
 from services.config import ConfigProblems, resolve
 from services.training.data import DataError
@@ -107,14 +107,8 @@ def test_dpo_stop_and_resume_is_bitwise_identical(manager, tiny_model, pref_data
     cfg = pref_config(tiny_model, pref_data, iters=60, steps_per_report=5, steps_per_eval=20, save_every=7,
                       lora_parameters={"rank": 4, "dropout": dropout, "scale": 10.0})
     ref = run_to_end(manager, cfg)
-    folder = manager.launch(cfg)
-    stop_when(manager, folder, 12)
-    info = manager.wait(folder.id)
-    assert info["status"] == "stopped" and 12 <= info["iteration"] < 60, info
-    manager.resume(folder.id)
-    assert manager.wait(folder.id)["status"] == "completed"
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        tensors_equal(folder.checkpoint_dir(60) / name, ref.checkpoint_dir(60) / name)
+    folder = stop_and_resume(manager, cfg, 12)
+    same_end(folder, ref, 60)
     assert learned(folder) == learned(ref)
     assert [r["val_loss"] for r in reports(folder, "val")] == [r["val_loss"] for r in reports(ref, "val")]
 

@@ -152,6 +152,7 @@ class DataHandlingCard:
             self.seed = make.number("seed", "Seed")
             self.packing = make.switch("packing", "Pack documents")
             self.mask_all_turns = make.switch("mask_all_turns", "Loss on all assistant turns")
+            self.pack_samples = make.switch("pack_samples", "Pack samples")
 
 
 class PreferenceCard:

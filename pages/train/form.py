@@ -34,7 +34,8 @@ FORM_DEFAULTS: dict[str, Any] = {
     "steps_per_eval": MLX_LM_DEFAULTS["steps_per_eval"], "save_every": MLX_LM_DEFAULTS["save_every"],
     "val_batches": MLX_LM_DEFAULTS["val_batches"], "grad_checkpoint": False,
     "grad_accumulation_steps": 1, "seed": 0, "packing": FORGE_DEFAULTS["packing"],
-    "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
+    "mask_all_turns": FORGE_DEFAULTS["mask_all_turns"], "pack_samples": FORGE_DEFAULTS["pack_samples"],
+    "valid_fraction": FORGE_DEFAULTS["valid_fraction"],
     "early_stopping": False, "patience": 3, "min_delta": 0.0, "overfit_threshold": None,
     "keep_checkpoints": None, "train_embeddings": False, "processes": 1, "hosts": "", "backend": "ring",
     "extra": {}, "extra_lora": {},
@@ -73,6 +74,8 @@ TIPS = {
                       "of this length).",
     "packing": "CPT: join documents with EOS and cut the stream into full windows (no padding).",
     "mask_all_turns": "IFT: loss on every assistant turn (off: only the last, like mlx-lm's mask_prompt).",
+    "pack_samples": "IFT: several samples in each row of max sequence length tokens, none attending to another "
+                    "(no padding; the batch size then counts rows).",
     "valid_fraction": "Share of documents/rows held out for validation when the data has no valid split.",
     "seed": "Random seed for data order, dropout and initialisation.",
     "steps_per_report": "Iterations between training-loss reports.",
@@ -218,6 +221,7 @@ def visible_fields(form: dict[str, Any]) -> dict[str, bool]:
         "iters": form.get("length_mode") != "epochs", "epochs": form.get("length_mode") == "epochs",
         "rank": lora, "scale": lora, "dropout": lora, "train_embeddings": form.get("fine_tune_type") == "full",
         "packing": form.get("mode") == "cpt", "mask_all_turns": form.get("mode") == "ift",
+        "pack_samples": form.get("mode") == "ift",
         "warmup": form.get("schedule") != "custom", "final_lr": decaying, "schedule_steps": decaying,
         "patience": stopping, "min_delta": stopping, "overfit_threshold": stopping,
         "beta": pref, "best_by": pref, "compat": pref, "loss_type": dpo,
@@ -281,6 +285,8 @@ def form_to_config(form: dict[str, Any]) -> dict[str, Any]:
         cfg["packing"] = bool(f.get("packing"))
     if mode == "ift":
         cfg["mask_all_turns"] = bool(f.get("mask_all_turns"))
+        if f.get("pack_samples"):
+            cfg["pack_samples"] = True
     if mode in preference.MODES:
         cfg["preference"] = _form_preference(f, mode)
     for key in ("valid_fraction", "val_batches", "steps_per_report", "steps_per_eval", "save_every"):
@@ -378,9 +384,9 @@ def config_to_form(cfg: dict[str, Any]) -> dict[str, Any]:
     mode = cfg.pop("mode", None)
     form["mode"] = "mlx-lm" if mode is None else mode
     for key in ("model", "data", "fine_tune_type", "optimizer", "num_layers", "batch_size", "grad_accumulation_steps",
-                "grad_checkpoint", "max_seq_length", "packing", "mask_all_turns", "valid_fraction", "val_batches",
-                "steps_per_report", "steps_per_eval", "save_every", "keep_checkpoints", "train_embeddings", "seed",
-                "learning_rate"):
+                "grad_checkpoint", "max_seq_length", "packing", "mask_all_turns", "pack_samples", "valid_fraction",
+                "val_batches", "steps_per_report", "steps_per_eval", "save_every", "keep_checkpoints",
+                "train_embeddings", "seed", "learning_rate"):
         if key in cfg and cfg[key] is not None:
             form[key] = cfg.pop(key)
         else:

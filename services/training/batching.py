@@ -80,15 +80,29 @@ class BatchSampler:
     """Endless training batches; the permutation of an epoch is drawn lazily from numpy's global RNG.
 
     With ``shard = (rank, size)`` each batch yields rows ``rank::size`` of the global batch (mlx-lm's split
-    across ranks); ``with_total`` adds the global batch's trained-token count, for a loss summed over ranks."""
+    across ranks); ``with_total`` adds the global batch's trained-token count, for a loss summed over ranks.
+    ``batches`` replaces the length-sorted batches of sample indices (e.g. packed rows,
+    :class:`services.training.packing.PackedSampler`)."""
 
     def __init__(self, dataset: Any, batch_size: int, max_seq_length: int, shard: tuple[int, int] = (0, 1),
-                 with_total: bool = False):
+                 with_total: bool = False, batches: list | None = None):
         self.dataset, self.max_seq_length = dataset, max_seq_length
-        self.batches = batch_indices(dataset, batch_size)
+        self.batches = batch_indices(dataset, batch_size) if batches is None else batches
         self.perm: np.ndarray | None = None
         self.pos = 0
         self.shard, self.with_total = shard, with_total
+        self.filled = self.cells = 0  # sample tokens and token cells of the batches since the last report
+
+    def count(self, filled: int, cells: int) -> None:
+        """Add a batch's sample tokens and token cells (rows × width) to the padding account."""
+        self.filled += filled
+        self.cells += cells
+
+    def padding_share(self) -> float | None:
+        """The share of padding in the batches since the last call (``None`` before any batch); resets the count."""
+        share = 1 - self.filled / self.cells if self.cells else None
+        self.filled = self.cells = 0
+        return share
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -97,7 +111,10 @@ class BatchSampler:
         """The next batch (this rank's share of it; with ``with_total`` also the whole batch's trained tokens)."""
         rows = [self.dataset[j] for j in self.batches[self.next_index()]]
         rank, size = self.shard
-        batch = collate(rows[rank::size], self.max_seq_length)
+        share = rows[rank::size]
+        batch = collate(share, self.max_seq_length)
+        self.count(sum(min(len(r.tokens if isinstance(r, Sample) else r[0]), self.max_seq_length) for r in share),
+                   batch[0].size)
         if self.with_total:
             return (*batch, mx.array(trained_tokens(rows, self.max_seq_length), mx.float32))
         return batch

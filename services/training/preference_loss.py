@@ -203,7 +203,12 @@ class PairSampler(BatchSampler):
             index = int(np.random.permutation(len(self.batches))[0])
         else:
             index = self.next_index()
-        return self.objective.batch("train", self.batches[index])
+        batch = self.objective.batch("train", self.batches[index])
+        pairs = [self.objective.train[j] for j in self.batches[index]]
+        width = batch[0].shape[1]
+        self.count(sum(min(len(p.chosen), width) + min(len(p.rejected), width) for p in pairs),
+                   batch[0].size + batch[1].size)
+        return batch
 
 
 class Objective:

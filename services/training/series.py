@@ -23,6 +23,8 @@ METRICS: dict[str, str] = {
     "perplexity": "train", "val_perplexity": "val",
     "learning_rate": "train", "tokens_per_second": "train", "iterations_per_second": "train",
     "peak_memory_gb": "train", "rss_gb": "train",
+    # tokens_per_second counts loss-bearing tokens (mlx-lm's figure); padding_share: padding cells of the batches
+    "padding_share": "train",
     # preference runs (services.training.preference_loss.REPORTED), on train reports and, prefixed, on validations
     **{f"{prefix}{m}": kind for prefix, kind in (("", "train"), ("val_", "val"))
        for m in ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logps_chosen",

@@ -36,6 +36,7 @@ from services.training import preference
 from services.training.batching import BatchSampler, eval_batches, masked_loss
 from services.training.distributed import Group
 from services.training.folder import RunFolder, fsync_path, write_manifest
+from services.training.packing import PackedSampler, check_model, packed_eval_batches, packed_loss
 from services.training.preference_loss import Objective, PairSampler
 from services.training.prepared import PreparationStopped, PreparedCache, Progress, cacheable
 from services.workspace import read_json, write_atomic, write_json
@@ -143,7 +144,8 @@ class Trainer:
 
     def _snapshot(self) -> dict[str, Any]:
         """RNG and data-order state at the end of an iteration (what a resume from there needs)."""
-        return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0]}
+        return {"np": np.random.get_state(), "sampler": self.sampler.state(), "key": mx.random.state[0],
+                "fill": [self.sampler.filled, self.sampler.cells]}  # the report window's padding account
 
     def save_checkpoint(self, it: int, val_loss: float | None, snap: dict[str, Any]) -> None:
         ranks = self.dist.gather_state(self.losses, self.n_tokens, self.grad_accum)
@@ -174,7 +176,7 @@ class Trainer:
             "iteration": it, "val_loss": val_loss, "train_loss": self.last_train_loss,
             "trained_tokens": self.trained_tokens, "steps": self.steps, "has_perm": perm is not None,
             "pos": snap["sampler"]["pos"], "np_name": name, "best_val": self.best_val, "bad_evals": self.bad_evals,
-            "time": time.time(), "world_size": self.dist.size,
+            "time": time.time(), "world_size": self.dist.size, "fill": snap["fill"],
         })
         write_manifest(tmp)  # the sizes and checksums resume verifies; fsyncs every file and the folder
         folder.remove_checkpoint(it)  # a checkpoint of this iteration from an earlier session
@@ -251,6 +253,7 @@ class Trainer:
         rng = np.load(ckpt / "rng.npz")
         self.losses = mx.array(rng["losses"])
         self.n_tokens = mx.array(rng["n_tokens"])
+        self.sampler.filled, self.sampler.cells = st.get("fill") or (0, 0)
         if self._saved_ranks(ckpt) > 1:  # each rank's own window so far
             self.losses, self.n_tokens = self.dist.own(self.losses), self.dist.own(self.n_tokens)
         if self.pref:
@@ -280,10 +283,9 @@ class Trainer:
             self.model.train()
             return val
         loss = self.dist.eval_loss(self.loss)
-        batches = iterate_batches if self.compat else eval_batches
         val = evaluate(model=self.model, dataset=self.valid, batch_size=self.cfg["batch_size"],
                        num_batches=self.cfg["val_batches"], max_seq_length=self.cfg["max_seq_length"],
-                       loss=loss, iterate_batches=batches)
+                       loss=loss, iterate_batches=self.eval_iter)
         self.model.train()
         return val
 
@@ -359,6 +361,7 @@ class Trainer:
         self.setup_seconds["data"] = round(time.perf_counter() - tic, 3)
         if cache is not None and cache.last:
             self._log_cache(cache.last)
+        packed = self._packed_sampler()
         self.steps_per_epoch = self.stats["steps_per_epoch"]
         self.iters = (math.ceil(cfg["epochs"] * self.steps_per_epoch) if cfg.get("epochs") else cfg["iters"])
         write_json(self.folder.stats_path, self.stats)
@@ -377,10 +380,12 @@ class Trainer:
         self.pref = (Objective(cfg, self.model, self.train, self.valid, self.folder.path)
                      if preference.is_preference(cfg) else None)
         self.compat = cfg.get("mode") is None or bool(self.pref and self.pref.compat)
-        self.loss = self.pref.loss if self.pref else default_loss if self.compat else masked_loss
+        self.loss = (self.pref.loss if self.pref else default_loss if self.compat
+                     else packed_loss if packed else masked_loss)
+        self.eval_iter = iterate_batches if self.compat else packed_eval_batches if packed else eval_batches
         self.sampler = (PairSampler(self.pref, cfg["batch_size"], cfg["max_seq_length"], self.pref.compat)
-                        if self.pref else BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
-                                                       **self.dist.sampler_options()))
+                        if self.pref else packed or BatchSampler(self.train, cfg["batch_size"], cfg["max_seq_length"],
+                                                                 **self.dist.sampler_options()))
         self.losses, self.n_tokens, self.steps, self.trained_tokens = 0, 0, 0, 0
         self.grad_accum = None
         self.last_train_loss, self.best_val, self.bad_evals = None, None, 0
@@ -399,6 +404,21 @@ class Trainer:
                            dataset_fingerprint=self.stats.get("fingerprint"), setup_seconds=self.setup_seconds,
                            parameters={"trainable": int(trainable), "total": int(total)})
         return start
+
+    def _packed_sampler(self) -> PackedSampler | None:
+        """With ``pack_samples``: the sampler of packed rows, once the model is seen to keep packed samples apart;
+        the data's stats then count rows (``steps_per_epoch``) and hold the packing's figures."""
+        cfg = self.cfg
+        if not cfg.get("pack_samples"):
+            return None
+        sampler = PackedSampler(self.train, cfg["batch_size"], cfg["max_seq_length"])
+        try:
+            drift = check_model(self.model, self.train, cfg["max_seq_length"])
+        except ValueError as e:
+            raise TrainingFailed(str(e)) from None
+        self.stats["steps_per_epoch"] = len(sampler)
+        self.stats["train"]["packing"] = {**sampler.stats(), "loss_drift": drift}
+        return sampler
 
     def run(self, start: int) -> Outcome:
         cfg, model, opt = self.cfg, self.model, self.opt
@@ -507,6 +527,7 @@ class Trainer:
             "perplexity": _ppl(train_loss), "learning_rate": self.opt.learning_rate.item(),
             "iterations_per_second": self.steps / train_time if train_time else None,
             "tokens_per_second": n_tokens / train_time if train_time else None,
+            "padding_share": self.sampler.padding_share(),
             "trained_tokens": self.trained_tokens, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "rss_gb": _rss_gb(), "eta_seconds": self._eta(it, elapsed, done),
             **self.dist.per_rank(local_tokens / train_time if train_time else None, mx.get_peak_memory() / 1e9,
@@ -542,11 +563,10 @@ class Trainer:
     def _test(self) -> None:
         if self.pref or not (self.cfg.get("test") and len(self.test)):
             return
-        batches = iterate_batches if self.compat else eval_batches
         state = np.random.get_state()
         loss = evaluate(model=self.model, dataset=self.test, batch_size=self.cfg["batch_size"],
                         num_batches=self.cfg["test_batches"], max_seq_length=self.cfg["max_seq_length"],
-                        loss=self.dist.eval_loss(self.loss), iterate_batches=batches)
+                        loss=self.dist.eval_loss(self.loss), iterate_batches=self.eval_iter)
         np.random.set_state(state)
         self.folder.append_metric({"type": "test", "step": self.iters, "iteration": self.iters, "test_loss": loss,
                                    "test_perplexity": _ppl(loss)})

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from services.training.manager import RunManager
 
 TRAIN_KEYS = ("iteration", "epoch", "train_loss", "perplexity", "learning_rate", "iterations_per_second",
-              "tokens_per_second", "trained_tokens", "peak_memory_gb", "rss_gb", "eta_seconds", "time", "ranks")
+              "tokens_per_second", "padding_share", "trained_tokens", "peak_memory_gb", "rss_gb", "eta_seconds", "time",
+              "ranks")
 LOG_TAIL_BYTES = 64 * 1024
 REFRESH_SECONDS = 2.0  # how often an active run's worker is checked for life
 
