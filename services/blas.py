@@ -16,6 +16,8 @@ _active: str | None = None
 
 POLICY_ENV = "FORGELLM_THREADS"  # "off": leave MKL's threads and wait policy at their defaults (before/after benches)
 SHARE_ENV = "FORGELLM_MLX_PROCESSES"  # MLX processes meant to share this machine's cores (the ranks of one host)
+ROLE_ENV = "FORGELLM_MLX_ROLE"  # "side": an MLX process that runs beside training (model worker, jobs)
+SIDE = {ROLE_ENV: "side"}  # the environment overrides of such a child (services.jobs.child_env)
 
 
 def _mkl_libs() -> tuple[Path, Path] | None:
@@ -30,26 +32,27 @@ def _mkl_libs() -> tuple[Path, Path] | None:
 
 
 def thread_policy(environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
-    """The thread and wait settings of this process's BLAS, from the cores and the MLX processes sharing them.
+    """The thread and wait settings of this process's BLAS, from its role and the MLX processes sharing the cores.
 
-    MKL's OpenMP threads spin for 200 ms after each call (``KMP_BLOCKTIME``): alone that saves a wake-up, but
-    beside another MLX process (a run and the Playground's model worker, a probe, a publish, the ranks of a
-    distributed run) the spinning threads hold the cores the other needs, and both crawl. So waiting threads
-    sleep at once, and ``FORGELLM_MLX_PROCESSES=N`` processes meant to run together (the ranks on one host)
-    take an even share of the cores each. What the user set explicitly is kept; ``FORGELLM_THREADS=off``
-    keeps every default.
+    MKL's OpenMP threads spin for 200 ms after each call (``KMP_BLOCKTIME``). A training loop alone gains from it
+    (a tiny model's step is many small calls: with waiting threads put to sleep at once it trained 3x slower
+    here), so a training worker keeps MKL's defaults. A process beside it (``FORGELLM_MLX_ROLE=side``: the
+    Playground's model worker, evaluations, publishes, imports) must not hold the cores the run needs while it
+    waits, so its threads sleep at once. ``FORGELLM_MLX_PROCESSES=N`` processes meant to run together (the ranks
+    of one host) take an even share of the cores each. What the user set explicitly is kept;
+    ``FORGELLM_THREADS=off`` keeps every default.
     """
     env = os.environ if environ is None else environ
     if env.get(POLICY_ENV, "").lower() == "off":
         return {}
-    out = {"KMP_BLOCKTIME": "0"}
+    out = {"KMP_BLOCKTIME": "0"} if env.get(ROLE_ENV) == "side" else {}
     try:
         share = max(1, int(env.get(SHARE_ENV, "1")))
     except ValueError:
         share = 1
     if share > 1:
         threads = str(max(1, (cores or os.cpu_count() or 1) // share))
-        out |= {"MKL_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        out |= {"KMP_BLOCKTIME": "0", "MKL_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
     return {k: v for k, v in out.items() if k not in env}
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services import blas
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_LINES = 200
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
@@ -73,7 +75,7 @@ class ChildJob:
 
     def start(self) -> ChildJob:
         """Start the child (its own process group, so a cancel reaches its children too); OSError if it can't."""
-        env = child_env(**{"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self._env})
+        env = child_env(**{"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **blas.SIDE, **self._env})
         self._proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                       errors="replace", start_new_session=True)

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
+from services import blas
 from services.errors import ForgeError
 from services.inference.requests import RequestError, adapter_files, adapter_label, normalize_request
 from services.jobs import REPO_ROOT, child_env
@@ -70,7 +71,8 @@ class _Worker:
     """One worker process: JSON lines over its stdin/stdout, replies routed to per-request sinks by id."""
 
     def __init__(self, python: str, on_exit: Callable[[_Worker, int, str], None]):
-        env = child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+        env = child_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+                        **blas.SIDE)
         self.proc = subprocess.Popen([python, "-m", "services.inference.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
                                      text=True, encoding="utf-8", bufsize=1)
