@@ -229,3 +229,14 @@ def test_epochs_set_the_number_of_iterations(manager, tiny_model, chat_data):
     assert info["steps_per_epoch"] == 12 and info["iters"] == 24
     stats = (Path(run.path) / "dataset_stats.json").read_text()
     assert '"steps_per_epoch": 12' in stats
+
+
+def test_a_json_error_says_where_and_what_the_character_is(tmp_path):
+    from services.training.data import read_jsonl_lenient
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\ttab"}\n{"text": "cut\n')
+    rows, bad = read_jsonl_lenient(path)
+    assert [n for n, _ in rows] == [1]
+    assert bad == [f"{path}:2: invalid JSON at column 12: a raw tab inside a string (write it as \\t)",
+                   f"{path}:3: invalid JSON at column 10: Unterminated string"]

@@ -61,7 +61,7 @@ def test_bad_jsonl_suite_names_the_line(tmp_path):
     with pytest.raises(SuiteError, match=rf"^{path}:4: check choice needs a non-empty list"):
         load_suite(path)
     path.write_text('{"prompt": "a", "checks": [{"exact": "b"}]}\n{"prompt": "a", oops}\n')
-    with pytest.raises(SuiteError, match=rf"^{path}:2: not valid JSON"):
+    with pytest.raises(SuiteError, match=rf"^{path}:2: invalid JSON at column 17: Expecting property name"):
         load_suite(path)
 
 

@@ -27,11 +27,12 @@ from services.library.models import list_models
 from services.library.tiny_model import CHAT_TEMPLATE
 from services.publishing.gguf_export import gguf_tensors, gguf_vocab, judge_gguf, write_gguf
 from services.publishing.handoff import modelfile, ollama_template, stop_tokens
+from services.publishing.parity import PARITY_PROMPTS
 from services.publishing.publish import parity_check, publish
 from services.publishing.rules import PublishError, check_options, gguf_type
 from services.workspace import Workspace
 
-PROMPTS = ("Once upon a time", "The capital of France is", "Write one sentence about the sea.")
+PROMPTS = PARITY_PROMPTS  # the badge's own prompts
 trained = test_publisher.trained  # the fixture: one LoRA IFT run with checkpoints 10 and 20
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 

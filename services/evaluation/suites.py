@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from services.errors import ForgeError
+from services.errors import ForgeError, json_problem
 from services.inference.requests import SAMPLING_DEFAULTS, RequestError, normalize_request
 from services.library.datasets import validation_split
 
@@ -159,7 +159,7 @@ def _jsonl_rows(p: Path, text: str) -> tuple[dict[str, Any], list[tuple[Any, int
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SuiteError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+            raise SuiteError(f"{p}:{n}: {json_problem(e)}") from e
         if isinstance(row, dict) and set(row) == {"suite"}:
             if not isinstance(row["suite"], dict):
                 raise SuiteError(f"{p}:{n}: 'suite' must be a mapping of suite settings")

@@ -50,7 +50,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load as mlx_load
 
 from services import blas
-from services.errors import ForgeError
+from services.errors import ForgeError, json_problem
 from services.inference.requests import RequestError, adapter_files, adapter_label
 from services.library.models import LibraryError, check_model_folder, context_limit
 
@@ -417,7 +417,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise WorkerError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                raise WorkerError(f"{path}:{n}: {json_problem(e)}") from e
     if not rows:
         raise WorkerError(f"dataset file {path} has no rows")
     return rows

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from services.errors import ForgeError
+from services.errors import ForgeError, json_problem
 
 TEXT_SUFFIXES = (".txt", ".md")
 CPT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -86,7 +86,7 @@ def read_jsonl_lenient(path: str | Path) -> tuple[list[tuple[int, dict]], list[s
             try:
                 obj = json.loads(line.rstrip("\r\n"))  # so a line cut short reports its own last column
             except json.JSONDecodeError as e:
-                bad.append(f"{path}:{n}: invalid JSON, column {e.colno}: {e.msg}")
+                bad.append(f"{path}:{n}: {json_problem(e)}")
                 continue
             except RecursionError:
                 bad.append(f"{path}:{n}: too deeply nested (JSON arrays or objects inside each other)")
