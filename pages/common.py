@@ -79,6 +79,12 @@ ROUNDED_TOOLTIP = {"trigger": "axis", ":valueFormatter":
                    ": String(Number(v.toPrecision(5))))"}
 
 
+# grid lines and labels that read on a light and on a dark page alike (ECharts draws white-ish lines otherwise)
+AXIS_STYLE = {"splitLine": {"lineStyle": {"color": "rgba(128, 128, 128, 0.22)"}},
+              "axisLine": {"lineStyle": {"color": "#9e9e9e"}}, "axisLabel": {"color": "#9e9e9e"},
+              "nameTextStyle": {"color": "#9e9e9e"}}
+
+
 def line_chart(title: str, series: list[tuple[str, str]], ytype: str,
                colors: list[str] | None = None) -> dict[str, Any]:
     """ECharts options of one metric chart over iterations: one empty line per ``(series, label)``.
@@ -91,8 +97,9 @@ def line_chart(title: str, series: list[tuple[str, str]], ytype: str,
         "title": {"text": title, "textStyle": {"fontSize": 13, "color": "#9e9e9e"}, "left": 8, "top": 4},
         "legend": {"top": 4, "right": 8, "textStyle": {"color": "#9e9e9e"}}, "tooltip": dict(ROUNDED_TOOLTIP),
         "grid": {"left": 64, "right": 16, "top": 36, "bottom": 32},
-        "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22},
-        "yAxis": {"type": ytype, "scale": True},
+        "xAxis": {"type": "value", "min": 0, "name": "iteration", "nameLocation": "middle", "nameGap": 22,
+                  **AXIS_STYLE},
+        "yAxis": {"type": ytype, "scale": True, **AXIS_STYLE},
         "series": [{"name": label, "type": "line", "showSymbol": name.startswith("val"), "symbolSize": 5,
                     "sampling": "lttb", "data": []} for name, label in series],
     }
