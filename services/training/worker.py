@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if outcome.status == "interrupted":
             watchdog.stop_others()
     sending = _finish(folder, outcome)
-    sending += _hand_over(folder)  # the next run starts before the webhooks are waited for: a dead receiver
-    _wait_for(sending, NOTIFY_WAIT)  # delays only this worker's exit, never the queue
+    sending += _hand_over(folder, sending)  # the next run starts before the webhooks are waited for: a dead
+    _wait_for(sending, NOTIFY_WAIT)  # receiver delays only this worker's exit, never the queue
     return 0 if outcome.status != "failed" else 1
 
 
@@ -224,9 +224,9 @@ def verified_checkpoint(folder: RunFolder, ckpt: Path) -> Path:
                             "intact: start the run again")
 
 
-def _hand_over(folder: RunFolder) -> list[threading.Thread]:
-    """Start the next run waiting in the workspace's training queue, if any (the webhooks told of an empty
-    queue are returned)."""
+def _hand_over(folder: RunFolder, told: list[threading.Thread]) -> list[threading.Thread]:
+    """Start the next run waiting in the workspace's training queue, if any; an empty queue is told after the
+    run's own end (``told``: its sending threads), so receivers get the two in order."""
     ws = folder.workspace()
     if ws is None:  # not a workspace's run folder: no queue to serve
         return []
@@ -243,6 +243,7 @@ def _hand_over(folder: RunFolder) -> list[threading.Thread]:
     if started:
         folder.log(f"started the next run in the queue: {started}")
     elif folder.info().get("from_queue") and not manager.waiting():
+        _wait_for(told, NOTIFY_WAIT)
         return _tell(folder, "queue-empty")
     return []
 
