@@ -633,7 +633,7 @@ def cmd_models(args: argparse.Namespace, manager: RunManager) -> int:
 def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
     from services.library.imports import import_model, quantized_gguf_warning, source_kind
     from services.library.models import LibraryError
-    from services.system import mlx_device
+    from services.system import mlx_backend
 
     tty = sys.stdout.isatty()
 
@@ -642,7 +642,7 @@ def cmd_import(args: argparse.Namespace, manager: RunManager) -> int:
 
     try:
         if source_kind(args.source) == "gguf" and not args.dequantize:
-            warning = quantized_gguf_warning(args.source, mlx_device(manager.workspace))
+            warning = quantized_gguf_warning(args.source, mlx_backend())
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
         path = import_model(manager.workspace, args.source, args.name, link=args.link, dequantize=args.dequantize,

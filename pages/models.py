@@ -20,7 +20,7 @@ from pages.common import entered, is_local_client
 from services.jobs import DONE, FAILED
 from services.library.imports import SOURCE_KINDS, ImportBusy, ImportJob, quantized_gguf_warning
 from services.library.models import LibraryError, check_deletable, delete_model, list_models
-from services.system import mlx_device, mlx_processes
+from services.system import mlx_backend, mlx_device, mlx_processes
 from services.units import human_bytes, human_count
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class ImportCard:
         if self.kind.value == "gguf" and self.local and not self.dequantize.value and path.suffix.lower() == ".gguf" \
                 and path.is_file():
             try:
-                text = await run.io_bound(quantized_gguf_warning, path, mlx_device(self.services.workspace))
+                text = await run.io_bound(quantized_gguf_warning, path, mlx_backend())
             except LibraryError as e:
                 text = str(e)
         self.quant_warning.set_text(text or "")

@@ -186,6 +186,12 @@ def mlx_device(workspace: Workspace, active: dict[str, Any] | None = None) -> st
     device = ((info or {}).get("hardware") or {}).get("device")
     if device:
         return str(device)
+    return mlx_backend()
+
+
+def mlx_backend() -> str:
+    """The backend MLX computes on here: ``gpu (Metal)``, ``gpu (CUDA)`` or ``cpu`` (what a cost depends on; the
+    device's own name, as a run records it, may be a CPU's model name)."""
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "gpu (Metal)"
     if importlib.util.find_spec("mlx_cuda") is not None:

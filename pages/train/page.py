@@ -23,7 +23,7 @@ from services.library.datasets import list_datasets, suggested_dataset
 from services.library.imports import quantized_model_warning
 from services.library.models import list_models
 from services.settings import SettingsError, load_settings
-from services.system import mlx_device
+from services.system import mlx_backend
 from services.training import defaults, preflight
 from services.training.distributed import preflight as preflight_hosts
 from services.training.folder import WAITING
@@ -165,7 +165,7 @@ class TrainPage:
     def note_weights(self, model: str | None) -> None:
         """Say what the picked model's quantized weights cost on this machine's backend (and what to do)."""
         entry = self.model_entries.get(model or "")
-        text = quantized_model_warning(entry, mlx_device(self.services.workspace)) if entry else None
+        text = quantized_model_warning(entry, mlx_backend()) if entry else None
         self.form.model_data.model_note.set_text(text or "")
         self.form.model_data.model_note.visible = bool(text)
 

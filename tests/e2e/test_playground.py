@@ -39,6 +39,9 @@ def answers(page: Page):
 def test_chat_stop_edit_regenerate_and_compare(page: Page, run_id: str):
     page.goto("/playground")
     expect(page.get_by_text("Playground", exact=True).first).to_be_visible()
+    # the model bar shows what the shared model worker holds (another test may have left a checkpoint loaded)
+    page.get_by_label("Adapter", exact=True).click()
+    page.get_by_role("option", name="none (base model)").click()
     page.get_by_role("button", name="Load", exact=True).click()
     expect(page.get_by_text("ready", exact=True)).to_be_visible(timeout=60_000)
     expect(page.get_by_text("tiny-llama (no adapter)")).to_be_visible()
