@@ -370,3 +370,21 @@ def test_the_folder_of_a_killed_build_is_swept_once_stale(tmp_path, tiny_model, 
     cache.prepare(resolve(base_config(tiny_model, corpus, mode="cpt", max_seq_length=32)), tokenizer)
     assert not killed.parent.exists() and live.exists()  # a build still writing is left alone
     assert [e["key"] for e in cache.entries()] == [cache.last["key"]]
+
+
+def test_the_sweep_skips_a_build_that_moves_under_it_and_removes_only_stale_ones(tmp_path):
+    """Two runs starting on the same new data: one's sweep scans the other's build folder as it is published
+    (renamed); a file gone mid-scan must not fail the run (a dangling link is such a file, deterministically)."""
+    cache = PreparedCache(tmp_path / "prepared")
+    live = cache.root / ".k1.abc.tmp" / "data"
+    live.mkdir(parents=True)
+    (live / "train.tokens").write_bytes(b"\0" * 8)
+    os.symlink(live / "gone.index", live / "valid.index")  # stat() of it: FileNotFoundError, as mid-rename
+    stale = cache.root / ".k2.def.tmp"
+    stale.mkdir()
+    (stale / "train.tokens").write_bytes(b"\0")
+    old = time.time() - 3 * 86400
+    os.utime(stale / "train.tokens", (old, old))
+    os.utime(stale, (old, old))
+    cache.sweep()
+    assert live.exists() and not stale.exists()

@@ -382,7 +382,10 @@ class PreparedCache:
     def sweep(self, age: float = STALE_SECONDS) -> None:
         """Remove the folders of builds that were killed (nothing written in them for ``age`` seconds)."""
         for tmp in self.root.glob(".*.tmp"):
-            newest = max((f.stat().st_mtime for f in tmp.rglob("*")), default=tmp.stat().st_mtime)
+            try:
+                newest = max((f.stat().st_mtime for f in tmp.rglob("*")), default=tmp.stat().st_mtime)
+            except OSError:  # a concurrent build is publishing (renaming) or cleaning up this folder right now
+                continue
             if time.time() - newest > age:
                 shutil.rmtree(tmp, ignore_errors=True)
 
