@@ -2,7 +2,9 @@
 """A training run and the Playground side by side on one CPU: does either starve the other? One invocation.
 
 For each thread policy -- ``before`` (``FORGELLM_THREADS=off``: MKL's defaults, its OpenMP threads spin 200 ms
-after every call) and ``after`` (ForgeLLM's policy, ``services.blas.thread_policy``) -- in ABBA order:
+after every call) and ``after`` (ForgeLLM's policy: ``services.blas.thread_policy`` before MKL loads, and
+``services.blas.fit_threads`` before each request of the model worker) -- first ``--alone-pairs`` runs alone, the
+policies back to back in ABBA order (a single run loses nothing?), then ``--repeats`` times each, ABBA:
 
   1. ``train alone``       a LoRA run of the ~20M llama (``forgellm`` worker process) with nothing beside it
   2. ``generate alone``    the Playground's model worker (``ModelService``) generating ``--tokens`` tokens, greedy
@@ -10,12 +12,13 @@ after every call) and ``after`` (ForgeLLM's policy, ``services.blas.thread_polic
 
 Training tokens/s = median of the run's report windows (one step each) after the first; with generation beside it,
 only the windows that ended while a generation was running count. Generation tokens/s = median decode speed of
-the streams (first to last token). Per policy the figure is the best of its repeats (noise only slows down).
+the streams (first to last token). A repeat measures alone and side by side back to back, so its ratios are
+paired; per policy the ratio is the median of its repeats', printed with each repeat's.
 
 Targets (issue 14): after, training while generating ≥ 0.6× training alone, generation while training ≥ 0.4×
 generation alone, and training alone after ≥ before (a single run loses nothing).
 
-Usage: ``python bench/side_by_side.py [--iters 24] [--repeats 2] [--tokens 48]``;
+Usage: ``python bench/side_by_side.py [--iters 24] [--repeats 3] [--alone-pairs 4] [--tokens 48]``;
 writes ``bench/results/side_by_side.json``.
 """
 
@@ -113,8 +116,9 @@ def one_policy(policy: str, model: Path, cfg: dict[str, Any], work: Path, tokens
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=2, help="ABBA pairs of (before, after)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each policy, in ABBA order")
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--alone-pairs", type=int, default=4, help="back-to-back (before, after) runs alone, ABBA")
     ap.add_argument("--settle", type=float, default=60.0, help="wait up to this long for a quiet machine")
     args = ap.parse_args()
     model = build_model("20m")
@@ -123,28 +127,42 @@ def main() -> int:
            "batch_size": 2, "iters": args.iters, "max_seq_length": 128, "learning_rate": 1e-4, "seed": 0,
            "steps_per_report": 1, "steps_per_eval": 100000, "save_every": 100000, "val_batches": 1}
     quiet = wait_quiet(args.settle)
-    order = ["before", "after", "after", "before"] * args.repeats
+    order = ["before", "after", "after", "before"] * max(args.repeats, args.alone_pairs)
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    alone: dict[str, list[float]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
+        for policy in order[: 2 * args.alone_pairs]:  # a single run alone, the two policies back to back
+            os.environ["FORGELLM_THREADS"] = POLICIES[policy]
+            alone[policy].append(train(RunManager(Workspace.resolve(Path(tmp) / f"alone-{time.time_ns()}")), cfg))
+            print(f"alone {policy} {alone[policy][-1]:.1f}", flush=True)
         for policy in order[: 2 * args.repeats]:
             runs[policy].append(one_policy(policy, model, cfg, Path(tmp), args.tokens))
             print(policy, json.dumps({k: round(v, 1) for k, v in runs[policy][-1].items()}), flush=True)
-    best = {p: {k: max(r[k] for r in rs) for k in rs[0]} for p, rs in runs.items()}
+    med = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in runs.items()}
     spread = {p: {k: [min(r[k] for r in rs), max(r[k] for r in rs)] for k in rs[0]} for p, rs in runs.items()}
-    ratios = {p: {"train_while_generating": b["train_side_by_side"] / b["train_alone"],
-                  "generate_while_training": b["generate_side_by_side"] / b["generate_alone"]}
-              for p, b in best.items()}
-    alone_after_vs_before = best["after"]["train_alone"] / best["before"]["train_alone"]
-    out = {"quiet": quiet, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "runs": runs, "best": best,
-           "spread": spread, "ratios": ratios, "train_alone_after_vs_before": alone_after_vs_before}
+    # each repeat measures alone and side by side back to back: its ratios are paired, and the median counts
+    per_run = {p: [{"train_while_generating": r["train_side_by_side"] / r["train_alone"],
+                    "generate_while_training": r["generate_side_by_side"] / r["generate_alone"]} for r in rs]
+               for p, rs in runs.items()}
+    ratios = {p: {k: statistics.median(x[k] for x in xs) for k in xs[0]} for p, xs in per_run.items()}
+    pairs = [a / b for a, b in zip(alone["after"], alone["before"], strict=True)]
+    alone_after_vs_before = statistics.median(pairs)
+    out = {"quiet": quiet, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "runs": runs, "median": med,
+           "spread": spread, "per_run_ratios": per_run, "ratios": ratios,
+           "alone_runs": alone, "train_alone_after_vs_before": alone_after_vs_before, "train_alone_pairs": pairs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "side_by_side.json").write_text(json.dumps(out, indent=2))
     for p in ("before", "after"):
-        b, r = best[p], ratios[p]
-        print(f"{p:>6}: train alone {b['train_alone']:7.1f} tok/s, beside generation {b['train_side_by_side']:7.1f} "
-              f"({r['train_while_generating']:.2f}x); generate alone {b['generate_alone']:5.1f} tok/s, beside "
-              f"training {b['generate_side_by_side']:5.1f} ({r['generate_while_training']:.2f}x)")
-    print(f"train alone, after / before: {alone_after_vs_before:.2f}x (load average {os.getloadavg()[0]:.1f})")
+        b, r = med[p], ratios[p]
+        tw = ", ".join(f"{x['train_while_generating']:.2f}" for x in per_run[p])
+        gw = ", ".join(f"{x['generate_while_training']:.2f}" for x in per_run[p])
+        print(f"{p:>6} (medians of {len(runs[p])}): train alone {b['train_alone']:7.1f} tok/s, beside generation "
+              f"{b['train_side_by_side']:7.1f} ({r['train_while_generating']:.2f}x; runs {tw}); generate alone "
+              f"{b['generate_alone']:5.1f} tok/s, beside training {b['generate_side_by_side']:5.1f} "
+              f"({r['generate_while_training']:.2f}x; runs {gw})")
+    print(f"train alone, after / before: {alone_after_vs_before:.2f}x (median of {len(pairs)} back-to-back pairs: "
+          f"{', '.join(f'{x:.2f}' for x in pairs)}; load average {os.getloadavg()[0]:.1f})")
+    print("targets (after): train beside generation >= 0.6x, generation beside training >= 0.4x, alone >= 0.97x")
     ok = (ratios["after"]["train_while_generating"] >= 0.6 and ratios["after"]["generate_while_training"] >= 0.4
           and alone_after_vs_before >= 0.97)
     return 0 if ok else 1

@@ -6,18 +6,25 @@ which makes matmul about 70x faster on x86-64 Linux. Call :func:`preload` before
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import sys
 from pathlib import Path
 
+import psutil
+
 _active: str | None = None
+_mkl: ctypes.CDLL | None = None  # libmkl_rt, once loaded: its threads are set at run time (fit_threads)
+_fitted: int | None = None
 
 POLICY_ENV = "FORGELLM_THREADS"  # "off": leave MKL's threads and wait policy at their defaults (before/after benches)
 SHARE_ENV = "FORGELLM_MLX_PROCESSES"  # MLX processes meant to share this machine's cores (the ranks of one host)
 ROLE_ENV = "FORGELLM_MLX_ROLE"  # "side": an MLX process that runs beside training (model worker, jobs)
 SIDE = {ROLE_ENV: "side"}  # the environment overrides of such a child (services.jobs.child_env)
+TRAINING_MODULE = "services.training.worker"  # what every training process runs (``python -m``), every rank too
+SIDE_NICE = 5  # a side process's CPU priority below a training run's (Linux and macOS ``nice``)
 
 
 def _mkl_libs() -> tuple[Path, Path] | None:
@@ -63,6 +70,7 @@ def preload() -> str:
     if _active is not None:
         return _active
     _active = "reference" if sys.platform.startswith("linux") else "accelerate"
+    _lower_priority()
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         if "mlx.core" in sys.modules:
             return _active  # too late: MLX already bound its BLAS
@@ -72,12 +80,62 @@ def preload() -> str:
         if libs:
             os.environ.update(thread_policy())
             try:
+                global _mkl
                 for lib in libs:
-                    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                    _mkl = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
                 _active = "mkl"
             except OSError:
-                pass
+                _mkl = None
+            fit_threads()
     return _active
+
+
+def _lower_priority() -> None:
+    """A side process yields the cores to a training run when both want them: its threads (MKL's and MLX's, all
+    started after this, inherit it) run at a lower priority; alone, it still has every idle core."""
+    env = os.environ
+    if env.get(ROLE_ENV) == "side" and env.get(POLICY_ENV, "").lower() != "off" and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(SIDE_NICE)
+
+
+def training_processes() -> int:
+    """How many ForgeLLM training processes (every rank of a distributed run counts) run on this machine now."""
+    n = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if TRAINING_MODULE in (proc.info.get("cmdline") or []) and proc.pid != os.getpid():
+                n += 1
+    return n
+
+
+def fit_threads(cores: int | None = None, training: int | None = None) -> int | None:
+    """A side process (``FORGELLM_MLX_ROLE=side``) with MKL, before a piece of work: take the cores the training
+    processes running now leave, all of them when none runs, else an even share with each (at least one thread).
+
+    Beside a run, two processes with a thread per core each only take turns on the cores, and the run pays for
+    it; the Playground's generation needs fewer threads than the run's steps to keep its pace. Returns the thread
+    count set, or None where this process is not managed: not a side process, no MKL, ``MKL_NUM_THREADS`` or
+    ``OMP_NUM_THREADS`` set (by the user, or for processes sharing the cores), ``FORGELLM_THREADS=off``.
+    ``training`` overrides the count of training processes (tests).
+    """
+    global _fitted
+    env = os.environ
+    if (_mkl is None or env.get(ROLE_ENV) != "side" or env.get(POLICY_ENV, "").lower() == "off"
+            or "MKL_NUM_THREADS" in env or "OMP_NUM_THREADS" in env):
+        return None
+    cores = cores or os.cpu_count() or 1
+    n = training_processes() if training is None else training
+    threads = cores if n == 0 else max(1, cores // (n + 1))
+    if threads != _fitted:
+        _mkl.MKL_Set_Num_Threads(ctypes.c_int(threads))
+        _fitted = threads
+    return threads
+
+
+def mkl_threads() -> int | None:
+    """The threads MKL uses in this process now (None without MKL)."""
+    return int(_mkl.MKL_Get_Max_Threads()) if _mkl is not None else None
 
 
 def active() -> str:

@@ -39,6 +39,39 @@ def test_a_child_has_the_policy_in_place_before_mkl_loads():
     assert out == ["mkl", "0", str(max(1, (os.cpu_count() or 1) // 2))]
 
 
+FIT = ("import json, os, services; from services import blas; blas.active(); "
+       "print(json.dumps([[blas.fit_threads(cores=2, training=n), blas.mkl_threads()] for n in (0, 1, 3, 0)]"
+       " + [blas.training_processes(), os.nice(0)]))")
+
+
+@pytest.mark.skipif(not blas._mkl_libs(), reason="MKL is not installed here")  # noqa: SLF001
+def test_a_side_process_takes_the_cores_a_run_leaves_and_all_of_them_when_none_runs():
+    import json
+
+    base = child_env(**blas.SIDE)
+    for key in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "FORGELLM_THREADS", blas.SHARE_ENV):
+        base.pop(key, None)
+    # a process whose command line is a training worker's, as the scan sees it
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", blas.TRAINING_MODULE])
+    try:
+        def fit(**env: str) -> list:
+            out = subprocess.run([sys.executable, "-c", FIT], env={**base, **env}, cwd=REPO_ROOT,
+                                 capture_output=True, text=True, check=True).stdout
+            return json.loads(out.splitlines()[-1])
+
+        *fits, running, nice = fit()
+        assert fits == [[2, 2], [1, 1], [1, 1], [2, 2]]  # MKL's own count follows, set at run time
+        assert running >= 1  # the training process above is counted
+        assert nice == min(19, os.nice(0) + blas.SIDE_NICE)  # and it yields the cores to a run that wants them
+        assert [f[0] for f in fit(MKL_NUM_THREADS="2")[:4]] == [None] * 4  # set by the user: kept
+        off = fit(FORGELLM_THREADS="off")
+        assert [f[0] for f in off[:4]] == [None] * 4 and off[5] == os.nice(0)
+        train = fit(**{blas.ROLE_ENV: "train"})
+        assert [f[0] for f in train[:4]] == [None] * 4 and train[5] == os.nice(0)  # a training worker: defaults
+    finally:
+        trainer.kill()
+        trainer.wait()
+
 
 def test_the_model_worker_runs_as_a_side_process_and_keeps_its_waiting_threads_asleep():
     import psutil

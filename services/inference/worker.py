@@ -498,6 +498,8 @@ class Server:
 
     def dispatch(self, msg: dict[str, Any], rid: Any) -> dict[str, Any]:
         cmd, engine = msg.get("cmd"), self.engine
+        if cmd in ("generate", "compare", "perplexity", "evaluate"):
+            blas.fit_threads()  # a run may have started or ended since the last request: share the cores anew
         if cmd == "load":
             try:
                 return engine.load(msg["model"], msg.get("adapter"))

@@ -443,13 +443,13 @@ def launch_command(folder: RunFolder, cfg: dict[str, Any], python: str, checkpoi
         launcher = Path(shutil.which("mlx.launch") or launcher)
     cmd = [str(launcher), "--hostfile", str(write_hostfile(folder, cfg)), "--python", dist.get("python") or python,
            "--cwd", str(REPO_ROOT), "--starting-port", str(_free_port_base(len(hosts(cfg)))),
-           "--", "-m", "services.training.worker", str(folder.path)]
+           "--", "-m", blas.TRAINING_MODULE, str(folder.path)]
     return cmd + (["--resume", str(checkpoint)] if checkpoint is not None else [])
 
 
 def worker_command(folder: RunFolder, cfg: dict[str, Any], python: str, checkpoint: Path | None) -> list[str]:
     """What the run manager starts for a run: the worker, or for a distributed config this module's launcher."""
-    module = "services.training.distributed" if world_size(cfg) > 1 else "services.training.worker"
+    module = "services.training.distributed" if world_size(cfg) > 1 else blas.TRAINING_MODULE
     cmd = [python, "-m", module, str(folder.path)]
     return cmd + (["--resume", str(checkpoint)] if checkpoint is not None else [])
 
