@@ -430,13 +430,17 @@ def summarize(runs: list[dict], side: str) -> dict | None:
     }
 
 
-def verdict(num: dict | None, den: dict | None, target: float, quick: bool) -> dict:
-    if not num or not den:
+def judged(value: float | None, target: float, quick: bool) -> dict:
+    """A ratio against its target: PASS, FAIL or SKIPPED (no value)."""
+    if value is None:
         return {"value": None, "target": target, "pass": None, "verdict": "SKIPPED"}
-    value = num["tokens_per_second"] / den["tokens_per_second"]
     ok = value >= target
     word = ("PASS" if ok else "FAIL") + (" (quick: informational)" if quick else "")
     return {"value": round(value, 3), "target": target, "pass": ok, "verdict": word}
+
+
+def verdict(num: dict | None, den: dict | None, target: float, quick: bool) -> dict:
+    return judged(num["tokens_per_second"] / den["tokens_per_second"] if num and den else None, target, quick)
 
 
 def pair_verdict(runs: list[dict], target: float, quick: bool) -> dict:
@@ -445,13 +449,11 @@ def pair_verdict(runs: list[dict], target: float, quick: bool) -> dict:
     by = {(r["side"], r["repeat"]): r["steady_tokens_per_second"] for r in runs if r.get("ok")}
     pairs = [by[("forgellm", k)] / by[("mlx-lm-mkl", k)] for (side, k) in sorted(by)
              if side == "forgellm" and ("mlx-lm-mkl", k) in by]
-    if not pairs:
-        return {"value": None, "target": target, "pass": None, "verdict": "SKIPPED", "pairs": []}
-    value = statistics.median(pairs)
-    ok = value >= target
-    word = ("PASS" if ok else "FAIL") + (" (quick: informational)" if quick else "")
-    return {"value": round(value, 3), "target": target, "pass": ok, "verdict": word,
-            "pairs": [round(x, 3) for x in pairs], "spread": [round(min(pairs), 3), round(max(pairs), 3)]}
+    out = judged(statistics.median(pairs) if pairs else None, target, quick)
+    out["pairs"] = [round(x, 3) for x in pairs]
+    if pairs:
+        out["spread"] = [round(min(pairs), 3), round(max(pairs), 3)]
+    return out
 
 
 def host_info() -> dict:
@@ -605,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                    if k not in ("model", "data", "adapter_path")},
         "stock_iters": args.stock_iters,
         "method": "steady-state tok/s = median of mlx-lm/ForgeLLM report windows (1 step each) after the first; "
-                  "a side's figure = best of its runs' medians; runs of b and c in ABBA order; peak RSS = max "
+                  "runs of b and c in ABBA order; same-BLAS verdict = median of the pairs' ratios (a side's "
+                  "best-of figure alongside, informational); peak RSS = max "
                   "VmHWM/RSS of any process in the child's tree, polled every 0.2 s",
         "runs": runs,
         "summary": summary,

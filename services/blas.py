@@ -11,6 +11,7 @@ import ctypes
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -38,6 +39,15 @@ def _mkl_libs() -> tuple[Path, Path] | None:
     return None
 
 
+def _off(env: Mapping[str, str]) -> bool:
+    return env.get(POLICY_ENV, "").lower() == "off"
+
+
+def _side(env: Mapping[str, str]) -> bool:
+    """A side process whose threads the policy manages (not with ``FORGELLM_THREADS=off``)."""
+    return env.get(ROLE_ENV) == "side" and not _off(env)
+
+
 def thread_policy(environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
     """The thread and wait settings of this process's BLAS, from its role and the MLX processes sharing the cores.
 
@@ -50,9 +60,9 @@ def thread_policy(environ: dict[str, str] | None = None, cores: int | None = Non
     ``FORGELLM_THREADS=off`` keeps every default.
     """
     env = os.environ if environ is None else environ
-    if env.get(POLICY_ENV, "").lower() == "off":
+    if _off(env):
         return {}
-    out = {"KMP_BLOCKTIME": "0"} if env.get(ROLE_ENV) == "side" else {}
+    out = {"KMP_BLOCKTIME": "0"} if _side(env) else {}
     try:
         share = max(1, int(env.get(SHARE_ENV, "1")))
     except ValueError:
@@ -66,7 +76,7 @@ def thread_policy(environ: dict[str, str] | None = None, cores: int | None = Non
 def preload() -> str:
     """Load MKL globally if it is installed and this is Linux x86-64 (with :func:`thread_policy` applied before
     it reads its settings); return the BLAS name now active."""
-    global _active
+    global _active, _mkl
     if _active is not None:
         return _active
     _active = "reference" if sys.platform.startswith("linux") else "accelerate"
@@ -80,7 +90,6 @@ def preload() -> str:
         if libs:
             os.environ.update(thread_policy())
             try:
-                global _mkl
                 for lib in libs:
                     _mkl = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
                 _active = "mkl"
@@ -93,8 +102,7 @@ def preload() -> str:
 def _lower_priority() -> None:
     """A side process yields the cores to a training run when both want them: its threads (MKL's and MLX's, all
     started after this, inherit it) run at a lower priority; alone, it still has every idle core."""
-    env = os.environ
-    if env.get(ROLE_ENV) == "side" and env.get(POLICY_ENV, "").lower() != "off" and hasattr(os, "nice"):
+    if _side(os.environ) and hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(SIDE_NICE)
 
@@ -121,8 +129,7 @@ def fit_threads(cores: int | None = None, training: int | None = None) -> int | 
     """
     global _fitted
     env = os.environ
-    if (_mkl is None or env.get(ROLE_ENV) != "side" or env.get(POLICY_ENV, "").lower() == "off"
-            or "MKL_NUM_THREADS" in env or "OMP_NUM_THREADS" in env):
+    if _mkl is None or not _side(env) or "MKL_NUM_THREADS" in env or "OMP_NUM_THREADS" in env:
         return None
     cores = cores or os.cpu_count() or 1
     n = training_processes() if training is None else training
