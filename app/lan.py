@@ -24,7 +24,7 @@ from nicegui import app
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
 
 from services.system import host_name, is_local_request, is_loopback, lan_addresses
-from services.workspace import Workspace
+from services.workspace import Workspace, write_atomic
 
 log = logging.getLogger("forgellm.lan")
 
@@ -166,11 +166,6 @@ class Gate:
         """The token now (a :class:`LanAccess` is read on every request: a rotation applies at once)."""
         return self.access.token if isinstance(self.access, LanAccess) else self.access
 
-    @property
-    def mark(self) -> str | None:
-        token = self.token
-        return token_mark(token) if token else None
-
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
@@ -182,8 +177,9 @@ class Gate:
             return await self.refuse(scope, receive, send, 403, "403: cross-origin request refused")
         client = (scope.get("client") or ("", 0))[0]
         session = scope.get("session")
-        if (self.token is None or is_local_request(client, host)
-                or (session is not None and session.get("lan") == self.mark)):
+        token = self.token  # once per request: each read looks at the token file
+        if (token is None or is_local_request(client, host)
+                or (session is not None and session.get("lan") == token_mark(token))):
             return await self.app(scope, receive, send)
         given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
         if not given:
@@ -192,12 +188,12 @@ class Gate:
         if wait > 0:
             return await self.refuse(scope, receive, send, 429, f"429: too many wrong tokens; try again in "
                                      f"{wait:.0f} s", {"retry-after": str(max(1, round(wait)))})
-        if not secrets.compare_digest(given.encode(), self.token.encode()):
+        if not secrets.compare_digest(given.encode(), token.encode()):
             self.throttle.failed(client)
             return await self.refuse(scope, receive, send, 401, TOKEN_NEEDED)
         self.throttle.succeeded(client)
         if session is not None:  # NiceGUI's signed session cookie (always there under run_app)
-            session["lan"] = self.mark
+            session["lan"] = token_mark(token)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         return await RedirectResponse(scope.get("path") or "/")(scope, receive, send)
@@ -254,7 +250,6 @@ class LanAccess:
         self.workspace, self.port = workspace, port
         self._lock = threading.Lock()
         self._token, self._stamp = lan_token(workspace), self._mtime()
-        self.version = 0  # grows with every rotation
 
     def _mtime(self) -> int | None:
         try:
@@ -272,16 +267,10 @@ class LanAccess:
 
     def rotate(self) -> str:
         """A new token in place of the old one (mode 0600, replaced atomically); returns it."""
-        path = token_path(self.workspace)
         value = secrets.token_urlsafe(16)
-        tmp = path.with_name(path.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-        os.replace(tmp, path)
+        write_atomic(token_path(self.workspace), value + "\n")  # its temporary file is made 0600 (mkstemp)
         with self._lock:
             self._token, self._stamp = value, self._mtime()
-            self.version += 1
         log.info("LAN access token rotated: every other device must open the new link")
         return value
 
@@ -297,9 +286,9 @@ class ApiGate:
     ``Authorization: Bearer TOKEN`` (wrong tokens throttled per address and logged). Refusals are OpenAI-style
     JSON errors."""
 
-    def __init__(self, app: Callable, hosts: HostNames, token: str | None = None,
+    def __init__(self, app: Callable, hosts: HostNames, token: Callable[[], str] | None = None,
                  throttle: Throttle | None = None) -> None:
-        self.app, self.hosts, self.token = app, hosts, token
+        self.app, self.hosts, self.token = app, hosts, token  # token: read on every request (rotation applies)
         self.throttle = throttle or Throttle()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -314,13 +303,14 @@ class ApiGate:
         client = (scope.get("client") or ("", 0))[0]
         if self.token is None or is_local_request(client, host):
             return await self.app(scope, receive, send)
+        token = self.token()
         auth = _header(scope, b"authorization") or ""
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         wait = self.throttle.wait(client)
         if wait > 0:
             return await self.refuse(scope, receive, send, 429, f"too many wrong API keys; try again in {wait:.0f} s",
                                      "rate_limited", {"retry-after": str(max(1, round(wait)))})
-        if not given or not secrets.compare_digest(given.encode(), self.token.encode()):
+        if not given or not secrets.compare_digest(given.encode(), token.encode()):
             if given:
                 self.throttle.failed(client)
             return await self.refuse(scope, receive, send, 401, API_KEY_NEEDED, "invalid_api_key")
@@ -341,12 +331,12 @@ API_KEY_NEEDED = ("this endpoint is on the LAN: send the access token as the API
                   "TOKEN); it is in the workspace's .forgellm/token and on the Settings page")
 
 
-def api_guard(workspace: Workspace) -> Callable[[Callable, str | None], Callable]:
+def api_guard(workspace: Workspace) -> Callable[[Callable, Callable[[], str] | None], Callable]:
     """What :class:`services.serving.server.ServingServer` puts in front of the API: :class:`ApiGate` over the
-    host names of this workspace's settings, with the LAN token when serving on the LAN."""
+    host names of this workspace's settings, with the LAN token's source when serving on the LAN."""
     from services.settings import load_settings  # noqa: PLC0415
 
-    def guard(api: Callable, token: str | None) -> Callable:
+    def guard(api: Callable, token: Callable[[], str] | None) -> Callable:
         return ApiGate(api, HostNames(load_settings(workspace).allowed_hosts), token)
 
     return guard

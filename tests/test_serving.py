@@ -20,7 +20,7 @@ import pytest
 from conftest import base_config
 
 from app.composition import build_services, build_serving
-from app.lan import lan_token
+from app.lan import LanAccess, lan_token
 from services.serving.server import ServeError
 from services.training.manager import RunManager
 from services.workspace import Workspace
@@ -267,8 +267,16 @@ def test_on_the_lan_a_client_without_the_token_gets_401(trained, netns):
         assert proc.returncode == 0, proc.stderr
         (no_key, no_body), (wrong, wrong_body), (right, right_body) = json.loads(proc.stdout)
         local = httpx.get(f"{srv.base_url}/models", timeout=30)  # this machine needs no key
+        new = LanAccess(manager.workspace, port).rotate()  # Settings → Rotate, or another process of the workspace
+        assert srv.api_key == new
+        rotated = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT,
+                                  f"http://{host_ip}:{port}/v1/models", token, new],
+                                 capture_output=True, text=True, timeout=60)
+        assert rotated.returncode == 0, rotated.stderr
+        (old_after, _), (new_after, _) = json.loads(rotated.stdout)
     finally:
         srv.stop()
+    assert (old_after, new_after) == (401, 200)  # the endpoint's key changed with the token, without a restart
     assert no_key == 401 and no_body["error"]["code"] == "invalid_api_key"
     assert "Bearer" in no_body["error"]["message"]
     assert wrong == 401

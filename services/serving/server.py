@@ -31,7 +31,8 @@ from services.serving.pool import ModelPool
 from services.system import lan_addresses
 from services.training.manager import RunManager
 
-Guard = Callable[[ASGIApp, "str | None"], ASGIApp]  # (the API, the LAN token or None) -> the API behind the gate
+Guard = Callable[[ASGIApp, "Callable[[], str] | None"], ASGIApp]  # (the API, where to read the LAN token, or None)
+# -> the API behind the gate
 LOOPBACK, ALL = "127.0.0.1", "0.0.0.0"
 
 
@@ -203,7 +204,6 @@ class ServingServer:
         self.pool: ModelPool | None = None
         self.port: int | None = None
         self.lan = False
-        self.api_key: str | None = None  # the bearer token clients on the LAN send (None: loopback only)
         self.version = 0  # grows on every start and stop
 
     def _prepare(self, port: int, lan: bool) -> tuple[uvicorn.Server, socket.socket]:
@@ -213,8 +213,7 @@ class ServingServer:
         sock = _bind(ALL if lan else LOOPBACK, port)
         self.pool = ModelPool(self.max_bases)
         api = Api(self.manager, self.pool).app()
-        self.api_key = self.lan_token() if lan else None
-        asgi = self.guard(api, self.api_key) if self.guard is not None else api
+        asgi = self.guard(api, self.lan_token if lan else None) if self.guard is not None else api
         config = uvicorn.Config(asgi, log_level="warning", lifespan="off", timeout_graceful_shutdown=5,
                                 access_log=False)
         self.port, self.lan = port, lan
@@ -267,7 +266,11 @@ class ServingServer:
             self.pool.close()
             self.pool = None
 
-    close = stop
+    @property
+    def api_key(self) -> str | None:
+        """The bearer token clients on the LAN send, as it is now (None: loopback only); the gate reads the same
+        source on every request, so a rotation applies at once, across processes too."""
+        return self.lan_token() if self.lan and self.lan_token is not None else None
 
     @property
     def running(self) -> bool:
