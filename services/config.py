@@ -674,6 +674,28 @@ def schedule(kind: str, lr: float, iters: int, warmup: int = 0, final_lr: float 
     return body
 
 
+
+def read_schedule(s: Any) -> dict[str, Any] | None:
+    """What :func:`schedule` made a ``lr_schedule`` from: ``kind``, ``lr``, ``final_lr``, ``warmup`` and ``steps``
+    (the schedule's length, warm-up included; None for a constant rate); None for any other schedule."""
+    args = s.get("arguments") if isinstance(s, dict) else None
+    ok = (isinstance(s, dict) and isinstance(args, list) and set(s) <= {"name", "arguments", "warmup", "warmup_init"}
+          and not s.get("warmup_init") and all(isinstance(a, (int, float)) for a in args)
+          and isinstance(s.get("warmup", 0), int))
+    if not ok:
+        return None
+    warmup = s.get("warmup", 0)
+    if s.get("name") == "linear_schedule" and len(args) == 3:
+        lr, end, steps = args
+        if lr == end:
+            return {"kind": "constant", "lr": lr, "final_lr": 0.0, "warmup": warmup, "steps": None}
+        return {"kind": "linear", "lr": lr, "final_lr": end, "warmup": warmup, "steps": steps + warmup}
+    if s.get("name") == "cosine_decay" and len(args) in (2, 3):
+        return {"kind": "cosine", "lr": args[0], "final_lr": args[2] if len(args) == 3 else 0.0, "warmup": warmup,
+                "steps": args[1] + warmup}
+    return None
+
+
 def user_view(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config without keys that equal their defaults (what a person would write)."""
     defaults = {**MLX_LM_DEFAULTS, **FORGE_DEFAULTS, "train": True}

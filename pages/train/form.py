@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.config import FORGE_DEFAULTS, MLX_LM_DEFAULTS, ConfigError, ConfigProblems, parse_yaml_bytes, schedule
+from services.config import (
+    FORGE_DEFAULTS,
+    MLX_LM_DEFAULTS,
+    ConfigError,
+    ConfigProblems,
+    parse_yaml_bytes,
+    read_schedule,
+    schedule,
+)
 from services.training import preference
 
 # the form's keys of a dpo/orpo run's `preference` block (form key → config key)
@@ -351,27 +359,16 @@ def _schedule_to_form(s: Any, form: dict[str, Any]) -> None:
     form.update(schedule="constant", warmup=0, final_lr=0.0, schedule_steps=None, custom_schedule=None)
     if s is None:
         return
-    args = s.get("arguments") if isinstance(s, dict) else None
-    ok = (isinstance(s, dict) and isinstance(args, list) and set(s) <= {"name", "arguments", "warmup", "warmup_init"}
-          and not s.get("warmup_init") and all(isinstance(a, (int, float)) for a in args)
-          and isinstance(s.get("warmup", 0), int))
-    warmup = s.get("warmup", 0) if ok else 0
-    if ok and s.get("name") == "linear_schedule" and len(args) == 3:
-        lr, end, steps = args
-        if lr == end:
-            kind, total = "constant", None
-        else:
-            kind, total = "linear", steps + warmup
-        form.update(schedule=kind, learning_rate=lr, final_lr=end if kind == "linear" else 0.0)
-    elif ok and s.get("name") == "cosine_decay" and len(args) in (2, 3):
-        kind, total = "cosine", args[1] + warmup
-        form.update(schedule=kind, learning_rate=args[0], final_lr=args[2] if len(args) == 3 else 0.0)
-    else:
+    known = read_schedule(s)
+    if known is None:
         form.update(schedule="custom", custom_schedule=copy.deepcopy(s))
-        if args and isinstance(args[0], (int, float)):
+        args = s.get("arguments") if isinstance(s, dict) else None
+        if isinstance(args, list) and args and isinstance(args[0], (int, float)):
             form["learning_rate"] = args[0]
         return
-    form["warmup"] = warmup
+    form.update(schedule=known["kind"], learning_rate=known["lr"], final_lr=known["final_lr"],
+                warmup=known["warmup"])
+    total = known["steps"]
     if total is not None and not (form["length_mode"] == "iters" and total == form.get("iters")):
         form["schedule_steps"] = int(total)
 

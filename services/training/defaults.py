@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from services.config import schedule
+from services.config import read_schedule, schedule, world_size
 from services.library.models import context_limit
 from services.training import preflight
 from services.workspace import read_json
@@ -48,7 +48,7 @@ def proposed_seq(facts: dict[str, Any], cfg: dict[str, Any], context: int | None
 
 def proposed_batch(model: dict[str, Any], cfg: dict[str, Any], samples: int, seq: int, free: float) -> int:
     """The largest batch that leaves enough steps per epoch and fits ``free`` bytes (1 when none does)."""
-    procs = int((cfg.get("distributed") or {}).get("processes") or 1)
+    procs = max(1, world_size(cfg))  # every form of `distributed` (processes or hosts)
     for b in BATCHES:
         if b % procs or (b > 1 and samples // b < MIN_STEPS_PER_EPOCH):
             continue
@@ -134,13 +134,7 @@ def apply_to_config(user_cfg: dict[str, Any], proposal: dict[str, Any]) -> dict[
     """A user config with the proposal's changes (a decaying or warm-up schedule rebuilt for the new length)."""
     ch = proposal["changes"]
     out = _apply(user_cfg, ch)
-    sched = user_cfg.get("lr_schedule")
-    if isinstance(sched, dict) and isinstance(sched.get("arguments"), list) and sched["arguments"]:
-        args = sched["arguments"]
-        kind = {"cosine_decay": "cosine", "linear_schedule": "linear"}.get(sched.get("name"))
-        if kind == "linear" and len(args) == 3 and args[0] == args[1]:
-            kind = "constant"
-        if kind:
-            final = args[2] if len(args) == 3 and kind != "constant" else 0.0
-            out["lr_schedule"] = schedule(kind, args[0], ch["iters"], ch["warmup"], final)
+    known = read_schedule(user_cfg.get("lr_schedule"))
+    if known is not None:  # any other schedule is the user's own: kept as it is
+        out["lr_schedule"] = schedule(known["kind"], known["lr"], ch["iters"], ch["warmup"], known["final_lr"])
     return out
