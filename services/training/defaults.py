@@ -60,7 +60,7 @@ def proposed_batch(model: dict[str, Any], cfg: dict[str, Any], samples: int, seq
 def eval_plan(iters: int, batch: int, valid_samples: int) -> dict[str, int]:
     """Report, validate and save about :data:`EVALS_PER_RUN` times; bounded validation batches."""
     every = max(1, math.ceil(iters / EVALS_PER_RUN))
-    evals = 1 + iters // every + (iters % every != 0)
+    evals = preflight.validations(iters, every)
     most = max(1, int(VALIDATION_SHARE * 3 * iters / evals))  # an eval batch costs about a third of a step
     val_batches = -1 if valid_samples <= most * batch else most
     return {"steps_per_eval": every, "save_every": every, "val_batches": val_batches,

@@ -272,13 +272,17 @@ def suggest(facts: dict[str, Any], cfg: dict[str, Any], seq: int, free: float) -
     return None
 
 
+def validations(iters: int, every: int) -> int:
+    """How many validation passes a run of ``iters`` makes: the initial one, every ``every`` and the last."""
+    return 1 + iters // every + (iters % every != 0)
+
+
 def eval_seconds(cfg: dict[str, Any], data: dict[str, Any], iters: int, tps: float, work: float = 1.0) -> float:
     """Seconds of validation in a run: the initial one, every ``steps_per_eval`` and the last; a validation
     sequence is a forward pass, about a third of a training step's work."""
     if not data.get("valid_samples") or not tps:
         return 0.0
-    every = max(int(cfg.get("steps_per_eval") or iters or 1), 1)
-    evals = 1 + iters // every + (iters % every != 0)
+    evals = validations(iters, max(int(cfg.get("steps_per_eval") or iters or 1), 1))
     vb = int(cfg.get("val_batches") or -1)
     batch = int(cfg["batch_size"])
     sequences = data["valid_samples"] if vb < 0 else min(vb * batch, data["valid_samples"])
