@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from services.training.batching import BatchSampler
+from services.training.batching import BatchSampler, masked_loss
 from services.training.data import DataError
 
 # how far a sample's loss in a packed row may be from its loss alone before the model is refused
@@ -117,10 +117,7 @@ def packed_logits(model: nn.Module, inputs: mx.array, segments: mx.array) -> mx.
 
 def packed_loss(model: nn.Module, batch: mx.array, mask: mx.array, segments: mx.array) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the masked targets of packed rows: ``masked_loss`` with a block-diagonal mask."""
-    logits = packed_logits(model, batch[:, :-1], segments)
-    ce = nn.losses.cross_entropy(logits, batch[:, 1:]) * mask
-    ntoks = mask.sum()
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
+    return masked_loss(lambda inputs: packed_logits(model, inputs, segments), batch, mask)
 
 
 def sample_losses(model: nn.Module, rows: Sequence[Sequence[Tokenized]], width: int) -> list[list[tuple[float, int]]]:

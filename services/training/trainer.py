@@ -448,7 +448,7 @@ class Trainer:
         model.train()
         self._overhead = {"val": [], "save": []}
         self._initial_val = not self.compat and has_val and start == 1  # before the clock of the step rate starts
-        if not self.compat and has_val and start == 1:  # ForgeLLM runs validate the initial weights
+        if self._initial_val:  # ForgeLLM runs validate the initial weights
             self._phase("validating", 0)
             tic = time.perf_counter()
             self._report_val(0, 0, self.evaluate(), time.perf_counter() - tic)
