@@ -97,10 +97,15 @@ def notify(ws: Workspace, event: dict[str, Any], wait: float = 0.0) -> list[thre
     threads = [threading.Thread(target=deliver, args=(h, event), name="webhook", daemon=True) for h in hooks]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + wait
+    wait_for(threads, wait)
+    return threads
+
+
+def wait_for(threads: list[threading.Thread], seconds: float) -> None:
+    """Give the sending threads up to ``seconds`` in all (retries included), e.g. before a process exits."""
+    deadline = time.monotonic() + seconds
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-    return threads
 
 
 class RunEvents:

@@ -21,7 +21,7 @@ import psutil
 from services import __version__, blas
 from services.config import ConfigProblems, world_size
 from services.errors import ForgeError
-from services.notify import notify, run_event
+from services.notify import notify, run_event, wait_for
 from services.training import distributed
 from services.training.data import DataError
 from services.training.folder import RunFolder, checkpoint_problem
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _begin(folder, args.resume)
     except OSError as e:  # the disk may be full before the first step
-        _wait_for(_finish(folder, Outcome("failed", _reason(folder, e), 0)), NOTIFY_WAIT)
+        wait_for(_finish(folder, Outcome("failed", _reason(folder, e), 0)), NOTIFY_WAIT)
         return 1
     beat = threading.Thread(target=_beat, args=(folder, stop, done), daemon=True)
     beat.start()
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             watchdog.stop_others()
     sending = _finish(folder, outcome)
     sending += _hand_over(folder, sending)  # the next run starts before the webhooks are waited for: a dead
-    _wait_for(sending, NOTIFY_WAIT)  # receiver delays only this worker's exit, never the queue
+    wait_for(sending, NOTIFY_WAIT)  # receiver delays only this worker's exit, never the queue
     return 0 if outcome.status != "failed" else 1
 
 
@@ -135,7 +135,7 @@ def _watch(folder: RunFolder, size: int, done: threading.Event) -> distributed.W
         sending = _finish(folder, Outcome("interrupted", distributed.interrupted_reason(folder, why),
                                           _iteration(folder)))
         watchdog.stop_others()
-        _wait_for(sending, NOTIFY_WAIT)
+        wait_for(sending, NOTIFY_WAIT)
         os._exit(1)
 
     watchdog = distributed.Watchdog(folder, 0, size, give_up)
@@ -243,7 +243,7 @@ def _hand_over(folder: RunFolder, told: list[threading.Thread]) -> list[threadin
     if started:
         folder.log(f"started the next run in the queue: {started}")
     elif folder.info().get("from_queue") and not manager.waiting():
-        _wait_for(told, NOTIFY_WAIT)
+        wait_for(told, NOTIFY_WAIT)
         return _tell(folder, "queue-empty")
     return []
 
@@ -259,13 +259,6 @@ def _tell(folder: RunFolder, kind: str) -> list[threading.Thread]:
     except Exception:  # noqa: BLE001 (a notification must never fail a run)
         _log(folder, "could not send the notification: " + traceback.format_exc())
         return []
-
-
-def _wait_for(threads: list[threading.Thread], seconds: float) -> None:
-    """Give the webhooks up to ``seconds`` in all (retries included) before the process exits."""
-    deadline = time.monotonic() + seconds
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
 
 
 if __name__ == "__main__":
