@@ -40,7 +40,8 @@ from services.errors import ForgeError, json_problem
 from services.inference.requests import SAMPLING_DEFAULTS, RequestError, normalize_request
 from services.library.datasets import validation_split
 
-CHECKS = ("exact", "contains", "not_contains", "regex", "json", "max_tokens", "choice")
+TEXT_CHECKS = ("exact", "contains", "not_contains", "regex")  # checks whose value is a text
+CHECKS = (*TEXT_CHECKS, "json", "max_tokens", "choice")
 KINDS = ("cases", "perplexity")
 SUITE_KEYS = {"name", "kind", "min_pass_rate", "sampling", "format", "cases", "dataset", "max_seq_length",
               "batch_size", "mask_prompt", "description"}
@@ -301,7 +302,7 @@ def parse_check(check: Any, where: str) -> dict[str, Any]:
     (name, value), = check.items()
     if name not in CHECKS:
         raise SuiteError(f"{where}: unknown check {name!r}; use one of {', '.join(CHECKS)}")
-    if name in ("exact", "contains", "not_contains", "regex") and not isinstance(value, str):
+    if name in TEXT_CHECKS and not isinstance(value, str):
         raise SuiteError(f"{where}: check {name} needs a string, got {value!r}")
     if name == "regex":
         try:
@@ -326,9 +327,6 @@ def parse_check(check: Any, where: str) -> dict[str, Any]:
         except jsonschema.SchemaError as e:
             raise SuiteError(f"{where}: invalid JSON schema: {e.message}") from e
     return {name: value}
-
-
-TEXT_CHECKS = ("exact", "contains", "not_contains", "regex")
 
 
 def check_default(name: str) -> Any:
