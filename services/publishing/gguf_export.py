@@ -27,7 +27,7 @@ import numpy as np
 from mlx_lm.utils import load
 
 from services.library.gguf import TOKEN_CONTROL, TOKEN_USER_DEFINED, gguf_tensor_name, import_gguf, permute_qk
-from services.publishing.rules import GGUF_TYPES, PublishError
+from services.publishing.rules import GGUF_TYPES, PublishError, gguf_file_name
 from services.workspace import read_json
 
 _NORMAL, _UNUSED = 1, 5
@@ -213,7 +213,7 @@ def export_gguf(dst: Path, model: Any, config: dict[str, Any], gguf_type: str, n
         raise PublishError(f"GGUF type {gguf_type!r}: choose one of {list(GGUF_TYPES)}")
     weights = dict(tree_flatten(model.parameters()))
     vocab = gguf_vocab(dst, int(weights["model.embed_tokens.weight"].shape[0]))
-    path = write_gguf(dst / f"model-{gguf_type}.gguf", gguf_tensors(weights, config, gguf_type, dst), config,
+    path = write_gguf(dst / gguf_file_name(gguf_type), gguf_tensors(weights, config, gguf_type, dst), config,
                       vocab, gguf_type, name)
     return path, {"file": path.name, "bytes": path.stat().st_size, "type": gguf_type, "tensors": len(weights),
                   "tokenizer": {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens),

@@ -51,6 +51,7 @@ from services.publishing.rules import (
     base_model,
     check_options,
     choose_checkpoint,
+    gguf_file_name,
     gguf_type,
     lmstudio_dir,
     published_path,
@@ -174,7 +175,7 @@ class _Build:
         report("saving", 0.55, f"writing the model to {self.target}")
         with contextlib.redirect_stdout(io.StringIO()):
             save(self.tmp, str(self.base), model, ref.tokenizer, config, donate_model=False)
-        kind = gguf_type(o["gguf"])
+        kind = o["gguf"]  # already a GGUF type or None (publish() normalised it)
         if kind:
             report("saving", 0.62, f"writing GGUF ({kind}) and an Ollama Modelfile")
             self.gguf_path, self.gguf_check = export_gguf(self.tmp, model, config, kind, self.target.name)
@@ -240,7 +241,7 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
                "gguf": gguf_type(gguf), "lmstudio": str(lmstudio) if lmstudio else None}
     check_options(options, base, base_cfg)
     lms = lmstudio_dir(lmstudio)
-    placed = lmstudio_target(lms, target.name, f"model-{options['gguf']}.gguf") if lms is not None else None
+    placed = lmstudio_target(lms, target.name, gguf_file_name(options["gguf"])) if lms is not None else None
     if placed is not None and not overwrite and placed.exists():
         raise PublishError(f"{placed} already exists in the LM Studio models folder; choose another name or "
                            "overwrite it")
@@ -267,8 +268,7 @@ def publish(workspace: Workspace, run_id: str, iteration: int | None = None, nam
                 "gguf": build.gguf_check,
                 "handoff": {"folder": str(target), "gguf": build.gguf_path.name if build.gguf_path else None,
                             "modelfile": build.gguf_path is not None, "ollama": ollama_name(target.name),
-                            "lmstudio": str(lmstudio_target(lms, target.name, build.gguf_path.name))
-                            if lms is not None and build.gguf_path else None}}
+                            "lmstudio": str(placed) if placed is not None else None}}
         write_card(tmp, prov, result, folder)
         if strict and not result["passed"]:
             raise PublishError(f"parity check failed, nothing published: {parity_summary(result)}")

@@ -129,6 +129,11 @@ def gguf_type(value: Any) -> str | None:
     return str(value)
 
 
+def gguf_file_name(kind: str) -> str:
+    """The published GGUF's file name for a GGUF type (``model-TYPE.gguf``)."""
+    return f"model-{kind}.gguf"
+
+
 def lmstudio_dir(value: Any) -> Path | None:
     """The LM Studio models folder of the ``lmstudio`` option (None: not asked); refuses a path that is a file."""
     if not value:
