@@ -16,7 +16,15 @@ from nicegui import run, ui
 
 from pages.common import recall, remember
 from pages.train.fields import SchedulePreview, TrainForm, YamlFiles
-from pages.train.form import check_form, config_to_form, default_form, lr_preview, visible_fields
+from pages.train.form import (
+    check_form,
+    config_to_form,
+    default_form,
+    form_problems,
+    form_to_config,
+    lr_preview,
+    visible_fields,
+)
 from pages.train.preflight import PreflightPanel
 from services.config import ConfigError, ConfigProblems, list_presets, load_yaml
 from services.library.datasets import list_datasets, suggested_dataset
@@ -219,11 +227,11 @@ class TrainPage:
 
     def prepared(self, form: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The resolved config of the form (or ``form``), or ``None`` while it has problems."""
-        cfg, errors = check_form(self.form.read() if form is None else form, self.manager.prepare_config)
-        if errors:
+        form = self.form.read() if form is None else form
+        if form_problems(form):
             return None
-        try:
-            return self.manager.prepare_config(cfg)
+        try:  # one resolution (it reads the model's files and the data's): what check_form would do, kept
+            return self.manager.prepare_config(form_to_config(form))
         except (ConfigError, ConfigProblems):
             return None
 
