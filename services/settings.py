@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.errors import ForgeError
@@ -144,30 +144,25 @@ def _webhooks(path: Path, value: object) -> list[Webhook]:
             for i, v in enumerate(value)]
 
 
-def _write(ws: Workspace, hosts: list[str], roots: list[str], hooks: tuple[Webhook, ...] | list[Webhook],
-           serving: Serving | None = None, **more: object) -> Settings:
-    current = load_settings(ws)
-    serving = current.serving if serving is None else serving
-    data = {"allowed_hosts": hosts, "import_roots": roots,
-            "webhooks": [{"url": h.url, "format": h.format} for h in hooks],
-            "serving": {"enabled": serving.enabled, "port": serving.port, "lan": serving.lan},
-            "confirm_minutes": more.get("confirm_minutes", current.confirm_minutes)}
+def _write(ws: Workspace, settings: Settings) -> Settings:
+    """Write ``settings`` as the workspace's settings file; returns them as read back."""
+    data = {"allowed_hosts": list(settings.allowed_hosts), "import_roots": [str(r) for r in settings.import_roots],
+            "webhooks": [{"url": h.url, "format": h.format} for h in settings.webhooks],
+            "serving": {"enabled": settings.serving.enabled, "port": settings.serving.port,
+                        "lan": settings.serving.lan},
+            "confirm_minutes": settings.confirm_minutes}
     write_atomic(settings_path(ws), json.dumps(data, indent=2) + "\n")
     return load_settings(ws)
 
 
 def set_webhooks(ws: Workspace, hooks: list[Webhook]) -> Settings:
     """Replace the webhooks (each checked); the other settings stay."""
-    current = load_settings(ws)
-    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots],
-                  [check_webhook(h.url, h.format) for h in hooks], current.serving)
+    return _write(ws, replace(load_settings(ws), webhooks=tuple(check_webhook(h.url, h.format) for h in hooks)))
 
 
 def set_serving(ws: Workspace, enabled: bool, port: int, lan: bool) -> Settings:
     """Keep the endpoint's settings (the port checked); the other settings stay."""
-    current = load_settings(ws)
-    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots], current.webhooks,
-                  Serving(bool(enabled), check_port(port), bool(lan)))
+    return _write(ws, replace(load_settings(ws), serving=Serving(bool(enabled), check_port(port), bool(lan))))
 
 
 def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: list[str | os.PathLike] = ()) -> Settings:
@@ -187,11 +182,9 @@ def add_settings(ws: Workspace, allowed_hosts: list[str] = (), import_roots: lis
             raise SettingsError(f"import root {str(r)!r}: no such folder")
         if str(root) not in roots:
             roots.append(str(root))
-    return _write(ws, hosts, roots, current.webhooks, current.serving)
+    return _write(ws, replace(current, allowed_hosts=tuple(hosts), import_roots=tuple(Path(r) for r in roots)))
 
 
 def set_confirm_minutes(ws: Workspace, minutes: float | None) -> Settings:
     """Set the threshold above which the Train page asks before starting a run (``None``: never ask)."""
-    current = load_settings(ws)
-    return _write(ws, list(current.allowed_hosts), [str(r) for r in current.import_roots], current.webhooks,
-                  confirm_minutes=check_confirm_minutes(minutes))
+    return _write(ws, replace(load_settings(ws), confirm_minutes=check_confirm_minutes(minutes)))
