@@ -103,3 +103,23 @@ def test_the_cli_proposes_the_same_config(samples, workspace, tiny_model, tmp_pa
         {k: want[k] for k in ("max_seq_length", "batch_size", "iters", "val_batches")}
     manager.prepare_config(cfg)
     assert "estimated ≈" in capsys.readouterr().err
+
+
+def test_a_proposal_rebuilds_a_known_schedule_for_its_length_and_keeps_a_custom_one():
+    from services.config import read_schedule, schedule
+
+    proposal = {"changes": {"iters": 200, "warmup": 10}}
+    for kind in ("constant", "linear", "cosine"):
+        user = {"iters": 1000, "lr_schedule": schedule(kind, 1e-4, 1000, 50, 1e-6)}
+        out = defaults.apply_to_config(user, proposal)
+        assert out["lr_schedule"] == schedule(kind, 1e-4, 200, 10, 1e-6)
+        assert read_schedule(out["lr_schedule"])["final_lr"] == (0.0 if kind == "constant" else 1e-6)
+    custom = {"name": "step_decay", "arguments": [1e-4, 0.5, 100]}
+    assert defaults.apply_to_config({"iters": 1000, "lr_schedule": custom}, proposal)["lr_schedule"] == custom
+
+
+def test_the_proposed_batch_divides_over_every_form_of_distributed(tiny_model):
+    cfg = {"model": str(tiny_model), "max_seq_length": 64, "fine_tune_type": "lora", "num_layers": 2,
+           "distributed": {"hosts": ["a", "b", "c"]}}
+    model = preflight.model_facts(cfg["model"], cfg)
+    assert defaults.proposed_batch(model, cfg, samples=10_000, seq=64, free=8e9) % 3 == 0
