@@ -230,7 +230,7 @@ class TrainPage:
         form = self.form.read() if form is None else form
         if form_problems(form):
             return None
-        try:  # one resolution (it reads the model's files and the data's): what check_form would do, kept
+        try:  # resolved once: it reads the model's and the data's files
             return self.manager.prepare_config(form_to_config(form))
         except (ConfigError, ConfigProblems):
             return None
